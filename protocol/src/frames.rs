@@ -1,0 +1,378 @@
+//! The frames themselves. Client frames flow to the relay, server frames to the client.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DecodeError, ErrorCode};
+use crate::ids::{AccountId, DeviceAddress, DeviceId, EnvelopeId, RequestId};
+use crate::limits;
+use crate::Signature;
+
+/// An inclusive range of protocol versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRange {
+    /// Oldest version.
+    pub min: u16,
+    /// Newest version.
+    pub max: u16,
+}
+
+impl VersionRange {
+    /// The newest version both ranges contain, if any.
+    pub fn negotiate(self, other: VersionRange) -> Option<u16> {
+        let newest = self.max.min(other.max);
+        (newest >= self.min.max(other.min)).then_some(newest)
+    }
+}
+
+/// The first frame a client sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The versions the client speaks.
+    pub versions: VersionRange,
+}
+
+impl Hello {
+    /// A `Hello` offering every version this build speaks.
+    pub fn current() -> Self {
+        Hello { versions: crate::SUPPORTED_VERSIONS }
+    }
+}
+
+/// The relay's answer to `Hello`: the chosen version and this connection's challenge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloOk {
+    /// The negotiated version.
+    pub version: u16,
+    /// A fresh random challenge, signed (with the TLS exporter) to authenticate.
+    pub challenge: [u8; 32],
+}
+
+/// Creates an account whose primary device is the one on this connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    /// The account's public identity key(s), opaque to the relay and served with prekeys.
+    pub identity_key: Vec<u8>,
+    /// The primary device's Ed25519 public key.
+    pub device_key: [u8; 32],
+    /// An invite token, where the relay requires one.
+    pub invite: Option<Vec<u8>>,
+    /// The device key's signature over [`crate::auth::register_transcript`].
+    pub signature: Signature,
+}
+
+/// Authenticates this connection as an existing device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Authenticate {
+    /// The device.
+    pub address: DeviceAddress,
+    /// The device key's signature over [`crate::auth::auth_transcript`].
+    pub signature: Signature,
+}
+
+/// Adds a device to the authenticated device's account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddDevice {
+    /// The new device's Ed25519 public key.
+    pub device_key: [u8; 32],
+}
+
+/// Removes a device from the authenticated device's account; its mailbox goes with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveDevice {
+    /// The device to remove.
+    pub device: DeviceId,
+}
+
+/// A public prekey with its signature, opaque to the relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prekey {
+    /// The client's id for the key.
+    pub id: u32,
+    /// Public key bytes.
+    pub public_key: Vec<u8>,
+    /// Signature bytes (empty for unsigned one-time keys).
+    pub signature: Vec<u8>,
+}
+
+/// Uploads prekeys for the authenticated device. Absent fields leave stored keys as they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct UploadPrekeys {
+    /// Replaces the signed prekey.
+    pub signed_prekey: Option<Prekey>,
+    /// Added to the one-time prekeys.
+    pub one_time: Vec<Prekey>,
+    /// Added to the one-time ML-KEM prekeys.
+    pub kem_one_time: Vec<Prekey>,
+    /// Replaces the last-resort ML-KEM prekey, served when one-time ones run out.
+    pub kem_last_resort: Option<Prekey>,
+}
+
+/// Fetches prekey bundles for one device of an account, or all of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchPrekeys {
+    /// The account.
+    pub account: AccountId,
+    /// One device, or `None` for every device.
+    pub device: Option<DeviceId>,
+}
+
+/// One envelope and the devices it goes to. Pairwise ciphertexts have one recipient; a
+/// group ciphertext is fanned out to many.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutgoingEnvelope {
+    /// Recipient devices.
+    pub recipients: Vec<DeviceAddress>,
+    /// Opaque ciphertext.
+    pub payload: Vec<u8>,
+}
+
+/// Sends envelopes. The relay commits all of them, to every recipient, atomically and
+/// durably before it answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Send {
+    /// The envelopes.
+    pub envelopes: Vec<OutgoingEnvelope>,
+}
+
+/// Acknowledges delivered envelopes; the relay deletes them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// Ids from `Deliver` frames on this device's connection.
+    pub ids: Vec<EnvelopeId>,
+}
+
+/// A request; the relay answers each with a [`Response`] carrying the same id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Echoed in the response.
+    pub id: RequestId,
+    /// What is asked.
+    pub body: RequestBody,
+}
+
+/// What a request asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestBody {
+    /// See [`Register`].
+    Register(Register),
+    /// See [`Authenticate`].
+    Authenticate(Authenticate),
+    /// See [`AddDevice`].
+    AddDevice(AddDevice),
+    /// See [`RemoveDevice`].
+    RemoveDevice(RemoveDevice),
+    /// See [`UploadPrekeys`].
+    UploadPrekeys(UploadPrekeys),
+    /// See [`FetchPrekeys`].
+    FetchPrekeys(FetchPrekeys),
+    /// See [`Send`].
+    Send(Send),
+    /// See [`Ack`].
+    Ack(Ack),
+}
+
+/// Frames a client sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientFrame {
+    /// Must be first.
+    Hello(Hello),
+    /// Every later frame.
+    Request(Request),
+}
+
+/// The prekeys of one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceBundle {
+    /// The device.
+    pub device: DeviceId,
+    /// The device's Ed25519 public key.
+    pub device_key: [u8; 32],
+    /// Its signed prekey, if it uploaded one.
+    pub signed_prekey: Option<Prekey>,
+    /// One one-time prekey, now deleted from the relay; `None` when they ran out.
+    pub one_time: Option<Prekey>,
+    /// One ML-KEM prekey: a one-time one (now deleted), or else the last-resort one.
+    pub kem: Option<Prekey>,
+    /// Whether `kem` is the last-resort key.
+    pub kem_is_last_resort: bool,
+}
+
+/// The answer to [`FetchPrekeys`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrekeyBundles {
+    /// The account's public identity key.
+    pub identity_key: Vec<u8>,
+    /// One bundle per requested device.
+    pub devices: Vec<DeviceBundle>,
+}
+
+/// What a successful request returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResponseBody {
+    /// The account exists; this connection is authenticated as its primary device.
+    Registered {
+        /// The new device's address.
+        address: DeviceAddress,
+    },
+    /// This connection is authenticated.
+    Authenticated,
+    /// The device was added.
+    DeviceAdded {
+        /// Its id.
+        device: DeviceId,
+    },
+    /// The device and its mailbox are gone.
+    DeviceRemoved,
+    /// Prekeys stored; the counts are what the relay now holds for this device.
+    PrekeysStored {
+        /// One-time EC prekeys held.
+        one_time: u32,
+        /// One-time ML-KEM prekeys held.
+        kem_one_time: u32,
+    },
+    /// See [`PrekeyBundles`].
+    PrekeyBundles(PrekeyBundles),
+    /// Every envelope is durably committed to every recipient's mailbox.
+    Sent,
+    /// The acknowledged envelopes are deleted.
+    Acked,
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// The request's id.
+    pub id: RequestId,
+    /// The outcome.
+    pub result: Result<ResponseBody, ErrorCode>,
+}
+
+/// An envelope pushed to its recipient device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deliver {
+    /// Acknowledge with this id.
+    pub id: EnvelopeId,
+    /// When the relay accepted it, in seconds since the Unix epoch.
+    pub received_at: u64,
+    /// Opaque ciphertext.
+    pub payload: Vec<u8>,
+}
+
+/// The device is running low on one-time prekeys and should upload more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LowPrekeys {
+    /// One-time EC prekeys left.
+    pub one_time: u32,
+    /// One-time ML-KEM prekeys left.
+    pub kem_one_time: u32,
+}
+
+/// A connection-level error, sent just before the relay closes the connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fatal {
+    /// Why.
+    pub code: ErrorCode,
+    /// The versions the relay speaks, so a client can say what to upgrade.
+    pub supported_versions: VersionRange,
+}
+
+/// Frames the relay sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerFrame {
+    /// The answer to `Hello`.
+    HelloOk(HelloOk),
+    /// The answer to a request.
+    Response(Response),
+    /// An envelope for this device.
+    Deliver(Deliver),
+    /// Everything queued when the device connected has been pushed; what follows is live.
+    Drained,
+    /// See [`LowPrekeys`].
+    LowPrekeys(LowPrekeys),
+    /// See [`Fatal`].
+    Fatal(Fatal),
+}
+
+fn check(ok: bool, what: &'static str) -> Result<(), DecodeError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(DecodeError::LimitExceeded { what })
+    }
+}
+
+fn check_prekey(key: &Prekey) -> Result<(), DecodeError> {
+    check(key.public_key.len() <= limits::MAX_PREKEY_PUBLIC, "prekey size")?;
+    check(key.signature.len() <= limits::MAX_PREKEY_SIGNATURE, "prekey signature size")
+}
+
+impl RequestBody {
+    /// Checks the field limits of [`crate::limits`].
+    pub(crate) fn check_limits(&self) -> Result<(), DecodeError> {
+        match self {
+            RequestBody::Register(r) => {
+                check(r.identity_key.len() <= limits::MAX_IDENTITY_KEY, "identity key size")?;
+                let invite_len = r.invite.as_ref().map_or(0, Vec::len);
+                check(invite_len <= limits::MAX_INVITE_TOKEN, "invite token size")
+            }
+            RequestBody::UploadPrekeys(u) => {
+                check(u.one_time.len() <= limits::MAX_PREKEYS_PER_UPLOAD, "prekeys per upload")?;
+                check(
+                    u.kem_one_time.len() <= limits::MAX_PREKEYS_PER_UPLOAD,
+                    "prekeys per upload",
+                )?;
+                u.signed_prekey
+                    .iter()
+                    .chain(u.kem_last_resort.iter())
+                    .chain(u.one_time.iter())
+                    .chain(u.kem_one_time.iter())
+                    .try_for_each(check_prekey)
+            }
+            RequestBody::Send(s) => {
+                check(!s.envelopes.is_empty(), "envelopes per send")?;
+                check(s.envelopes.len() <= limits::MAX_ENVELOPES_PER_SEND, "envelopes per send")?;
+                let mut recipients = 0usize;
+                let mut payload = 0usize;
+                for envelope in &s.envelopes {
+                    check(!envelope.recipients.is_empty(), "recipients per envelope")?;
+                    check(
+                        envelope.payload.len() <= limits::MAX_ENVELOPE_PAYLOAD,
+                        "envelope payload size",
+                    )?;
+                    recipients += envelope.recipients.len();
+                    payload += envelope.payload.len();
+                }
+                check(recipients <= limits::MAX_RECIPIENTS_PER_SEND, "recipients per send")?;
+                check(payload <= limits::MAX_SEND_PAYLOAD_TOTAL, "payload per send")
+            }
+            RequestBody::Ack(a) => {
+                check(!a.ids.is_empty(), "acks per frame")?;
+                check(a.ids.len() <= limits::MAX_ACKS_PER_FRAME, "acks per frame")
+            }
+            RequestBody::Authenticate(_)
+            | RequestBody::AddDevice(_)
+            | RequestBody::RemoveDevice(_)
+            | RequestBody::FetchPrekeys(_) => Ok(()),
+        }
+    }
+}
+
+impl ServerFrame {
+    /// Checks the field limits of [`crate::limits`].
+    pub(crate) fn check_limits(&self) -> Result<(), DecodeError> {
+        match self {
+            ServerFrame::Deliver(d) => {
+                check(d.payload.len() <= limits::MAX_ENVELOPE_PAYLOAD, "envelope payload size")
+            }
+            ServerFrame::Response(Response { result: Ok(ResponseBody::PrekeyBundles(b)), .. }) => {
+                check(b.identity_key.len() <= limits::MAX_IDENTITY_KEY, "identity key size")?;
+                check(b.devices.len() <= limits::MAX_BUNDLES, "bundles per response")?;
+                b.devices
+                    .iter()
+                    .flat_map(|d| d.signed_prekey.iter().chain(&d.one_time).chain(&d.kem))
+                    .try_for_each(check_prekey)
+            }
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! Round trips for every frame, and the decoder's answers to hostile bytes.
+
+use hush_protocol::limits::{self, frame as frame_limit};
+use hush_protocol::{
+    encode_frame, AccountId, Ack, AddDevice, Authenticate, ClientFrame, DecodeError, Deliver,
+    DeviceAddress, DeviceBundle, DeviceId, EnvelopeId, ErrorCode, Fatal, FetchPrekeys, Frame,
+    FrameDecoder, FrameHeader, Hello, HelloOk, LowPrekeys, OutgoingEnvelope, Prekey,
+    PrekeyBundles, Register, RemoveDevice, Request, RequestBody, RequestId, Response,
+    ResponseBody, Send, ServerFrame, Signature, UploadPrekeys, VersionRange, HEADER_LEN,
+};
+use proptest::collection::vec;
+use proptest::option;
+use proptest::prelude::*;
+
+fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+    vec(any::<u8>(), 0..=max)
+}
+
+fn account() -> impl Strategy<Value = AccountId> {
+    any::<[u8; 16]>().prop_map(AccountId)
+}
+
+fn address() -> impl Strategy<Value = DeviceAddress> {
+    (account(), any::<u32>()).prop_map(|(account, d)| DeviceAddress { account, device: DeviceId(d) })
+}
+
+fn signature() -> impl Strategy<Value = Signature> {
+    (any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(a, b)| {
+        let mut s = [0u8; 64];
+        s[..32].copy_from_slice(&a);
+        s[32..].copy_from_slice(&b);
+        Signature(s)
+    })
+}
+
+fn prekey() -> impl Strategy<Value = Prekey> {
+    (any::<u32>(), bytes(1200), bytes(limits::MAX_PREKEY_SIGNATURE))
+        .prop_map(|(id, public_key, signature)| Prekey { id, public_key, signature })
+}
+
+fn versions() -> impl Strategy<Value = VersionRange> {
+    (any::<u16>(), any::<u16>()).prop_map(|(min, max)| VersionRange { min, max })
+}
+
+fn error_code() -> impl Strategy<Value = ErrorCode> {
+    any::<u16>().prop_map(ErrorCode::from_u16)
+}
+
+fn request_body() -> impl Strategy<Value = RequestBody> {
+    prop_oneof![
+        (bytes(limits::MAX_IDENTITY_KEY), any::<[u8; 32]>(), option::of(bytes(64)), signature())
+            .prop_map(|(identity_key, device_key, invite, signature)| {
+                RequestBody::Register(Register { identity_key, device_key, invite, signature })
+            }),
+        (address(), signature())
+            .prop_map(|(address, signature)| RequestBody::Authenticate(Authenticate {
+                address,
+                signature
+            })),
+        any::<[u8; 32]>().prop_map(|device_key| RequestBody::AddDevice(AddDevice { device_key })),
+        any::<u32>().prop_map(|d| RequestBody::RemoveDevice(RemoveDevice { device: DeviceId(d) })),
+        (option::of(prekey()), vec(prekey(), 0..4), vec(prekey(), 0..4), option::of(prekey()))
+            .prop_map(|(signed_prekey, one_time, kem_one_time, kem_last_resort)| {
+                RequestBody::UploadPrekeys(UploadPrekeys {
+                    signed_prekey,
+                    one_time,
+                    kem_one_time,
+                    kem_last_resort,
+                })
+            }),
+        (account(), option::of(any::<u32>())).prop_map(|(account, device)| {
+            RequestBody::FetchPrekeys(FetchPrekeys { account, device: device.map(DeviceId) })
+        }),
+        vec((vec(address(), 1..8), bytes(2048)), 1..8).prop_map(|envelopes| {
+            RequestBody::Send(Send {
+                envelopes: envelopes
+                    .into_iter()
+                    .map(|(recipients, payload)| OutgoingEnvelope { recipients, payload })
+                    .collect(),
+            })
+        }),
+        vec(any::<u64>(), 1..64)
+            .prop_map(|ids| RequestBody::Ack(Ack { ids: ids.into_iter().map(EnvelopeId).collect() })),
+    ]
+}
+
+fn client_frame() -> impl Strategy<Value = ClientFrame> {
+    prop_oneof![
+        versions().prop_map(|versions| ClientFrame::Hello(Hello { versions })),
+        (any::<u32>(), request_body())
+            .prop_map(|(id, body)| ClientFrame::Request(Request { id: RequestId(id), body })),
+    ]
+}
+
+fn bundle() -> impl Strategy<Value = DeviceBundle> {
+    (any::<u32>(), any::<[u8; 32]>(), option::of(prekey()), option::of(prekey()), option::of(prekey()), any::<bool>())
+        .prop_map(|(d, device_key, signed_prekey, one_time, kem, kem_is_last_resort)| DeviceBundle {
+            device: DeviceId(d),
+            device_key,
+            signed_prekey,
+            one_time,
+            kem,
+            kem_is_last_resort,
+        })
+}
+
+fn response_body() -> impl Strategy<Value = ResponseBody> {
+    prop_oneof![
+        address().prop_map(|address| ResponseBody::Registered { address }),
+        Just(ResponseBody::Authenticated),
+        any::<u32>().prop_map(|d| ResponseBody::DeviceAdded { device: DeviceId(d) }),
+        Just(ResponseBody::DeviceRemoved),
+        (any::<u32>(), any::<u32>())
+            .prop_map(|(one_time, kem_one_time)| ResponseBody::PrekeysStored { one_time, kem_one_time }),
+        (bytes(limits::MAX_IDENTITY_KEY), vec(bundle(), 0..5)).prop_map(|(identity_key, devices)| {
+            ResponseBody::PrekeyBundles(PrekeyBundles { identity_key, devices })
+        }),
+        Just(ResponseBody::Sent),
+        Just(ResponseBody::Acked),
+    ]
+}
+
+fn server_frame() -> impl Strategy<Value = ServerFrame> {
+    prop_oneof![
+        (any::<u16>(), any::<[u8; 32]>())
+            .prop_map(|(version, challenge)| ServerFrame::HelloOk(HelloOk { version, challenge })),
+        (any::<u32>(), prop_oneof![response_body().prop_map(Ok), error_code().prop_map(Err)])
+            .prop_map(|(id, result)| ServerFrame::Response(Response { id: RequestId(id), result })),
+        (any::<u64>(), any::<u64>(), bytes(4096)).prop_map(|(id, received_at, payload)| {
+            ServerFrame::Deliver(Deliver { id: EnvelopeId(id), received_at, payload })
+        }),
+        Just(ServerFrame::Drained),
+        (any::<u32>(), any::<u32>())
+            .prop_map(|(one_time, kem_one_time)| ServerFrame::LowPrekeys(LowPrekeys { one_time, kem_one_time })),
+        (error_code(), versions())
+            .prop_map(|(code, supported_versions)| ServerFrame::Fatal(Fatal { code, supported_versions })),
+    ]
+}
+
+/// Feeds `bytes` to a decoder in chunks of `chunk` bytes and collects the frames.
+fn decode_chunked<F: Frame>(bytes: &[u8], chunk: usize) -> Result<Vec<F>, DecodeError> {
+    let mut decoder = FrameDecoder::<F>::new();
+    let mut frames = Vec::new();
+    for piece in bytes.chunks(chunk.max(1)) {
+        decoder.extend(piece);
+        while let Some(frame) = decoder.next_frame()? {
+            frames.push(frame);
+        }
+    }
+    if decoder.has_partial_frame() {
+        return Err(DecodeError::Truncated);
+    }
+    Ok(frames)
+}
+
+proptest! {
+    #[test]
+    fn client_frames_round_trip(frames in vec(client_frame(), 1..6), chunk in 1usize..512) {
+        let wire: Vec<u8> = frames.iter().flat_map(encode_frame).collect();
+        prop_assert_eq!(decode_chunked::<ClientFrame>(&wire, chunk)?, frames);
+    }
+
+    #[test]
+    fn server_frames_round_trip(frames in vec(server_frame(), 1..6), chunk in 1usize..512) {
+        let wire: Vec<u8> = frames.iter().flat_map(encode_frame).collect();
+        prop_assert_eq!(decode_chunked::<ServerFrame>(&wire, chunk)?, frames);
+    }
+
+    #[test]
+    fn garbage_never_panics(garbage in bytes(4096)) {
+        let _ = decode_chunked::<ClientFrame>(&garbage, 7);
+        let _ = decode_chunked::<ServerFrame>(&garbage, 7);
+    }
+
+    #[test]
+    fn truncated_frames_are_incomplete_not_wrong(frame in client_frame(), cut in 1usize..64) {
+        let wire = encode_frame(&frame);
+        let cut = cut.min(wire.len() - 1);
+        let result = decode_chunked::<ClientFrame>(&wire[..wire.len() - cut], 16);
+        prop_assert!(matches!(result, Err(DecodeError::Truncated)), "got {:?}", result);
+    }
+}
+
+#[test]
+fn oversized_length_prefix_is_refused_from_the_header_alone() {
+    let mut header = [0u8; HEADER_LEN];
+    header[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+    header[4] = encode_frame(&ClientFrame::Hello(Hello::current()))[4];
+    let err = FrameHeader::parse::<ClientFrame>(header).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::FrameTooLarge);
+
+    // The decoder reports it as soon as the five header bytes arrive: nothing is allocated
+    // for a 4 GiB body, and no more bytes are awaited.
+    let mut decoder = FrameDecoder::<ClientFrame>::new();
+    decoder.extend(&header);
+    assert!(matches!(decoder.next_frame(), Err(DecodeError::FrameTooLarge { .. })));
+}
+
+#[test]
+fn each_kind_has_its_own_limit() {
+    let ack = encode_frame(&ClientFrame::Request(Request {
+        id: RequestId(1),
+        body: RequestBody::Ack(Ack { ids: vec![EnvelopeId(1)] }),
+    }));
+    let mut header: [u8; HEADER_LEN] = ack[..HEADER_LEN].try_into().unwrap();
+    // Legal for a Send, too big for an Ack.
+    header[..4].copy_from_slice(&((frame_limit::ACK + 1) as u32).to_be_bytes());
+    assert!(matches!(
+        FrameHeader::parse::<ClientFrame>(header),
+        Err(DecodeError::FrameTooLarge { limit, .. }) if limit == frame_limit::ACK
+    ));
+}
+
+#[test]
+fn unknown_frame_kind_is_refused() {
+    for kind in [0x00, 0x0a, 0x7f, 0x81, 0xff] {
+        let header = [0, 0, 0, 0, kind];
+        assert_eq!(
+            FrameHeader::parse::<ClientFrame>(header),
+            Err(DecodeError::UnknownFrameType(kind))
+        );
+    }
+    assert_eq!(FrameHeader::parse::<ServerFrame>([0, 0, 0, 0, 0x01]), Err(DecodeError::UnknownFrameType(1)));
+}
+
+#[test]
+fn garbage_body_and_trailing_bytes_are_malformed() {
+    let mut wire = encode_frame(&ClientFrame::Hello(Hello::current()));
+    wire.push(0xAA);
+    let len = (wire.len() - HEADER_LEN) as u32;
+    wire[..4].copy_from_slice(&len.to_be_bytes());
+    assert!(matches!(decode_chunked::<ClientFrame>(&wire, 64), Err(DecodeError::TrailingBytes { .. })));
+
+    let garbage = [0, 0, 0, 3, 0x08, 0xFF, 0xFF, 0xFF];
+    let err = decode_chunked::<ClientFrame>(&garbage, 64).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::MalformedFrame);
+}
+
+#[test]
+fn field_limits_are_checked_after_decode() {
+    let too_big = ClientFrame::Request(Request {
+        id: RequestId(1),
+        body: RequestBody::Send(Send {
+            envelopes: vec![OutgoingEnvelope {
+                recipients: vec![DeviceAddress { account: AccountId([1; 16]), device: DeviceId(1) }],
+                payload: vec![0; limits::MAX_ENVELOPE_PAYLOAD + 1],
+            }],
+        }),
+    });
+    let err = decode_chunked::<ClientFrame>(&encode_frame(&too_big), 4096).unwrap_err();
+    assert_eq!(err, DecodeError::LimitExceeded { what: "envelope payload size" });
+
+    let empty = ClientFrame::Request(Request { id: RequestId(2), body: RequestBody::Send(Send { envelopes: vec![] }) });
+    assert!(decode_chunked::<ClientFrame>(&encode_frame(&empty), 64).is_err());
+}
+
+#[test]
+fn version_negotiation_picks_the_newest_common_version() {
+    let ours = VersionRange { min: 1, max: 3 };
+    assert_eq!(ours.negotiate(VersionRange { min: 2, max: 5 }), Some(3));
+    assert_eq!(ours.negotiate(VersionRange { min: 1, max: 1 }), Some(1));
+    assert_eq!(ours.negotiate(VersionRange { min: 4, max: 9 }), None);
+    assert_eq!(ours.negotiate(VersionRange { min: 3, max: 2 }), None);
+}
+
+#[test]
+fn debug_output_redacts_identifiers() {
+    let address = DeviceAddress { account: AccountId([0xAB; 16]), device: DeviceId(77) };
+    let printed = format!("{address:?}");
+    assert!(!printed.contains("ab") && !printed.contains("171") && !printed.contains("77"), "{printed}");
+}
