@@ -1,1 +1,128 @@
-fn main(){}
+//! `hush-relay`: run the relay, or manage it offline.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hush_server::clock::SystemClock;
+use hush_server::config::Config;
+use hush_server::store::{RedbStore, Store, Write};
+use hush_server::Relay;
+use rand_core::{OsRng, RngCore};
+
+#[derive(Parser)]
+#[command(name = "hush-relay", version, about = "The Hush end-to-end encrypted messaging relay")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// TOML configuration file; flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory (database, storage keys, self-signed certificate).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay (defaults: listen 127.0.0.1:4433, data dir ./hush-data).
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// UDP address to listen on.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+    },
+    /// Create invite tokens for `registration = "invite"` (run while the relay is stopped).
+    Invite {
+        #[command(flatten)]
+        common: Common,
+        /// How many tokens to create.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+}
+
+fn load_config(common: &Common) -> anyhow::Result<Config> {
+    let mut config = match &common.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(dir) = &common.data_dir {
+        config.data_dir.clone_from(dir);
+    }
+    Ok(config)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Serve { common, listen } => {
+            let mut config = load_config(&common)?;
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
+            runtime.block_on(serve(config))
+        }
+        Command::Invite { common, count } => invite(&load_config(&common)?, count),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let data_dir = config.data_dir.clone();
+    let relay = Relay::start(config, Arc::new(SystemClock))
+        .await
+        .context("starting the relay")?;
+    println!("hush-relay {}", env!("CARGO_PKG_VERSION"));
+    println!("listening on {} (QUIC, ALPN hush/1)", relay.local_addr());
+    println!("certificate fingerprint (SHA-256): {}", hex::encode(relay.fingerprint()));
+    println!("data dir: {}", data_dir.display());
+    shutdown_signal().await?;
+    println!("shutting down");
+    relay.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
+fn invite(config: &Config, count: u32) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let store = RedbStore::open(&config.data_dir)
+        .context("opening the store (is the relay running? stop it first)")?;
+    let mut tokens = Vec::new();
+    let mut writes = Vec::new();
+    for _ in 0..count {
+        let mut raw = [0u8; 16];
+        OsRng.fill_bytes(&mut raw);
+        let token = hex::encode(raw);
+        writes.push(Write::AddInvite { token: token.clone().into_bytes() });
+        tokens.push(token);
+    }
+    store.apply(writes)?;
+    for token in tokens {
+        println!("{token}");
+    }
+    Ok(())
+}

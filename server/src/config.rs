@@ -1,0 +1,237 @@
+//! Relay configuration: zero-config defaults, a TOML file, and checks on load.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// P3: undelivered messages live at most this long. Configurable downward only.
+pub const MAX_MESSAGE_EXPIRY_DAYS: u32 = 14;
+
+/// Who may register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistrationPolicy {
+    /// Anyone may register.
+    #[default]
+    Open,
+    /// Registration needs an invite token (`hush-relay invite`).
+    Invite,
+}
+
+/// An operator certificate chain and key, PEM files.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+}
+
+/// Transport and abuse limits.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Most concurrent connections.
+    pub max_connections: usize,
+    /// A connection silent for this long is closed (seconds).
+    pub idle_timeout_secs: u64,
+    /// Most requests of one connection being processed at once; further frames wait.
+    pub max_in_flight_requests: usize,
+    /// QUIC connection-level receive window in bytes (quinn's default is unbounded).
+    pub connection_receive_window: u32,
+    /// QUIC per-stream receive window in bytes; must hold the largest frame.
+    pub stream_receive_window: u32,
+    /// Whether new client addresses must prove they can receive (QUIC Retry) first.
+    pub require_address_validation: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 100_000,
+            idle_timeout_secs: 60,
+            max_in_flight_requests: 256,
+            connection_receive_window: 4 * 1024 * 1024,
+            stream_receive_window: 2 * 1024 * 1024,
+            require_address_validation: true,
+        }
+    }
+}
+
+/// Everything the relay can be told.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Where the database, storage keys and self-signed certificate live.
+    pub data_dir: PathBuf,
+    /// An operator certificate; without one, a self-signed one is made in `data_dir`.
+    pub tls: Option<TlsFiles>,
+    /// Who may register.
+    pub registration: RegistrationPolicy,
+    /// Most devices per account.
+    pub max_devices_per_account: u32,
+    /// Days an undelivered envelope is kept, 1 to 14.
+    pub message_expiry_days: u32,
+    /// A device with fewer one-time prekeys than this is told to upload more.
+    pub low_prekey_threshold: u32,
+    /// How often expired envelopes are swept (seconds).
+    pub sweep_interval_secs: u64,
+    /// Transport and abuse limits.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            data_dir: PathBuf::from("hush-data"),
+            tls: None,
+            registration: RegistrationPolicy::Open,
+            max_devices_per_account: 5,
+            message_expiry_days: MAX_MESSAGE_EXPIRY_DAYS,
+            low_prekey_threshold: 10,
+            sweep_interval_secs: 60,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("parsing {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's explanation.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{field} must be {expected}")]
+    OutOfRange {
+        /// The setting.
+        field: &'static str,
+        /// The allowed range.
+        expected: &'static str,
+    },
+}
+
+impl Config {
+    /// Reads and checks a TOML file; settings it leaves out keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.to_owned(), message },
+            other => other,
+        })
+    }
+
+    /// Parses and checks TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: PathBuf::new(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every range rule.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let range = |ok: bool, field, expected| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::OutOfRange { field, expected })
+            }
+        };
+        range(
+            (1..=MAX_MESSAGE_EXPIRY_DAYS).contains(&self.message_expiry_days),
+            "message_expiry_days",
+            "between 1 and 14 (P3: never above 14 days)",
+        )?;
+        range(
+            (1..=hush_protocol::limits::MAX_BUNDLES as u32).contains(&self.max_devices_per_account),
+            "max_devices_per_account",
+            "between 1 and 64",
+        )?;
+        range(self.sweep_interval_secs >= 1, "sweep_interval_secs", "at least 1")?;
+        range(self.limits.max_connections >= 1, "limits.max_connections", "at least 1")?;
+        range(self.limits.idle_timeout_secs >= 1, "limits.idle_timeout_secs", "at least 1")?;
+        range(
+            self.limits.max_in_flight_requests >= 1,
+            "limits.max_in_flight_requests",
+            "at least 1",
+        )?;
+        let largest_frame = hush_protocol::limits::frame::UPLOAD_PREKEYS + hush_protocol::HEADER_LEN;
+        range(
+            self.limits.stream_receive_window as usize >= largest_frame,
+            "limits.stream_receive_window",
+            "at least the largest frame (786,437 bytes)",
+        )?;
+        range(
+            self.limits.connection_receive_window >= self.limits.stream_receive_window,
+            "limits.connection_receive_window",
+            "at least limits.stream_receive_window",
+        )
+    }
+
+    /// How long undelivered envelopes are kept, in seconds.
+    pub fn message_expiry_secs(&self) -> u64 {
+        u64::from(self.message_expiry_days) * crate::keyring::DAY
+    }
+
+    /// The idle timeout as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.idle_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_zero_config_defaults() {
+        let config = Config::from_toml("").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.listen.to_string(), "127.0.0.1:4433");
+        assert_eq!(config.data_dir, PathBuf::from("hush-data"));
+        assert_eq!(config.message_expiry_days, 14);
+    }
+
+    #[test]
+    fn expiry_is_configurable_only_downward() {
+        assert_eq!(Config::from_toml("message_expiry_days = 3").unwrap().message_expiry_days, 3);
+        assert!(matches!(
+            Config::from_toml("message_expiry_days = 15"),
+            Err(ConfigError::OutOfRange { field: "message_expiry_days", .. })
+        ));
+        assert!(Config::from_toml("message_expiry_days = 0").is_err());
+    }
+
+    #[test]
+    fn unknown_settings_are_errors_not_silently_ignored() {
+        assert!(matches!(Config::from_toml("mesage_expiry_days = 3"), Err(ConfigError::Parse { .. })));
+        let config = Config::from_toml(
+            "listen = \"0.0.0.0:443\"\nregistration = \"invite\"\n[limits]\nmax_connections = 10\n",
+        )
+        .unwrap();
+        assert_eq!(config.registration, RegistrationPolicy::Invite);
+        assert_eq!(config.limits.max_connections, 10);
+        assert_eq!(config.limits.idle_timeout_secs, 60);
+    }
+}

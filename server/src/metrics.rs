@@ -1,0 +1,85 @@
+//! Aggregate counters (P9): totals only, never labelled by account, device or address.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hush_protocol::ErrorCode;
+
+/// Codes 0..=31 have their own counter; later codes share the last slot.
+const CODE_SLOTS: usize = 32;
+
+/// The relay's counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// QUIC handshakes that became sessions.
+    pub connections_opened: AtomicU64,
+    /// Connections refused at the connection limit.
+    pub connections_refused: AtomicU64,
+    /// Retry packets sent to validate new addresses.
+    pub address_validations: AtomicU64,
+    /// Handshakes that failed or timed out.
+    pub handshake_failures: AtomicU64,
+    /// Accounts registered.
+    pub registrations: AtomicU64,
+    /// Successful device authentications.
+    pub authentications: AtomicU64,
+    /// Envelope copies committed to mailboxes.
+    pub envelopes_accepted: AtomicU64,
+    /// Envelopes pushed to devices.
+    pub envelopes_delivered: AtomicU64,
+    /// Envelopes deleted by expiry.
+    pub envelopes_expired: AtomicU64,
+    connections_closed_by_code: [AtomicU64; CODE_SLOTS],
+}
+
+impl Metrics {
+    /// Adds one to a counter.
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a connection closed by the relay with `code`.
+    pub fn closed_with(&self, code: ErrorCode) {
+        let slot = usize::from(code.as_u16()).min(CODE_SLOTS - 1);
+        Self::inc(&self.connections_closed_by_code[slot]);
+    }
+
+    /// Connections the relay closed with `code`.
+    pub fn closed_count(&self, code: ErrorCode) -> u64 {
+        let slot = usize::from(code.as_u16()).min(CODE_SLOTS - 1);
+        self.connections_closed_by_code[slot].load(Ordering::Relaxed)
+    }
+
+    /// The counters in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let counters = [
+            ("hush_connections_opened_total", &self.connections_opened),
+            ("hush_connections_refused_total", &self.connections_refused),
+            ("hush_address_validations_total", &self.address_validations),
+            ("hush_handshake_failures_total", &self.handshake_failures),
+            ("hush_registrations_total", &self.registrations),
+            ("hush_authentications_total", &self.authentications),
+            ("hush_envelopes_accepted_total", &self.envelopes_accepted),
+            ("hush_envelopes_delivered_total", &self.envelopes_delivered),
+            ("hush_envelopes_expired_total", &self.envelopes_expired),
+        ];
+        for (name, value) in counters {
+            let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(out, "# TYPE hush_connections_closed_total counter");
+        for (slot, value) in self.connections_closed_by_code.iter().enumerate() {
+            let count = value.load(Ordering::Relaxed);
+            if count > 0 {
+                let code = ErrorCode::from_u16(slot as u16);
+                let _ = writeln!(out, "hush_connections_closed_total{{code=\"{code:?}\"}} {count}");
+            }
+        }
+        out
+    }
+}

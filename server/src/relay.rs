@@ -1,0 +1,241 @@
+//! Starting, running and stopping a relay.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::clock::Clock;
+use crate::commit::{CommitError, CommitThread, Committer};
+use crate::config::Config;
+use crate::mailbox::Hub;
+use crate::metrics::Metrics;
+use crate::store::{Outcome, RedbStore, Store, StoreError, StoreStats, Write};
+use crate::tls::TlsError;
+use crate::{session, tls, transport};
+
+/// How long connections get to wind down on shutdown before they are cut.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What every session shares.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub committer: Committer,
+    pub hub: Hub,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Metrics,
+}
+
+/// The relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The data dir could not be created.
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The certificate could not be loaded or made.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The UDP socket could not be bound, or a thread not started.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running relay.
+pub struct Relay {
+    local_addr: SocketAddr,
+    fingerprint: [u8; 32],
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    accept: JoinHandle<()>,
+    sweeper: JoinHandle<()>,
+    commit_thread: CommitThread,
+}
+
+impl Relay {
+    /// Opens the store, loads or makes the certificate, binds, and starts serving.
+    pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Relay, StartError> {
+        config.validate()?;
+        create_private_dir(&config.data_dir)?;
+        let identity = tls::load_or_create(config.tls.as_ref(), &config.data_dir)?;
+        let fingerprint = identity.fingerprint;
+        let data_dir = config.data_dir.clone();
+        let store: Arc<dyn Store> = tokio::task::spawn_blocking(move || RedbStore::open(&data_dir))
+            .await
+            .map_err(|e| StartError::Io(std::io::Error::other(e)))??
+            .into_arc();
+        let (committer, commit_thread) = Committer::start(store.clone())?;
+        let server_config = transport::server_config(&config, identity)?;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen)?;
+        let local_addr = endpoint.local_addr()?;
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let sweep_interval = Duration::from_secs(config.sweep_interval_secs);
+        let max_connections = config.limits.max_connections;
+        let shared = Arc::new(Shared { config, store, committer, hub: Hub::default(), clock, metrics: Metrics::default() });
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone(), shutdown_rx, max_connections));
+        let sweeper = tokio::spawn(sweep_loop(shared.clone(), sweep_interval));
+        tracing::info!(%local_addr, "relay listening");
+        Ok(Relay { local_addr, fingerprint, endpoint, shared, shutdown, accept, sweeper, commit_thread })
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// SHA-256 of the certificate: what clients pin.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
+    }
+
+    /// Deletes expired envelopes now; returns how many went.
+    pub async fn sweep_now(&self) -> Result<u64, CommitError> {
+        sweep(&self.shared).await
+    }
+
+    /// What the store holds.
+    pub async fn store_stats(&self) -> Result<StoreStats, StoreError> {
+        let store = self.shared.store.clone();
+        tokio::task::spawn_blocking(move || store.stats())
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Database(redb::Error::Io(std::io::Error::other(e)))))
+    }
+
+    /// The relay's counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Durable commits so far (each one fsync) and the writes they carried.
+    pub fn commit_counts(&self) -> (u64, u64) {
+        let stats = self.shared.committer.stats();
+        (
+            stats.commits.load(std::sync::atomic::Ordering::Relaxed),
+            stats.writes.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// Devices connected now.
+    pub fn connected_devices(&self) -> usize {
+        self.shared.hub.connected()
+    }
+
+    /// Graceful shutdown: stop accepting, let started requests commit and be answered,
+    /// close every connection with `ShuttingDown`, flush the store, and return.
+    pub async fn shutdown(self) {
+        let Relay { endpoint, shared, shutdown, accept, sweeper, commit_thread, .. } = self;
+        endpoint.set_server_config(None);
+        let _ = shutdown.send(true);
+        let _ = accept.await;
+        sweeper.abort();
+        let _ = sweeper.await;
+        drop(shared);
+        // The commit thread ends once the last session's requests have dropped their
+        // handles; it commits whatever is still queued first.
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, tokio::task::spawn_blocking(move || commit_thread.join())).await;
+        endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        tracing::info!("relay stopped");
+    }
+}
+
+trait IntoArc {
+    fn into_arc(self) -> Arc<dyn Store>;
+}
+
+impl IntoArc for RedbStore {
+    fn into_arc(self) -> Arc<dyn Store> {
+        Arc::new(self)
+    }
+}
+
+fn create_private_dir(path: &std::path::Path) -> Result<(), StartError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(path).map_err(|source| StartError::DataDir { path: path.to_owned(), source })
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>, max_connections: usize) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let mut sessions = JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            _ = shutdown.changed() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        while sessions.try_join_next().is_some() {}
+        if shared.config.limits.require_address_validation && !incoming.remote_address_validated() {
+            // A Retry makes the client prove it receives at its source address before the
+            // relay spends a handshake on it: spoofed-source floods stop here.
+            Metrics::inc(&shared.metrics.address_validations);
+            if incoming.may_retry() {
+                let _ = incoming.retry();
+            } else {
+                incoming.refuse();
+            }
+            continue;
+        }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            Metrics::inc(&shared.metrics.connections_refused);
+            incoming.refuse();
+            continue;
+        };
+        sessions.spawn(session::run(incoming, shared.clone(), shutdown.clone(), slot));
+    }
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(left = sessions.len(), "connections did not close in time; cutting them");
+        sessions.shutdown().await;
+    }
+}
+
+async fn sweep_loop(shared: Arc<Shared>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(error) = sweep(&shared).await {
+            tracing::warn!(%error, "expiry sweep failed; will retry");
+        }
+    }
+}
+
+/// Runs expiry writes until nothing expired is left.
+async fn sweep(shared: &Shared) -> Result<u64, CommitError> {
+    let mut total = 0;
+    loop {
+        let now = shared.clock.now();
+        match shared.committer.commit(Write::Expire { now }).await? {
+            Ok(Outcome::Expired { envelopes }) if envelopes > 0 => {
+                total += envelopes;
+                Metrics::add(&shared.metrics.envelopes_expired, envelopes);
+            }
+            _ => break,
+        }
+    }
+    if total > 0 {
+        tracing::info!(envelopes = total, "expired envelopes deleted");
+    }
+    Ok(total)
+}

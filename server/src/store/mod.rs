@@ -1,0 +1,277 @@
+//! The relay's storage, behind one narrow trait that speaks the relay's language.
+//!
+//! Writes are batched: [`Store::apply`] runs a batch of [`Write`]s in one durable
+//! transaction, which is what lets the group committer ([`crate::commit`]) share one fsync
+//! among many concurrent senders. Each write either is refused *before* it changes
+//! anything (a [`Refusal`], which leaves the rest of the batch alone) or is applied; a
+//! storage failure fails the whole batch and nothing of it is committed.
+
+mod redb;
+
+use hush_protocol::{
+    AccountId, DeviceAddress, DeviceId, EnvelopeId, ErrorCode, OutgoingEnvelope, PrekeyBundles,
+    UploadPrekeys,
+};
+
+pub use self::redb::RedbStore;
+use crate::keyring::KeyringError;
+
+/// One change to the store.
+#[derive(Debug)]
+pub enum Write {
+    /// Creates an account with its primary device, consuming an invite if one is given.
+    Register {
+        /// The new account's id (chosen at random by the caller).
+        account: AccountId,
+        /// Opaque public identity key.
+        identity_key: Vec<u8>,
+        /// The primary device's Ed25519 public key.
+        device_key: [u8; 32],
+        /// The invite token, consumed if valid.
+        invite: Option<Vec<u8>>,
+        /// Whether registration without a valid invite is refused.
+        require_invite: bool,
+    },
+    /// Adds a device to an account.
+    AddDevice {
+        /// The account.
+        account: AccountId,
+        /// The new device's Ed25519 public key.
+        device_key: [u8; 32],
+        /// The most devices an account may have.
+        max_devices: u32,
+    },
+    /// Removes a device with its prekeys and mailbox.
+    RemoveDevice {
+        /// The device to remove.
+        address: DeviceAddress,
+    },
+    /// Stores prekeys for a device.
+    UploadPrekeys {
+        /// The device.
+        address: DeviceAddress,
+        /// The keys.
+        upload: UploadPrekeys,
+    },
+    /// Takes a prekey bundle for each requested device, consuming one-time keys.
+    TakePrekeys {
+        /// The account.
+        account: AccountId,
+        /// One device or all of them.
+        device: Option<DeviceId>,
+        /// Devices left with fewer one-time keys than this are reported as low.
+        low_threshold: u32,
+    },
+    /// Appends envelopes to every recipient's mailbox.
+    Enqueue {
+        /// The envelopes.
+        envelopes: Vec<OutgoingEnvelope>,
+        /// Seconds since the epoch, now.
+        received_at: u64,
+        /// Seconds since the epoch, when they expire.
+        expires_at: u64,
+    },
+    /// Deletes acknowledged envelopes from one device's mailbox.
+    Ack {
+        /// The acknowledging device.
+        address: DeviceAddress,
+        /// Envelope ids from its mailbox.
+        ids: Vec<EnvelopeId>,
+    },
+    /// Deletes every envelope that expired at or before `now`.
+    Expire {
+        /// Seconds since the epoch.
+        now: u64,
+    },
+    /// Records an invite token.
+    AddInvite {
+        /// The token.
+        token: Vec<u8>,
+    },
+}
+
+/// What an applied write did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The account exists.
+    Registered,
+    /// The device exists.
+    DeviceAdded(DeviceId),
+    /// The device is gone.
+    DeviceRemoved {
+        /// The removed device, whose live connection must go too.
+        address: DeviceAddress,
+    },
+    /// Prekeys stored; what the device now holds.
+    PrekeysStored(PrekeyCounts),
+    /// Bundles, and the devices now low on one-time keys.
+    Prekeys {
+        /// The bundles.
+        bundles: PrekeyBundles,
+        /// Devices below the threshold, with what they have left.
+        low: Vec<(DeviceAddress, PrekeyCounts)>,
+    },
+    /// Envelopes queued; the distinct recipient devices, to wake their deliveries.
+    Enqueued {
+        /// Devices that received at least one envelope.
+        recipients: Vec<DeviceAddress>,
+    },
+    /// Envelopes deleted; `unknown` ids were not in this device's mailbox.
+    Acked {
+        /// How many ids were not found.
+        unknown: usize,
+    },
+    /// Envelopes deleted by expiry.
+    Expired {
+        /// How many.
+        envelopes: u64,
+    },
+    /// The invite is recorded.
+    InviteAdded,
+}
+
+/// Why a single write was refused. Nothing of it was applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The account does not exist.
+    #[error("unknown account")]
+    UnknownAccount,
+    /// The device does not exist.
+    #[error("unknown device")]
+    UnknownDevice,
+    /// A recipient device does not exist.
+    #[error("unknown recipient")]
+    UnknownRecipient,
+    /// Registration needs an invite.
+    #[error("invite required")]
+    InviteRequired,
+    /// The invite is unknown or used.
+    #[error("invalid invite")]
+    InvalidInvite,
+    /// The account has its maximum number of devices.
+    #[error("device limit reached")]
+    DeviceLimitReached,
+    /// The device key is already one of the account's.
+    #[error("duplicate device key")]
+    DuplicateDeviceKey,
+    /// The primary device cannot be removed.
+    #[error("not permitted")]
+    NotPermitted,
+}
+
+impl Refusal {
+    /// The wire code for this refusal.
+    pub fn code(self) -> ErrorCode {
+        match self {
+            Refusal::UnknownAccount => ErrorCode::UnknownAccount,
+            Refusal::UnknownDevice => ErrorCode::UnknownDevice,
+            Refusal::UnknownRecipient => ErrorCode::UnknownRecipient,
+            Refusal::InviteRequired => ErrorCode::InviteRequired,
+            Refusal::InvalidInvite => ErrorCode::InvalidInvite,
+            Refusal::DeviceLimitReached => ErrorCode::DeviceLimitReached,
+            Refusal::DuplicateDeviceKey => ErrorCode::DuplicateDeviceKey,
+            Refusal::NotPermitted => ErrorCode::NotPermitted,
+        }
+    }
+}
+
+/// One-time prekeys a device has left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PrekeyCounts {
+    /// One-time EC prekeys.
+    pub one_time: u32,
+    /// One-time ML-KEM prekeys.
+    pub kem_one_time: u32,
+}
+
+/// An envelope as read back for delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEnvelope {
+    /// Its id in the device's mailbox.
+    pub id: EnvelopeId,
+    /// Seconds since the epoch when the relay accepted it.
+    pub received_at: u64,
+    /// Seconds since the epoch when it expires.
+    pub expires_at: u64,
+    /// Opaque ciphertext.
+    pub payload: Vec<u8>,
+}
+
+/// Counts of what the store holds, for tests, stats and the bench.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreStats {
+    /// Accounts.
+    pub accounts: u64,
+    /// Envelopes in all mailboxes.
+    pub envelopes: u64,
+    /// Entries in the expiry index (equals `envelopes` when consistent).
+    pub expiry_entries: u64,
+    /// Stored prekeys of every kind.
+    pub prekeys: u64,
+    /// Unused invites.
+    pub invites: u64,
+    /// Expiry days with a live key.
+    pub day_keys: u64,
+}
+
+/// The store failed; the batch that hit this was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// redb reported an error.
+    #[error("database: {0}")]
+    Database(#[from] ::redb::Error),
+    /// The key file could not be read or written.
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
+    /// A stored record failed to authenticate or decode.
+    #[error("corrupt record in table {table}")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+    },
+}
+
+macro_rules! from_redb_errors {
+    ($($ty:ty),*) => {$(
+        impl From<$ty> for StoreError {
+            fn from(e: $ty) -> Self {
+                StoreError::Database(e.into())
+            }
+        }
+    )*};
+}
+
+from_redb_errors!(
+    ::redb::DatabaseError,
+    ::redb::TransactionError,
+    ::redb::TableError,
+    ::redb::StorageError,
+    ::redb::CommitError
+);
+
+/// The result of one write inside a batch.
+pub type WriteResult = Result<Outcome, Refusal>;
+
+/// What the relay needs from storage. Implementations: [`RedbStore`] (embedded).
+pub trait Store: Send + Sync + 'static {
+    /// Applies `writes` in order in one transaction and makes it durable before returning.
+    fn apply(&self, writes: Vec<Write>) -> Result<Vec<WriteResult>, StoreError>;
+
+    /// The Ed25519 public key of a device, if it exists.
+    fn device_key(&self, address: &DeviceAddress) -> Result<Option<[u8; 32]>, StoreError>;
+
+    /// Up to `limit` unexpired envelopes of a mailbox with ids after `after`, in order.
+    fn backlog(
+        &self,
+        address: &DeviceAddress,
+        after: Option<EnvelopeId>,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEnvelope>, StoreError>;
+
+    /// One-time prekeys a device has left.
+    fn prekey_counts(&self, address: &DeviceAddress) -> Result<PrekeyCounts, StoreError>;
+
+    /// What the store holds.
+    fn stats(&self) -> Result<StoreStats, StoreError>;
+}

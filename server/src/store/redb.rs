@@ -1,0 +1,583 @@
+//! The embedded store: one redb file, values sealed at rest, keys blinded.
+//!
+//! Every identifier that would name a person (account ids, device addresses) appears in
+//! the file only as an HMAC tag under the keyring's index key; every value is sealed. The
+//! only clear numbers are envelope sequence numbers and expiry times.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use hush_protocol::{
+    AccountId, DeviceAddress, DeviceBundle, DeviceId, EnvelopeId, OutgoingEnvelope, Prekey,
+    PrekeyBundles,
+};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
+    WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{
+    Outcome, PrekeyCounts, Refusal, Store, StoreError, StoreStats, StoredEnvelope, Write,
+    WriteResult,
+};
+use crate::keyring::{Keyring, Tag, DAY};
+use crate::seal::SealingKey;
+
+/// Accounts by account tag: sealed [`AccountRecord`].
+const ACCOUNTS: TableDefinition<Tag, &[u8]> = TableDefinition::new("accounts");
+/// Prekeys by (device tag, kind, prekey id): sealed [`Prekey`].
+const PREKEYS: TableDefinition<(Tag, u8, u32), &[u8]> = TableDefinition::new("prekeys");
+/// Mailboxes by (device tag, sequence): expiry, arrival, then the sealed payload.
+const MAILBOX: TableDefinition<(Tag, u64), &[u8]> = TableDefinition::new("mailbox");
+/// The expiry index by (expires at, device tag, sequence).
+const EXPIRY: TableDefinition<(u64, Tag, u64), ()> = TableDefinition::new("expiry");
+/// Unused invites by SHA-256 of the token.
+const INVITES: TableDefinition<[u8; 32], ()> = TableDefinition::new("invites");
+/// Counters.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+const META_NEXT_SEQUENCE: &str = "next_sequence";
+
+const SIGNED: u8 = 0;
+const ONE_TIME: u8 = 1;
+const KEM_ONE_TIME: u8 = 2;
+const KEM_LAST_RESORT: u8 = 3;
+
+/// Envelope value header: expires-at and received-at, big-endian.
+const ENVELOPE_HEADER: usize = 16;
+
+/// Most expired envelopes one `Expire` write deletes; the sweeper repeats until done, so a
+/// huge backlog expiring at once never makes one giant transaction.
+const EXPIRE_BATCH: usize = 20_000;
+
+#[derive(Serialize, Deserialize)]
+struct AccountRecord {
+    identity_key: Vec<u8>,
+    devices: Vec<DeviceRecord>,
+    next_device: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DeviceRecord {
+    id: u32,
+    key: [u8; 32],
+}
+
+impl AccountRecord {
+    fn device(&self, device: DeviceId) -> Option<&DeviceRecord> {
+        self.devices.iter().find(|d| d.id == device.0)
+    }
+}
+
+/// The redb-backed [`Store`].
+pub struct RedbStore {
+    db: Database,
+    keys: Arc<Keyring>,
+    next_sequence: AtomicU64,
+}
+
+struct Tables<'txn> {
+    accounts: Table<'txn, Tag, &'static [u8]>,
+    prekeys: Table<'txn, (Tag, u8, u32), &'static [u8]>,
+    mailbox: Table<'txn, (Tag, u64), &'static [u8]>,
+    expiry: Table<'txn, (u64, Tag, u64), ()>,
+    invites: Table<'txn, [u8; 32], ()>,
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Tables {
+            accounts: txn.open_table(ACCOUNTS)?,
+            prekeys: txn.open_table(PREKEYS)?,
+            mailbox: txn.open_table(MAILBOX)?,
+            expiry: txn.open_table(EXPIRY)?,
+            invites: txn.open_table(INVITES)?,
+        })
+    }
+}
+
+fn expiry_day(expires_at: u64) -> u32 {
+    u32::try_from(expires_at / DAY).unwrap_or(u32::MAX)
+}
+
+fn row_aad(table: &str, parts: &[&[u8]]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(64);
+    aad.extend_from_slice(table.as_bytes());
+    for part in parts {
+        aad.push(0);
+        aad.extend_from_slice(part);
+    }
+    aad
+}
+
+fn mailbox_aad(tag: &Tag, sequence: u64) -> Vec<u8> {
+    row_aad("mailbox", &[tag, &sequence.to_be_bytes()])
+}
+
+fn prekey_aad(tag: &Tag, kind: u8, id: u32) -> Vec<u8> {
+    row_aad("prekeys", &[tag, &[kind], &id.to_be_bytes()])
+}
+
+fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    bytes.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store: `relay.redb` and its key file `storage-keys` in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let keys = Arc::new(Keyring::open_or_create(&dir.join("storage-keys"))?);
+        let db = Database::create(dir.join("relay.redb"))?;
+        let txn = db.begin_write()?;
+        let next_sequence = {
+            Tables::open(&txn)?;
+            let meta = txn.open_table(META)?;
+            let next = meta.get(META_NEXT_SEQUENCE)?.map_or(1, |v| v.value());
+            next
+        };
+        txn.commit()?;
+        Ok(RedbStore { db, keys, next_sequence: AtomicU64::new(next_sequence) })
+    }
+
+    /// The keyring, shared with whoever needs to blind identifiers the same way.
+    pub fn keyring(&self) -> &Arc<Keyring> {
+        &self.keys
+    }
+
+    fn account_tag(&self, account: &AccountId) -> Tag {
+        self.keys.tag(b"account", &account.0)
+    }
+
+    fn device_tag(&self, address: &DeviceAddress) -> Tag {
+        self.keys.tag(b"device", &address.to_bytes())
+    }
+
+    fn seal_account(&self, tag: &Tag, record: &AccountRecord) -> Result<Vec<u8>, StoreError> {
+        let plain = postcard::to_allocvec(record).map_err(|_| StoreError::Corrupt { table: "accounts" })?;
+        Ok(self.keys.directory().seal(&row_aad("accounts", &[tag]), &plain))
+    }
+
+    fn open_account(&self, tag: &Tag, sealed: &[u8]) -> Result<AccountRecord, StoreError> {
+        let corrupt = || StoreError::Corrupt { table: "accounts" };
+        let plain = self.keys.directory().open(&row_aad("accounts", &[tag]), sealed).map_err(|_| corrupt())?;
+        postcard::from_bytes(&plain).map_err(|_| corrupt())
+    }
+
+    fn load_account<T: ReadableTable<Tag, &'static [u8]>>(
+        &self,
+        table: &T,
+        tag: &Tag,
+    ) -> Result<Option<AccountRecord>, StoreError> {
+        let sealed = table.get(tag)?.map(|v| v.value().to_vec());
+        sealed.map(|s| self.open_account(tag, &s)).transpose()
+    }
+
+    fn put_prekey(
+        &self,
+        table: &mut Table<'_, (Tag, u8, u32), &'static [u8]>,
+        tag: Tag,
+        kind: u8,
+        slot: u32,
+        key: &Prekey,
+    ) -> Result<(), StoreError> {
+        let plain = postcard::to_allocvec(key).map_err(|_| StoreError::Corrupt { table: "prekeys" })?;
+        let sealed = self.keys.directory().seal(&prekey_aad(&tag, kind, slot), &plain);
+        table.insert((tag, kind, slot), sealed.as_slice())?;
+        Ok(())
+    }
+
+    fn open_prekey(&self, tag: &Tag, kind: u8, slot: u32, sealed: &[u8]) -> Result<Prekey, StoreError> {
+        let corrupt = || StoreError::Corrupt { table: "prekeys" };
+        let plain = self.keys.directory().open(&prekey_aad(tag, kind, slot), sealed).map_err(|_| corrupt())?;
+        postcard::from_bytes(&plain).map_err(|_| corrupt())
+    }
+
+    /// Removes and returns the first prekey of `kind` for a device.
+    fn take_first_prekey(
+        &self,
+        table: &mut Table<'_, (Tag, u8, u32), &'static [u8]>,
+        tag: Tag,
+        kind: u8,
+    ) -> Result<Option<Prekey>, StoreError> {
+        let first = table
+            .range((tag, kind, 0)..=(tag, kind, u32::MAX))?
+            .next()
+            .transpose()?
+            .map(|(k, v)| (k.value().2, v.value().to_vec()));
+        let Some((slot, sealed)) = first else { return Ok(None) };
+        table.remove((tag, kind, slot))?;
+        self.open_prekey(&tag, kind, slot, &sealed).map(Some)
+    }
+
+    fn count_prekeys<T: ReadableTable<(Tag, u8, u32), &'static [u8]>>(
+        table: &T,
+        tag: Tag,
+        kind: u8,
+    ) -> Result<u32, StoreError> {
+        let mut n = 0u32;
+        for entry in table.range((tag, kind, 0)..=(tag, kind, u32::MAX))? {
+            entry?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn counts<T: ReadableTable<(Tag, u8, u32), &'static [u8]>>(
+        table: &T,
+        tag: Tag,
+    ) -> Result<PrekeyCounts, StoreError> {
+        Ok(PrekeyCounts {
+            one_time: Self::count_prekeys(table, tag, ONE_TIME)?,
+            kem_one_time: Self::count_prekeys(table, tag, KEM_ONE_TIME)?,
+        })
+    }
+
+    /// Deletes a device's mailbox and its expiry entries.
+    fn purge_mailbox(tables: &mut Tables<'_>, tag: Tag) -> Result<(), StoreError> {
+        let mut doomed = Vec::new();
+        for entry in tables.mailbox.range((tag, 0)..=(tag, u64::MAX))? {
+            let (k, v) = entry?;
+            doomed.push((k.value().1, read_u64(v.value(), 0).unwrap_or(0)));
+        }
+        for (sequence, expires_at) in doomed {
+            tables.mailbox.remove((tag, sequence))?;
+            tables.expiry.remove((expires_at, tag, sequence))?;
+        }
+        Ok(())
+    }
+
+    fn apply_one(&self, t: &mut Tables<'_>, write: Write) -> Result<WriteResult, StoreError> {
+        match write {
+            Write::Register { account, identity_key, device_key, invite, require_invite } => {
+                let tag = self.account_tag(&account);
+                if t.accounts.get(&tag)?.is_some() {
+                    return Ok(Err(Refusal::NotPermitted));
+                }
+                match invite {
+                    Some(token) => {
+                        let hash: [u8; 32] = Sha256::digest(&token).into();
+                        if t.invites.remove(&hash)?.is_none() {
+                            return Ok(Err(Refusal::InvalidInvite));
+                        }
+                    }
+                    None if require_invite => return Ok(Err(Refusal::InviteRequired)),
+                    None => {}
+                }
+                let record = AccountRecord {
+                    identity_key,
+                    devices: vec![DeviceRecord { id: DeviceId::PRIMARY.0, key: device_key }],
+                    next_device: DeviceId::PRIMARY.0 + 1,
+                };
+                t.accounts.insert(&tag, self.seal_account(&tag, &record)?.as_slice())?;
+                Ok(Ok(Outcome::Registered))
+            }
+            Write::AddDevice { account, device_key, max_devices } => {
+                let tag = self.account_tag(&account);
+                let Some(mut record) = self.load_account(&t.accounts, &tag)? else {
+                    return Ok(Err(Refusal::UnknownAccount));
+                };
+                if record.devices.len() >= max_devices as usize {
+                    return Ok(Err(Refusal::DeviceLimitReached));
+                }
+                if record.devices.iter().any(|d| d.key == device_key) {
+                    return Ok(Err(Refusal::DuplicateDeviceKey));
+                }
+                let id = record.next_device;
+                record.next_device += 1;
+                record.devices.push(DeviceRecord { id, key: device_key });
+                t.accounts.insert(&tag, self.seal_account(&tag, &record)?.as_slice())?;
+                Ok(Ok(Outcome::DeviceAdded(DeviceId(id))))
+            }
+            Write::RemoveDevice { address } => {
+                let tag = self.account_tag(&address.account);
+                let Some(mut record) = self.load_account(&t.accounts, &tag)? else {
+                    return Ok(Err(Refusal::UnknownAccount));
+                };
+                if address.device == DeviceId::PRIMARY {
+                    return Ok(Err(Refusal::NotPermitted));
+                }
+                if record.device(address.device).is_none() {
+                    return Ok(Err(Refusal::UnknownDevice));
+                }
+                record.devices.retain(|d| d.id != address.device.0);
+                t.accounts.insert(&tag, self.seal_account(&tag, &record)?.as_slice())?;
+                let device_tag = self.device_tag(&address);
+                for kind in [SIGNED, ONE_TIME, KEM_ONE_TIME, KEM_LAST_RESORT] {
+                    t.prekeys.retain_in((device_tag, kind, 0)..=(device_tag, kind, u32::MAX), |_, _| false)?;
+                }
+                Self::purge_mailbox(t, device_tag)?;
+                Ok(Ok(Outcome::DeviceRemoved { address }))
+            }
+            Write::UploadPrekeys { address, upload } => {
+                let account_tag = self.account_tag(&address.account);
+                let exists = self
+                    .load_account(&t.accounts, &account_tag)?
+                    .is_some_and(|r| r.device(address.device).is_some());
+                if !exists {
+                    return Ok(Err(Refusal::UnknownDevice));
+                }
+                let tag = self.device_tag(&address);
+                if let Some(key) = &upload.signed_prekey {
+                    self.put_prekey(&mut t.prekeys, tag, SIGNED, 0, key)?;
+                }
+                if let Some(key) = &upload.kem_last_resort {
+                    self.put_prekey(&mut t.prekeys, tag, KEM_LAST_RESORT, 0, key)?;
+                }
+                for key in &upload.one_time {
+                    self.put_prekey(&mut t.prekeys, tag, ONE_TIME, key.id, key)?;
+                }
+                for key in &upload.kem_one_time {
+                    self.put_prekey(&mut t.prekeys, tag, KEM_ONE_TIME, key.id, key)?;
+                }
+                Ok(Ok(Outcome::PrekeysStored(Self::counts(&t.prekeys, tag)?)))
+            }
+            Write::TakePrekeys { account, device, low_threshold } => {
+                let account_tag = self.account_tag(&account);
+                let Some(record) = self.load_account(&t.accounts, &account_tag)? else {
+                    return Ok(Err(Refusal::UnknownAccount));
+                };
+                let devices: Vec<&DeviceRecord> = match device {
+                    Some(id) => match record.device(id) {
+                        Some(d) => vec![d],
+                        None => return Ok(Err(Refusal::UnknownDevice)),
+                    },
+                    None => record.devices.iter().collect(),
+                };
+                let mut bundles = Vec::with_capacity(devices.len());
+                let mut low = Vec::new();
+                for d in devices {
+                    let address = DeviceAddress { account, device: DeviceId(d.id) };
+                    let tag = self.device_tag(&address);
+                    let signed = t.prekeys.get((tag, SIGNED, 0))?.map(|v| v.value().to_vec());
+                    let signed_prekey = signed.map(|s| self.open_prekey(&tag, SIGNED, 0, &s)).transpose()?;
+                    let one_time = self.take_first_prekey(&mut t.prekeys, tag, ONE_TIME)?;
+                    let mut kem = self.take_first_prekey(&mut t.prekeys, tag, KEM_ONE_TIME)?;
+                    let kem_is_last_resort = kem.is_none();
+                    if kem.is_none() {
+                        let last = t.prekeys.get((tag, KEM_LAST_RESORT, 0))?.map(|v| v.value().to_vec());
+                        kem = last.map(|s| self.open_prekey(&tag, KEM_LAST_RESORT, 0, &s)).transpose()?;
+                    }
+                    let counts = Self::counts(&t.prekeys, tag)?;
+                    if counts.one_time < low_threshold || counts.kem_one_time < low_threshold {
+                        low.push((address, counts));
+                    }
+                    bundles.push(DeviceBundle {
+                        device: DeviceId(d.id),
+                        device_key: d.key,
+                        signed_prekey,
+                        one_time,
+                        kem_is_last_resort: kem_is_last_resort && kem.is_some(),
+                        kem,
+                    });
+                }
+                let bundles = PrekeyBundles { identity_key: record.identity_key.clone(), devices: bundles };
+                Ok(Ok(Outcome::Prekeys { bundles, low }))
+            }
+            Write::Enqueue { envelopes, received_at, expires_at } => {
+                self.enqueue(t, &envelopes, received_at, expires_at)
+            }
+            Write::Ack { address, ids } => {
+                let tag = self.device_tag(&address);
+                let mut unknown = 0;
+                for id in ids {
+                    match t.mailbox.remove((tag, id.0))? {
+                        Some(value) => {
+                            let expires_at = read_u64(value.value(), 0).unwrap_or(0);
+                            drop(value);
+                            t.expiry.remove((expires_at, tag, id.0))?;
+                        }
+                        None => unknown += 1,
+                    }
+                }
+                Ok(Ok(Outcome::Acked { unknown }))
+            }
+            Write::Expire { now } => {
+                let mut doomed = Vec::new();
+                for entry in t.expiry.range(..=(now, [0xff; 16], u64::MAX))? {
+                    let (key, _) = entry?;
+                    doomed.push(key.value());
+                    if doomed.len() == EXPIRE_BATCH {
+                        break;
+                    }
+                }
+                for (expires_at, tag, sequence) in &doomed {
+                    t.expiry.remove((*expires_at, *tag, *sequence))?;
+                    t.mailbox.remove((*tag, *sequence))?;
+                }
+                Ok(Ok(Outcome::Expired { envelopes: doomed.len() as u64 }))
+            }
+            Write::AddInvite { token } => {
+                let hash: [u8; 32] = Sha256::digest(&token).into();
+                t.invites.insert(&hash, ())?;
+                Ok(Ok(Outcome::InviteAdded))
+            }
+        }
+    }
+
+    fn enqueue(
+        &self,
+        t: &mut Tables<'_>,
+        envelopes: &[OutgoingEnvelope],
+        received_at: u64,
+        expires_at: u64,
+    ) -> Result<WriteResult, StoreError> {
+        // Check every recipient before writing anything: a send is all or nothing.
+        let mut accounts: HashMap<AccountId, AccountRecord> = HashMap::new();
+        for recipient in envelopes.iter().flat_map(|e| &e.recipients) {
+            if !accounts.contains_key(&recipient.account) {
+                let tag = self.account_tag(&recipient.account);
+                match self.load_account(&t.accounts, &tag)? {
+                    Some(record) => {
+                        accounts.insert(recipient.account, record);
+                    }
+                    None => return Ok(Err(Refusal::UnknownRecipient)),
+                }
+            }
+            if accounts.get(&recipient.account).and_then(|r| r.device(recipient.device)).is_none() {
+                return Ok(Err(Refusal::UnknownRecipient));
+            }
+        }
+
+        let key = self.keys.day_or_create(expiry_day(expires_at))?;
+        let mut woken = BTreeSet::new();
+        let mut sequence = self.next_sequence.load(Ordering::Relaxed);
+        for envelope in envelopes {
+            let distinct: BTreeSet<&DeviceAddress> = envelope.recipients.iter().collect();
+            for recipient in distinct {
+                let tag = self.device_tag(recipient);
+                let value = seal_envelope(&key, &tag, sequence, received_at, expires_at, &envelope.payload);
+                t.mailbox.insert((tag, sequence), value.as_slice())?;
+                t.expiry.insert((expires_at, tag, sequence), ())?;
+                woken.insert(*recipient);
+                sequence += 1;
+            }
+        }
+        // Never reuse a sequence number, even if this transaction fails later.
+        self.next_sequence.store(sequence, Ordering::Relaxed);
+        Ok(Ok(Outcome::Enqueued { recipients: woken.into_iter().collect() }))
+    }
+}
+
+fn seal_envelope(
+    key: &SealingKey,
+    tag: &Tag,
+    sequence: u64,
+    received_at: u64,
+    expires_at: u64,
+    payload: &[u8],
+) -> Vec<u8> {
+    let sealed = key.seal(&mailbox_aad(tag, sequence), payload);
+    let mut value = Vec::with_capacity(ENVELOPE_HEADER + sealed.len());
+    value.extend_from_slice(&expires_at.to_be_bytes());
+    value.extend_from_slice(&received_at.to_be_bytes());
+    value.extend_from_slice(&sealed);
+    value
+}
+
+impl Store for RedbStore {
+    fn apply(&self, writes: Vec<Write>) -> Result<Vec<WriteResult>, StoreError> {
+        // Day keys are made durable before the transaction that seals under them.
+        for write in &writes {
+            if let Write::Enqueue { expires_at, .. } = write {
+                self.keys.day_or_create(expiry_day(*expires_at))?;
+            }
+        }
+        let expire_now = writes.iter().find_map(|w| match w {
+            Write::Expire { now } => Some(*now),
+            _ => None,
+        });
+
+        let txn = self.db.begin_write()?;
+        let mut results = Vec::with_capacity(writes.len());
+        {
+            let mut tables = Tables::open(&txn)?;
+            for write in writes {
+                results.push(self.apply_one(&mut tables, write)?);
+            }
+            let mut meta = txn.open_table(META)?;
+            meta.insert(META_NEXT_SEQUENCE, self.next_sequence.load(Ordering::Relaxed))?;
+        }
+        // The commit point: with redb's default `Durability::Immediate`, `commit` returns
+        // only after the data is fsynced. Senders are answered after this and not before.
+        txn.commit()?;
+
+        // Every envelope expiring before today has now been deleted (unless the sweep hit
+        // its batch limit and will come back), so the keys of past days can go.
+        if let Some(now) = expire_now {
+            let finished = results.iter().any(|r| {
+                matches!(r, Ok(Outcome::Expired { envelopes }) if *envelopes < EXPIRE_BATCH as u64)
+            });
+            if finished {
+                self.keys.drop_days_before(expiry_day(now))?;
+            }
+        }
+        Ok(results)
+    }
+
+    fn device_key(&self, address: &DeviceAddress) -> Result<Option<[u8; 32]>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let accounts = txn.open_table(ACCOUNTS)?;
+        let record = self.load_account(&accounts, &self.account_tag(&address.account))?;
+        Ok(record.and_then(|r| r.device(address.device).map(|d| d.key)))
+    }
+
+    fn backlog(
+        &self,
+        address: &DeviceAddress,
+        after: Option<EnvelopeId>,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEnvelope>, StoreError> {
+        let tag = self.device_tag(address);
+        let start = after.map_or(0, |id| id.0.saturating_add(1));
+        let txn = self.db.begin_read()?;
+        let mailbox = txn.open_table(MAILBOX)?;
+        let mut out = Vec::new();
+        for entry in mailbox.range((tag, start)..=(tag, u64::MAX))? {
+            let (k, v) = entry?;
+            let sequence = k.value().1;
+            let value = v.value();
+            let corrupt = || StoreError::Corrupt { table: "mailbox" };
+            let expires_at = read_u64(value, 0).ok_or_else(corrupt)?;
+            let received_at = read_u64(value, 8).ok_or_else(corrupt)?;
+            // P3: an expired envelope is never delivered, swept or not.
+            if expires_at <= now {
+                continue;
+            }
+            // A missing day key means its day is over: the envelope is shredded.
+            let Some(key) = self.keys.day(expiry_day(expires_at)) else { continue };
+            let payload = key
+                .open(&mailbox_aad(&tag, sequence), &value[ENVELOPE_HEADER..])
+                .map_err(|_| corrupt())?;
+            out.push(StoredEnvelope { id: EnvelopeId(sequence), received_at, expires_at, payload });
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn prekey_counts(&self, address: &DeviceAddress) -> Result<PrekeyCounts, StoreError> {
+        let txn = self.db.begin_read()?;
+        let prekeys = txn.open_table(PREKEYS)?;
+        Self::counts(&prekeys, self.device_tag(address))
+    }
+
+    fn stats(&self) -> Result<StoreStats, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(StoreStats {
+            accounts: txn.open_table(ACCOUNTS)?.len()?,
+            envelopes: txn.open_table(MAILBOX)?.len()?,
+            expiry_entries: txn.open_table(EXPIRY)?.len()?,
+            prekeys: txn.open_table(PREKEYS)?.len()?,
+            invites: txn.open_table(INVITES)?.len()?,
+            day_keys: self.keys.days().len() as u64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,51 @@
+//! The QUIC endpoint: TLS 1.3 only, ALPN `hush/1`, no 0-RTT, and explicit limits.
+
+use std::sync::Arc;
+
+use quinn::{IdleTimeout, VarInt};
+
+use crate::config::Config;
+use crate::tls::{ServerIdentity, TlsError};
+
+/// Concurrent bidirectional streams a client may open: the control stream, and room for
+/// one more while a reconnecting client replaces it. Blob streams will raise this.
+const MAX_BIDI_STREAMS: u32 = 2;
+
+/// Builds the endpoint's server configuration.
+pub fn server_config(config: &Config, identity: ServerIdentity) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain, identity.key)?;
+    tls.alpn_protocols = vec![hush_protocol::ALPN.to_vec()];
+    // 0-RTT data can be replayed by anyone who saw it; nothing we accept may be replayable.
+    tls.max_early_data_size = 0;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|_| TlsError::Rustls(rustls::Error::General("no QUIC-capable cipher suite".into())))?;
+
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    server.transport_config(Arc::new(transport_config(config)));
+    // Bound what unvalidated handshakes may make the relay hold.
+    server.max_incoming(config.limits.max_connections.min(65_536));
+    Ok(server)
+}
+
+fn transport_config(config: &Config) -> quinn::TransportConfig {
+    let limits = &config.limits;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_BIDI_STREAMS))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        // quinn's default connection window is unbounded; a peer could make us buffer
+        // without limit across streams.
+        .receive_window(VarInt::from_u32(limits.connection_receive_window))
+        .stream_receive_window(VarInt::from_u32(limits.stream_receive_window))
+        .send_window(u64::from(limits.connection_receive_window) * 2)
+        .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(
+            u32::try_from(limits.idle_timeout_secs.saturating_mul(1000)).unwrap_or(u32::MAX),
+        ))))
+        // Call media (datagrams) arrives with the calls issue.
+        .datagram_receive_buffer_size(None);
+    transport
+}
