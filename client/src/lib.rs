@@ -1,0 +1,36 @@
+//! The Hush client library: the part of Hush that apps link. It holds every key; the relay
+//! sees only ciphertext.
+//!
+//! This release carries the transport: a [`Connection`] to a relay that registers or
+//! authenticates a device, manages prekeys, sends opaque envelopes and receives pushed
+//! ones. The end-to-end layer (sessions, sealed sender) builds on it.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), hush_client::ConnectionError> {
+//! use hush_client::{ConnectOptions, Connection, DeviceKey, Event, Trust};
+//!
+//! let options = ConnectOptions::new("127.0.0.1:4433".parse().unwrap(), Trust::Pinned([0u8; 32]));
+//! let key = DeviceKey::generate();
+//! let alice = Connection::connect(&options).await?;
+//! let address = alice.register(b"identity", &key, None).await?;
+//! alice.send_to(&[address], b"ciphertext".to_vec()).await?;
+//! while let Some(event) = alice.next_event().await {
+//!     if let Event::Envelope(envelope) = event {
+//!         alice.ack(&[envelope.id]).await?;
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod connection;
+mod error;
+mod keys;
+mod tls;
+
+pub use connection::{ConnectOptions, Connection, Connector, Envelope, Event, RawStream, Trust};
+pub use error::ConnectionError;
+pub use hush_protocol as protocol;
+pub use keys::DeviceKey;

@@ -307,8 +307,9 @@ fn check_prekey(key: &Prekey) -> Result<(), DecodeError> {
 }
 
 impl RequestBody {
-    /// Checks the field limits of [`crate::limits`].
-    pub(crate) fn check_limits(&self) -> Result<(), DecodeError> {
+    /// Checks the field limits of [`crate::limits`], as the relay will on receipt; clients
+    /// call it to refuse an oversized request locally instead of being disconnected.
+    pub fn check_limits(&self) -> Result<(), DecodeError> {
         match self {
             RequestBody::Register(r) => {
                 check(r.identity_key.len() <= limits::MAX_IDENTITY_KEY, "identity key size")?;

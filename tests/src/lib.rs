@@ -1,0 +1,277 @@
+//! The shared harness for Hush's end-to-end tests: real relays (in-process, or as a child
+//! process for crash and signal tests) on loopback with temp data dirs, and real clients.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::missing_panics_doc)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hush_client::protocol::DeviceAddress;
+use hush_client::{ConnectOptions, Connection, DeviceKey, Envelope, Event, Trust};
+use hush_server::clock::ManualClock;
+use hush_server::config::Config;
+use hush_server::Relay;
+use tempfile::TempDir;
+
+/// Every wait in these tests is bounded by this.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A relay running in this process on a test clock.
+pub struct TestRelay {
+    relay: Option<Relay>,
+    /// The test clock; advance it to move the relay's time.
+    pub clock: ManualClock,
+    dir: TempDir,
+    config: Config,
+}
+
+/// A config for tests: loopback, port 0, the given data dir, sweeps only when asked.
+pub fn test_config(data_dir: &Path) -> Config {
+    let mut config = Config { listen: "127.0.0.1:0".parse().unwrap(), data_dir: data_dir.to_owned(), ..Config::default() };
+    config.sweep_interval_secs = 3600;
+    config
+}
+
+impl TestRelay {
+    /// Starts a relay with default settings.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a relay after `adjust` has changed its config.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        adjust(&mut config);
+        let clock = ManualClock::starting_now();
+        let relay = Relay::start(config.clone(), Arc::new(clock.clone())).await.unwrap();
+        TestRelay { relay: Some(relay), clock, dir, config }
+    }
+
+    /// The running relay.
+    pub fn relay(&self) -> &Relay {
+        self.relay.as_ref().expect("relay is running")
+    }
+
+    /// The data dir.
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Options that pin this relay's certificate.
+    pub fn options(&self) -> ConnectOptions {
+        ConnectOptions::new(self.relay().local_addr(), Trust::Pinned(self.relay().fingerprint()))
+    }
+
+    /// A fresh connection, not yet registered or authenticated.
+    pub async fn connect(&self) -> Connection {
+        tokio::time::timeout(WAIT, Connection::connect(&self.options())).await.unwrap().unwrap()
+    }
+
+    /// Registers a new account and returns its primary device, connected.
+    pub async fn register(&self) -> Device {
+        let key = DeviceKey::generate();
+        let connection = self.connect().await;
+        let address = connection.register(b"identity-key", &key, None).await.unwrap();
+        Device { connection, address, key }
+    }
+
+    /// Connects and authenticates an existing device.
+    pub async fn login(&self, address: DeviceAddress, key: &DeviceKey) -> Connection {
+        let connection = self.connect().await;
+        connection.authenticate(address, key).await.unwrap();
+        connection
+    }
+
+    /// Stops the relay gracefully and starts it again on the same data dir and clock.
+    pub async fn restart(&mut self) {
+        self.relay.take().expect("relay is running").shutdown().await;
+        let relay = Relay::start(self.config.clone(), Arc::new(self.clock.clone())).await.unwrap();
+        self.relay = Some(relay);
+    }
+
+    /// Stops the relay gracefully and keeps the data dir.
+    pub async fn stop(mut self) -> TempDir {
+        self.relay.take().expect("relay is running").shutdown().await;
+        self.dir
+    }
+}
+
+/// A registered device with its live connection.
+pub struct Device {
+    /// The connection, authenticated as this device.
+    pub connection: Connection,
+    /// The device's address.
+    pub address: DeviceAddress,
+    /// Its signing key.
+    pub key: DeviceKey,
+}
+
+/// Adds a device to `primary`'s account and logs it in.
+pub async fn add_device(relay: &TestRelay, primary: &Device) -> Device {
+    let key = DeviceKey::generate();
+    let device = primary.connection.add_device(key.public_key()).await.unwrap();
+    let address = DeviceAddress { account: primary.address.account, device };
+    let connection = relay.login(address, &key).await;
+    Device { connection, address, key }
+}
+
+/// The next envelope pushed to `connection`, skipping other events.
+pub async fn next_envelope(connection: &Connection) -> Envelope {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match connection.next_event().await {
+                Some(Event::Envelope(envelope)) => return envelope,
+                Some(Event::Drained | Event::LowPrekeys { .. }) => {}
+                other => panic!("connection ended while waiting for an envelope: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("an envelope within the wait")
+}
+
+/// Collects envelopes until the relay says the backlog is drained.
+pub async fn drain(connection: &Connection) -> Vec<Envelope> {
+    tokio::time::timeout(WAIT, async {
+        let mut envelopes = Vec::new();
+        loop {
+            match connection.next_event().await {
+                Some(Event::Envelope(envelope)) => envelopes.push(envelope),
+                Some(Event::Drained) => return envelopes,
+                Some(Event::LowPrekeys { .. }) => {}
+                other => panic!("connection ended while draining: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("Drained within the wait")
+}
+
+/// Asserts that no envelope arrives within `quiet`.
+pub async fn assert_no_envelope(connection: &Connection, quiet: Duration) {
+    let arrived = tokio::time::timeout(quiet, async {
+        loop {
+            match connection.next_event().await {
+                Some(Event::Envelope(envelope)) => return envelope,
+                Some(_) => {}
+                None => std::future::pending().await,
+            }
+        }
+    })
+    .await;
+    assert!(arrived.is_err(), "unexpected envelope {:?}", arrived.map(|e| e.id));
+}
+
+/// A `hush-relay` child process, for tests that kill or signal it.
+pub struct ChildRelay {
+    child: Child,
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// Its certificate's SHA-256.
+    pub fingerprint: [u8; 32],
+}
+
+impl ChildRelay {
+    /// Starts the relay binary on `data_dir` (port 0), with stderr (its log) appended to
+    /// `log` if given, and waits until it prints its address and fingerprint.
+    /// `binary` is [`relay_binary!`]`()`.
+    pub fn spawn(binary: &Path, data_dir: &Path, log: Option<&Path>, rust_log: &str) -> Self {
+        let stderr = match log {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap(),
+            ),
+            None => Stdio::null(),
+        };
+        let mut child = Command::new(binary)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", rust_log)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("start the relay binary");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let mut address = None;
+        let mut fingerprint = None;
+        while address.is_none() || fingerprint.is_none() {
+            let line = lines.next().expect("relay printed its address and fingerprint").unwrap();
+            if let Some(rest) = line.strip_prefix("listening on ") {
+                address = Some(rest.split_whitespace().next().unwrap().parse().unwrap());
+            }
+            if let Some(hex) = line.strip_prefix("certificate fingerprint (SHA-256): ") {
+                fingerprint = Some(hex::decode(hex.trim()).unwrap().try_into().unwrap());
+            }
+        }
+        // Keep draining stdout so that the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        ChildRelay { child, address: address.unwrap(), fingerprint: fingerprint.unwrap() }
+    }
+
+    /// Options that pin this relay.
+    pub fn options(&self) -> ConnectOptions {
+        ConnectOptions::new(self.address, Trust::Pinned(self.fingerprint))
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "relay did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The relay binary built from `server/src/main.rs` for this crate. A macro because
+/// Cargo tells only integration tests, not this library, where the binary is.
+#[macro_export]
+macro_rules! relay_binary {
+    () => {
+        std::path::Path::new(env!("CARGO_BIN_EXE_relay-under-test"))
+    };
+}
+
+/// Every byte of every file under `dir`, with its path.
+pub fn read_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(path) = stack.pop() {
+        for entry in std::fs::read_dir(&path).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}

@@ -1,0 +1,489 @@
+//! A connection to a relay: one QUIC connection, one control stream, requests answered by
+//! id, and envelopes pushed by the relay as [`Event`]s.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use hush_protocol::auth::{auth_transcript, register_transcript, EXPORTER_LABEL, EXPORTER_LEN};
+use hush_protocol::{
+    encode_frame, AccountId, Ack, AddDevice, Authenticate, ClientFrame, DecodeError, DeviceAddress,
+    DeviceId, EnvelopeId, ErrorCode, FetchPrekeys, Frame, FrameHeader, Hello, OutgoingEnvelope,
+    PrekeyBundles, Register, RemoveDevice, Request, RequestBody, RequestId, ResponseBody, Send,
+    ServerFrame, Signature, UploadPrekeys, HEADER_LEN, SUPPORTED_VERSIONS,
+};
+use quinn::{IdleTimeout, ReadExactError, RecvStream, SendStream, VarInt};
+use rustls::RootCertStore;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::error::ConnectionError;
+use crate::keys::DeviceKey;
+use crate::tls::PinnedCertificate;
+
+/// Pushed events buffered before the reader waits for the app (and the relay, through
+/// QUIC flow control, waits for the reader).
+const EVENT_BUFFER: usize = 1024;
+/// Encoded frames waiting for the writer.
+const OUTBOX_DEPTH: usize = 1024;
+/// Bytes of queued frames the writer coalesces into one write.
+const WRITE_COALESCE: usize = 64 * 1024;
+/// Keep-alives stop NAT bindings and the relay's idle timer from dropping a quiet device.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+const IDLE_TIMEOUT_MS: u32 = 60_000;
+
+/// How the client decides to trust the relay's certificate.
+#[derive(Clone, Debug)]
+pub enum Trust {
+    /// The SHA-256 fingerprint of the relay's certificate, as `hush-relay serve` prints it.
+    Pinned([u8; 32]),
+    /// Certificates chaining to these roots, for the server name in [`ConnectOptions`].
+    WebPki(Arc<RootCertStore>),
+}
+
+/// Where a relay is and how to trust it.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// The relay's UDP address.
+    pub address: SocketAddr,
+    /// The TLS server name (checked under [`Trust::WebPki`]).
+    pub server_name: String,
+    /// How to trust the certificate.
+    pub trust: Trust,
+}
+
+impl ConnectOptions {
+    /// Options for `address` with server name `localhost`.
+    pub fn new(address: SocketAddr, trust: Trust) -> Self {
+        ConnectOptions { address, server_name: "localhost".to_owned(), trust }
+    }
+}
+
+/// An envelope pushed by the relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// Acknowledge with this id once the envelope is safely handled.
+    pub id: EnvelopeId,
+    /// When the relay accepted it (seconds since the Unix epoch).
+    pub received_at: u64,
+    /// The ciphertext.
+    pub payload: Vec<u8>,
+}
+
+/// Something the relay pushed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// An envelope for this device.
+    Envelope(Envelope),
+    /// Everything queued while the device was away has been pushed.
+    Drained,
+    /// The device should upload more one-time prekeys.
+    LowPrekeys {
+        /// One-time EC prekeys left.
+        one_time: u32,
+        /// One-time ML-KEM prekeys left.
+        kem_one_time: u32,
+    },
+    /// The connection is over; the relay's code, if it gave one.
+    Closed(Option<ErrorCode>),
+}
+
+type Reply = oneshot::Sender<Result<ResponseBody, ConnectionError>>;
+
+#[derive(Default)]
+struct Waiting {
+    replies: HashMap<RequestId, Reply>,
+    /// Set once the reader has stopped: later requests fail at once with this.
+    closed: Option<Option<ErrorCode>>,
+}
+
+/// Opens connections to one relay, sharing one UDP socket among them.
+pub struct Connector {
+    endpoint: quinn::Endpoint,
+    options: ConnectOptions,
+}
+
+impl Connector {
+    /// Binds a UDP socket and prepares TLS for `options`.
+    pub fn new(options: ConnectOptions) -> Result<Self, ConnectionError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?;
+        let mut tls = match &options.trust {
+            Trust::Pinned(fingerprint) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedCertificate::new(*fingerprint, &provider)))
+                .with_no_client_auth(),
+            Trust::WebPki(roots) => builder.with_root_certificates(roots.clone()).with_no_client_auth(),
+        };
+        tls.alpn_protocols = vec![hush_protocol::ALPN.to_vec()];
+        // Early data is replayable; nothing a client sends may be.
+        tls.enable_early_data = false;
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|_| rustls::Error::General("no QUIC-capable cipher suite".into()))?;
+
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_concurrent_bidi_streams(VarInt::from_u32(0))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .receive_window(VarInt::from_u32(8 * 1024 * 1024))
+            .stream_receive_window(VarInt::from_u32(4 * 1024 * 1024))
+            .keep_alive_interval(Some(KEEP_ALIVE))
+            .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(IDLE_TIMEOUT_MS))))
+            .datagram_receive_buffer_size(None);
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        config.transport_config(Arc::new(transport));
+
+        let bind: SocketAddr = if options.address.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let mut endpoint = quinn::Endpoint::client(bind)?;
+        endpoint.set_default_client_config(config);
+        Ok(Connector { endpoint, options })
+    }
+
+    /// Opens a connection and negotiates the protocol version.
+    pub async fn connect(&self) -> Result<Connection, ConnectionError> {
+        let mut raw = self.connect_raw().await?;
+        raw.write(&encode_frame(&ClientFrame::Hello(Hello::current()))).await?;
+        let hello = match raw.read_frame().await? {
+            Some(ServerFrame::HelloOk(ok)) => ok,
+            Some(ServerFrame::Fatal(fatal)) if fatal.code == ErrorCode::UnsupportedVersion => {
+                return Err(ConnectionError::UnsupportedVersion {
+                    relay: fatal.supported_versions,
+                    client: SUPPORTED_VERSIONS,
+                })
+            }
+            Some(ServerFrame::Fatal(fatal)) => return Err(ConnectionError::Closed(Some(fatal.code))),
+            Some(_) => return Err(ConnectionError::UnexpectedResponse),
+            None => return Err(ConnectionError::Closed(raw.close_code())),
+        };
+        Ok(Connection::start(raw, hello.challenge))
+    }
+
+    /// Opens a QUIC connection and its control stream and stops there: no `Hello`, no
+    /// framing. For conformance tests and tools that must speak to the relay byte by byte.
+    pub async fn connect_raw(&self) -> Result<RawStream, ConnectionError> {
+        let connection = self.endpoint.connect(self.options.address, &self.options.server_name)?.await?;
+        let (send, recv) = connection.open_bi().await?;
+        Ok(RawStream { connection, send, recv })
+    }
+}
+
+/// A QUIC connection's control stream without the protocol on top.
+pub struct RawStream {
+    connection: quinn::Connection,
+    send: SendStream,
+    recv: RecvStream,
+}
+
+impl RawStream {
+    /// Writes bytes as they are.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), ConnectionError> {
+        self.send.write_all(bytes).await.map_err(|_| ConnectionError::Closed(self.close_code()))
+    }
+
+    /// Ends the sending side of the stream.
+    pub fn finish(&mut self) {
+        let _ = self.send.finish();
+    }
+
+    /// Reads one frame from the relay; `None` when the relay ended the stream or the
+    /// connection.
+    pub async fn read_frame(&mut self) -> Result<Option<ServerFrame>, ConnectionError> {
+        read_frame(&mut self.recv).await
+    }
+
+    /// The exporter secret this connection's authentication signatures are bound to.
+    pub fn exporter(&self) -> Result<[u8; EXPORTER_LEN], ConnectionError> {
+        let mut out = [0u8; EXPORTER_LEN];
+        self.connection
+            .export_keying_material(&mut out, EXPORTER_LABEL, b"")
+            .map_err(|_| ConnectionError::Tls(rustls::Error::General("no exporter".into())))?;
+        Ok(out)
+    }
+
+    /// The relay's close code, once the connection is closed by the relay with one.
+    pub fn close_code(&self) -> Option<ErrorCode> {
+        close_code(&self.connection)
+    }
+
+    /// Waits until the connection is closed and returns the relay's code, if any.
+    pub async fn closed(&self) -> Option<ErrorCode> {
+        self.connection.closed().await;
+        self.close_code()
+    }
+}
+
+fn close_code(connection: &quinn::Connection) -> Option<ErrorCode> {
+    match connection.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            u16::try_from(close.error_code.into_inner()).ok().filter(|c| *c != 0).map(ErrorCode::from_u16)
+        }
+        _ => None,
+    }
+}
+
+/// A connection to a relay, usable from many tasks at once: requests are pipelined and
+/// answered by id.
+pub struct Connection {
+    connection: quinn::Connection,
+    exporter: [u8; EXPORTER_LEN],
+    challenge: [u8; 32],
+    outbox: mpsc::Sender<Vec<u8>>,
+    waiting: Arc<Mutex<Waiting>>,
+    events: tokio::sync::Mutex<mpsc::Receiver<Event>>,
+    next_request: AtomicU32,
+    reader: JoinHandle<()>,
+    // Keeps the socket open when the connection was made by `Connection::connect`.
+    _endpoint: Option<quinn::Endpoint>,
+}
+
+impl Connection {
+    /// Connects to the relay on a socket of its own.
+    pub async fn connect(options: &ConnectOptions) -> Result<Connection, ConnectionError> {
+        let connector = Connector::new(options.clone())?;
+        let mut connection = connector.connect().await?;
+        connection._endpoint = Some(connector.endpoint);
+        Ok(connection)
+    }
+
+    fn start(raw: RawStream, challenge: [u8; 32]) -> Connection {
+        let exporter = raw.exporter().unwrap_or([0; EXPORTER_LEN]);
+        let RawStream { connection, send, recv } = raw;
+        let (outbox, frames) = mpsc::channel(OUTBOX_DEPTH);
+        let (events_tx, events) = mpsc::channel(EVENT_BUFFER);
+        let waiting = Arc::new(Mutex::new(Waiting::default()));
+        tokio::spawn(write_loop(send, frames));
+        let reader = tokio::spawn(read_loop(recv, connection.clone(), waiting.clone(), events_tx));
+        Connection {
+            connection,
+            exporter,
+            challenge,
+            outbox,
+            waiting,
+            events: tokio::sync::Mutex::new(events),
+            next_request: AtomicU32::new(1),
+            reader,
+            _endpoint: None,
+        }
+    }
+
+    /// Creates an account; this connection is then authenticated as its primary device.
+    pub async fn register(
+        &self,
+        identity_key: &[u8],
+        device: &DeviceKey,
+        invite: Option<&[u8]>,
+    ) -> Result<DeviceAddress, ConnectionError> {
+        let device_key = device.public_key();
+        let transcript = register_transcript(&self.exporter, &self.challenge, identity_key, &device_key);
+        let register = Register {
+            identity_key: identity_key.to_vec(),
+            device_key,
+            invite: invite.map(<[u8]>::to_vec),
+            signature: Signature(device.sign(&transcript)),
+        };
+        match self.request(RequestBody::Register(register)).await? {
+            ResponseBody::Registered { address } => Ok(address),
+            _ => Err(ConnectionError::UnexpectedResponse),
+        }
+    }
+
+    /// Authenticates this connection as an existing device; its mailbox starts arriving.
+    pub async fn authenticate(&self, address: DeviceAddress, device: &DeviceKey) -> Result<(), ConnectionError> {
+        let transcript = auth_transcript(&self.exporter, &self.challenge, &address);
+        let auth = Authenticate { address, signature: Signature(device.sign(&transcript)) };
+        expect(self.request(RequestBody::Authenticate(auth)).await?, &ResponseBody::Authenticated)
+    }
+
+    /// Adds a device (by its public key) to this device's account.
+    pub async fn add_device(&self, device_key: [u8; 32]) -> Result<DeviceId, ConnectionError> {
+        match self.request(RequestBody::AddDevice(AddDevice { device_key })).await? {
+            ResponseBody::DeviceAdded { device } => Ok(device),
+            _ => Err(ConnectionError::UnexpectedResponse),
+        }
+    }
+
+    /// Removes another device of this account, with its mailbox.
+    pub async fn remove_device(&self, device: DeviceId) -> Result<(), ConnectionError> {
+        expect(self.request(RequestBody::RemoveDevice(RemoveDevice { device })).await?, &ResponseBody::DeviceRemoved)
+    }
+
+    /// Uploads prekeys; returns the one-time EC and ML-KEM counts the relay now holds.
+    pub async fn upload_prekeys(&self, upload: UploadPrekeys) -> Result<(u32, u32), ConnectionError> {
+        match self.request(RequestBody::UploadPrekeys(upload)).await? {
+            ResponseBody::PrekeysStored { one_time, kem_one_time } => Ok((one_time, kem_one_time)),
+            _ => Err(ConnectionError::UnexpectedResponse),
+        }
+    }
+
+    /// Fetches prekey bundles of one device of an account, or of all its devices.
+    pub async fn fetch_prekeys(
+        &self,
+        account: AccountId,
+        device: Option<DeviceId>,
+    ) -> Result<PrekeyBundles, ConnectionError> {
+        match self.request(RequestBody::FetchPrekeys(FetchPrekeys { account, device })).await? {
+            ResponseBody::PrekeyBundles(bundles) => Ok(bundles),
+            _ => Err(ConnectionError::UnexpectedResponse),
+        }
+    }
+
+    /// Sends envelopes; returns once the relay has durably stored all of them.
+    pub async fn send(&self, envelopes: Vec<OutgoingEnvelope>) -> Result<(), ConnectionError> {
+        expect(self.request(RequestBody::Send(Send { envelopes })).await?, &ResponseBody::Sent)
+    }
+
+    /// Sends one payload to several devices.
+    pub async fn send_to(&self, recipients: &[DeviceAddress], payload: Vec<u8>) -> Result<(), ConnectionError> {
+        self.send(vec![OutgoingEnvelope { recipients: recipients.to_vec(), payload }]).await
+    }
+
+    /// Acknowledges envelopes; the relay deletes them.
+    pub async fn ack(&self, ids: &[EnvelopeId]) -> Result<(), ConnectionError> {
+        expect(self.request(RequestBody::Ack(Ack { ids: ids.to_vec() })).await?, &ResponseBody::Acked)
+    }
+
+    /// The next pushed event; `None` after [`Event::Closed`].
+    pub async fn next_event(&self) -> Option<Event> {
+        self.events.lock().await.recv().await
+    }
+
+    /// Closes the connection politely.
+    pub fn close(&self) {
+        self.connection.close(VarInt::from_u32(0), b"bye");
+    }
+
+    /// The relay's close code, once it has closed the connection with one.
+    pub fn close_code(&self) -> Option<ErrorCode> {
+        close_code(&self.connection)
+    }
+
+    async fn request(&self, body: RequestBody) -> Result<ResponseBody, ConnectionError> {
+        body.check_limits().map_err(ConnectionError::TooLarge)?;
+        let id = RequestId(self.next_request.fetch_add(1, Ordering::Relaxed));
+        let frame = encode_frame(&ClientFrame::Request(Request { id, body }));
+        let kind = frame[HEADER_LEN - 1];
+        let limit = ClientFrame::body_limit(kind).unwrap_or(0);
+        if frame.len() - HEADER_LEN > limit {
+            let len = (frame.len() - HEADER_LEN) as u64;
+            return Err(ConnectionError::TooLarge(DecodeError::FrameTooLarge { kind, len, limit }));
+        }
+        let (reply, response) = oneshot::channel();
+        {
+            let mut waiting = lock(&self.waiting);
+            if let Some(code) = waiting.closed {
+                return Err(ConnectionError::Closed(code));
+            }
+            waiting.replies.insert(id, reply);
+        }
+        if self.outbox.send(frame).await.is_err() {
+            lock(&self.waiting).replies.remove(&id);
+            return Err(ConnectionError::Closed(self.close_code()));
+        }
+        response.await.unwrap_or_else(|_| Err(ConnectionError::Closed(self.close_code())))
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.connection.close(VarInt::from_u32(0), b"bye");
+    }
+}
+
+fn expect(got: ResponseBody, wanted: &ResponseBody) -> Result<(), ConnectionError> {
+    if &got == wanted {
+        Ok(())
+    } else {
+        Err(ConnectionError::UnexpectedResponse)
+    }
+}
+
+fn lock(waiting: &Mutex<Waiting>) -> MutexGuard<'_, Waiting> {
+    // Critical sections are single map operations; a poisoned lock is still consistent.
+    waiting.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+async fn read_loop(
+    mut recv: RecvStream,
+    connection: quinn::Connection,
+    waiting: Arc<Mutex<Waiting>>,
+    events: mpsc::Sender<Event>,
+) {
+    let mut fatal = None;
+    loop {
+        match read_frame(&mut recv).await {
+            Ok(Some(ServerFrame::Response(response))) => {
+                let reply = lock(&waiting).replies.remove(&response.id);
+                if let Some(reply) = reply {
+                    let _ = reply.send(response.result.map_err(ConnectionError::Refused));
+                }
+            }
+            Ok(Some(ServerFrame::Deliver(deliver))) => {
+                let envelope = Envelope { id: deliver.id, received_at: deliver.received_at, payload: deliver.payload };
+                if events.send(Event::Envelope(envelope)).await.is_err() {
+                    break;
+                }
+            }
+            Ok(Some(ServerFrame::Drained)) => {
+                let _ = events.send(Event::Drained).await;
+            }
+            Ok(Some(ServerFrame::LowPrekeys(low))) => {
+                let event = Event::LowPrekeys { one_time: low.one_time, kem_one_time: low.kem_one_time };
+                let _ = events.send(event).await;
+            }
+            Ok(Some(ServerFrame::Fatal(f))) => fatal = Some(f.code),
+            Ok(Some(ServerFrame::HelloOk(_))) | Ok(None) | Err(_) => break,
+        }
+    }
+    // Wait briefly for the close frame so that its code can be reported.
+    let _ = tokio::time::timeout(Duration::from_millis(500), connection.closed()).await;
+    let code = close_code(&connection).or(fatal);
+    let replies = {
+        let mut waiting = lock(&waiting);
+        waiting.closed = Some(code);
+        std::mem::take(&mut waiting.replies)
+    };
+    for (_, reply) in replies {
+        let _ = reply.send(Err(ConnectionError::Closed(code)));
+    }
+    let _ = events.send(Event::Closed(code)).await;
+}
+
+async fn write_loop(mut send: SendStream, mut frames: mpsc::Receiver<Vec<u8>>) {
+    while let Some(mut buffer) = frames.recv().await {
+        while buffer.len() < WRITE_COALESCE {
+            match frames.try_recv() {
+                Ok(more) => buffer.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if send.write_all(&buffer).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// Reads one server frame; `None` at the end of the stream or connection.
+async fn read_frame(recv: &mut RecvStream) -> Result<Option<ServerFrame>, ConnectionError> {
+    let mut header = [0u8; HEADER_LEN];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(ReadExactError::FinishedEarly(0) | ReadExactError::ReadError(_)) => return Ok(None),
+        Err(ReadExactError::FinishedEarly(_)) => return Err(DecodeError::Truncated.into()),
+    }
+    let header = FrameHeader::parse::<ServerFrame>(header)?;
+    let mut body = vec![0u8; header.body_len];
+    match recv.read_exact(&mut body).await {
+        Ok(()) => Ok(Some(ServerFrame::decode_body(header.kind, &body)?)),
+        Err(ReadExactError::FinishedEarly(_)) => Err(DecodeError::Truncated.into()),
+        Err(ReadExactError::ReadError(_)) => Ok(None),
+    }
+}
