@@ -25,6 +25,7 @@ pub mod config;
 pub mod keyring;
 mod mailbox;
 pub mod metrics;
+pub mod redact;
 mod relay;
 pub mod seal;
 mod session;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use hush_server::clock::SystemClock;
 use hush_server::config::Config;
 use hush_server::store::{RedbStore, Store, Write};
+use hush_server::redact::RedactingWriter;
 use hush_server::Relay;
 use rand_core::{OsRng, RngCore};
 
@@ -62,13 +63,14 @@ fn load_config(common: &Common) -> anyhow::Result<Config> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // P9: every line passes the redaction layer, whatever RUST_LOG asks for.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(|| RedactingWriter::new(std::io::stderr()))
+        .with_ansi(false)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {

@@ -89,7 +89,7 @@ impl Relay {
         let shared = Arc::new(Shared { config, store, committer, hub: Hub::default(), clock, metrics: Metrics::default() });
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone(), shutdown_rx, max_connections));
         let sweeper = tokio::spawn(sweep_loop(shared.clone(), sweep_interval));
-        tracing::info!(%local_addr, "relay listening");
+        tracing::info!("relay listening");
         Ok(Relay { local_addr, fingerprint, endpoint, shared, shutdown, accept, sweeper, commit_thread })
     }
 
