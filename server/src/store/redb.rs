@@ -549,9 +549,12 @@ impl Store for RedbStore {
             }
             // A missing day key means its day is over: the envelope is shredded.
             let Some(key) = self.keys.day(expiry_day(expires_at)) else { continue };
-            let payload = key
-                .open(&mailbox_aad(&tag, sequence), &value[ENVELOPE_HEADER..])
-                .map_err(|_| corrupt())?;
+            // A record that fails to authenticate is skipped, not fatal: one damaged
+            // envelope must not stall the whole mailbox behind it.
+            let Ok(payload) = key.open(&mailbox_aad(&tag, sequence), &value[ENVELOPE_HEADER..]) else {
+                tracing::warn!("skipping a mailbox record that failed to authenticate");
+                continue;
+            };
             out.push(StoredEnvelope { id: EnvelopeId(sequence), received_at, expires_at, payload });
             if out.len() == limit {
                 break;
