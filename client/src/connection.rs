@@ -57,7 +57,11 @@ pub struct ConnectOptions {
 impl ConnectOptions {
     /// Options for `address` with server name `localhost`.
     pub fn new(address: SocketAddr, trust: Trust) -> Self {
-        ConnectOptions { address, server_name: "localhost".to_owned(), trust }
+        ConnectOptions {
+            address,
+            server_name: "localhost".to_owned(),
+            trust,
+        }
     }
 }
 
@@ -95,8 +99,10 @@ type Reply = oneshot::Sender<Result<ResponseBody, ConnectionError>>;
 #[derive(Default)]
 struct Waiting {
     replies: HashMap<RequestId, Reply>,
-    /// Set once the reader has stopped: later requests fail at once with this.
-    closed: Option<Option<ErrorCode>>,
+    /// Set once the reader has stopped: later requests fail at once.
+    closed: bool,
+    /// The relay's close code, once closed.
+    close_code: Option<ErrorCode>,
 }
 
 /// Opens connections to one relay, sharing one UDP socket among them.
@@ -114,9 +120,14 @@ impl Connector {
         let mut tls = match &options.trust {
             Trust::Pinned(fingerprint) => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinnedCertificate::new(*fingerprint, &provider)))
+                .with_custom_certificate_verifier(Arc::new(PinnedCertificate::new(
+                    *fingerprint,
+                    &provider,
+                )))
                 .with_no_client_auth(),
-            Trust::WebPki(roots) => builder.with_root_certificates(roots.clone()).with_no_client_auth(),
+            Trust::WebPki(roots) => builder
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth(),
         };
         tls.alpn_protocols = vec![hush_protocol::ALPN.to_vec()];
         // Early data is replayable; nothing a client sends may be.
@@ -149,7 +160,8 @@ impl Connector {
     /// Opens a connection and negotiates the protocol version.
     pub async fn connect(&self) -> Result<Connection, ConnectionError> {
         let mut raw = self.connect_raw().await?;
-        raw.write(&encode_frame(&ClientFrame::Hello(Hello::current()))).await?;
+        raw.write(&encode_frame(&ClientFrame::Hello(Hello::current())))
+            .await?;
         let hello = match raw.read_frame().await? {
             Some(ServerFrame::HelloOk(ok)) => ok,
             Some(ServerFrame::Fatal(fatal)) if fatal.code == ErrorCode::UnsupportedVersion => {
@@ -158,7 +170,9 @@ impl Connector {
                     client: SUPPORTED_VERSIONS,
                 })
             }
-            Some(ServerFrame::Fatal(fatal)) => return Err(ConnectionError::Closed(Some(fatal.code))),
+            Some(ServerFrame::Fatal(fatal)) => {
+                return Err(ConnectionError::Closed(Some(fatal.code)))
+            }
             Some(_) => return Err(ConnectionError::UnexpectedResponse),
             None => return Err(ConnectionError::Closed(raw.close_code())),
         };
@@ -168,9 +182,16 @@ impl Connector {
     /// Opens a QUIC connection and its control stream and stops there: no `Hello`, no
     /// framing. For conformance tests and tools that must speak to the relay byte by byte.
     pub async fn connect_raw(&self) -> Result<RawStream, ConnectionError> {
-        let connection = self.endpoint.connect(self.options.address, &self.options.server_name)?.await?;
+        let connection = self
+            .endpoint
+            .connect(self.options.address, &self.options.server_name)?
+            .await?;
         let (send, recv) = connection.open_bi().await?;
-        Ok(RawStream { connection, send, recv })
+        Ok(RawStream {
+            connection,
+            send,
+            recv,
+        })
     }
 }
 
@@ -184,7 +205,10 @@ pub struct RawStream {
 impl RawStream {
     /// Writes bytes as they are.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), ConnectionError> {
-        self.send.write_all(bytes).await.map_err(|_| ConnectionError::Closed(self.close_code()))
+        self.send
+            .write_all(bytes)
+            .await
+            .map_err(|_| ConnectionError::Closed(self.close_code()))
     }
 
     /// Ends the sending side of the stream.
@@ -222,7 +246,10 @@ impl RawStream {
 fn close_code(connection: &quinn::Connection) -> Option<ErrorCode> {
     match connection.close_reason()? {
         quinn::ConnectionError::ApplicationClosed(close) => {
-            u16::try_from(close.error_code.into_inner()).ok().filter(|c| *c != 0).map(ErrorCode::from_u16)
+            u16::try_from(close.error_code.into_inner())
+                .ok()
+                .filter(|c| *c != 0)
+                .map(ErrorCode::from_u16)
         }
         _ => None,
     }
@@ -231,7 +258,7 @@ fn close_code(connection: &quinn::Connection) -> Option<ErrorCode> {
 /// A connection to a relay, usable from many tasks at once: requests are pipelined and
 /// answered by id.
 pub struct Connection {
-    connection: quinn::Connection,
+    quic: quinn::Connection,
     exporter: [u8; EXPORTER_LEN],
     challenge: [u8; 32],
     outbox: mpsc::Sender<Vec<u8>>,
@@ -239,8 +266,8 @@ pub struct Connection {
     events: tokio::sync::Mutex<mpsc::Receiver<Event>>,
     next_request: AtomicU32,
     reader: JoinHandle<()>,
-    // Keeps the socket open when the connection was made by `Connection::connect`.
-    _endpoint: Option<quinn::Endpoint>,
+    /// The socket, when the connection was made by `Connection::connect` and owns it.
+    own_endpoint: Option<quinn::Endpoint>,
 }
 
 impl Connection {
@@ -248,20 +275,29 @@ impl Connection {
     pub async fn connect(options: &ConnectOptions) -> Result<Connection, ConnectionError> {
         let connector = Connector::new(options.clone())?;
         let mut connection = connector.connect().await?;
-        connection._endpoint = Some(connector.endpoint);
+        connection.own_endpoint = Some(connector.endpoint);
         Ok(connection)
     }
 
     fn start(raw: RawStream, challenge: [u8; 32]) -> Connection {
         let exporter = raw.exporter().unwrap_or([0; EXPORTER_LEN]);
-        let RawStream { connection, send, recv } = raw;
+        let RawStream {
+            connection,
+            send,
+            recv,
+        } = raw;
         let (outbox, frames) = mpsc::channel(OUTBOX_DEPTH);
         let (events_tx, events) = mpsc::channel(EVENT_BUFFER);
         let waiting = Arc::new(Mutex::new(Waiting::default()));
         tokio::spawn(write_loop(send, frames));
-        let reader = tokio::spawn(read_loop(recv, connection.clone(), waiting.clone(), events_tx));
+        let reader = tokio::spawn(read_loop(
+            recv,
+            connection.clone(),
+            waiting.clone(),
+            events_tx,
+        ));
         Connection {
-            connection,
+            quic: connection,
             exporter,
             challenge,
             outbox,
@@ -269,7 +305,7 @@ impl Connection {
             events: tokio::sync::Mutex::new(events),
             next_request: AtomicU32::new(1),
             reader,
-            _endpoint: None,
+            own_endpoint: None,
         }
     }
 
@@ -281,7 +317,8 @@ impl Connection {
         invite: Option<&[u8]>,
     ) -> Result<DeviceAddress, ConnectionError> {
         let device_key = device.public_key();
-        let transcript = register_transcript(&self.exporter, &self.challenge, identity_key, &device_key);
+        let transcript =
+            register_transcript(&self.exporter, &self.challenge, identity_key, &device_key);
         let register = Register {
             identity_key: identity_key.to_vec(),
             device_key,
@@ -295,15 +332,28 @@ impl Connection {
     }
 
     /// Authenticates this connection as an existing device; its mailbox starts arriving.
-    pub async fn authenticate(&self, address: DeviceAddress, device: &DeviceKey) -> Result<(), ConnectionError> {
+    pub async fn authenticate(
+        &self,
+        address: DeviceAddress,
+        device: &DeviceKey,
+    ) -> Result<(), ConnectionError> {
         let transcript = auth_transcript(&self.exporter, &self.challenge, &address);
-        let auth = Authenticate { address, signature: Signature(device.sign(&transcript)) };
-        expect(self.request(RequestBody::Authenticate(auth)).await?, &ResponseBody::Authenticated)
+        let auth = Authenticate {
+            address,
+            signature: Signature(device.sign(&transcript)),
+        };
+        expect(
+            &self.request(RequestBody::Authenticate(auth)).await?,
+            &ResponseBody::Authenticated,
+        )
     }
 
     /// Adds a device (by its public key) to this device's account.
     pub async fn add_device(&self, device_key: [u8; 32]) -> Result<DeviceId, ConnectionError> {
-        match self.request(RequestBody::AddDevice(AddDevice { device_key })).await? {
+        match self
+            .request(RequestBody::AddDevice(AddDevice { device_key }))
+            .await?
+        {
             ResponseBody::DeviceAdded { device } => Ok(device),
             _ => Err(ConnectionError::UnexpectedResponse),
         }
@@ -311,13 +361,24 @@ impl Connection {
 
     /// Removes another device of this account, with its mailbox.
     pub async fn remove_device(&self, device: DeviceId) -> Result<(), ConnectionError> {
-        expect(self.request(RequestBody::RemoveDevice(RemoveDevice { device })).await?, &ResponseBody::DeviceRemoved)
+        expect(
+            &self
+                .request(RequestBody::RemoveDevice(RemoveDevice { device }))
+                .await?,
+            &ResponseBody::DeviceRemoved,
+        )
     }
 
     /// Uploads prekeys; returns the one-time EC and ML-KEM counts the relay now holds.
-    pub async fn upload_prekeys(&self, upload: UploadPrekeys) -> Result<(u32, u32), ConnectionError> {
+    pub async fn upload_prekeys(
+        &self,
+        upload: UploadPrekeys,
+    ) -> Result<(u32, u32), ConnectionError> {
         match self.request(RequestBody::UploadPrekeys(upload)).await? {
-            ResponseBody::PrekeysStored { one_time, kem_one_time } => Ok((one_time, kem_one_time)),
+            ResponseBody::PrekeysStored {
+                one_time,
+                kem_one_time,
+            } => Ok((one_time, kem_one_time)),
             _ => Err(ConnectionError::UnexpectedResponse),
         }
     }
@@ -328,7 +389,10 @@ impl Connection {
         account: AccountId,
         device: Option<DeviceId>,
     ) -> Result<PrekeyBundles, ConnectionError> {
-        match self.request(RequestBody::FetchPrekeys(FetchPrekeys { account, device })).await? {
+        match self
+            .request(RequestBody::FetchPrekeys(FetchPrekeys { account, device }))
+            .await?
+        {
             ResponseBody::PrekeyBundles(bundles) => Ok(bundles),
             _ => Err(ConnectionError::UnexpectedResponse),
         }
@@ -336,17 +400,33 @@ impl Connection {
 
     /// Sends envelopes; returns once the relay has durably stored all of them.
     pub async fn send(&self, envelopes: Vec<OutgoingEnvelope>) -> Result<(), ConnectionError> {
-        expect(self.request(RequestBody::Send(Send { envelopes })).await?, &ResponseBody::Sent)
+        expect(
+            &self.request(RequestBody::Send(Send { envelopes })).await?,
+            &ResponseBody::Sent,
+        )
     }
 
     /// Sends one payload to several devices.
-    pub async fn send_to(&self, recipients: &[DeviceAddress], payload: Vec<u8>) -> Result<(), ConnectionError> {
-        self.send(vec![OutgoingEnvelope { recipients: recipients.to_vec(), payload }]).await
+    pub async fn send_to(
+        &self,
+        recipients: &[DeviceAddress],
+        payload: Vec<u8>,
+    ) -> Result<(), ConnectionError> {
+        self.send(vec![OutgoingEnvelope {
+            recipients: recipients.to_vec(),
+            payload,
+        }])
+        .await
     }
 
     /// Acknowledges envelopes; the relay deletes them.
     pub async fn ack(&self, ids: &[EnvelopeId]) -> Result<(), ConnectionError> {
-        expect(self.request(RequestBody::Ack(Ack { ids: ids.to_vec() })).await?, &ResponseBody::Acked)
+        expect(
+            &self
+                .request(RequestBody::Ack(Ack { ids: ids.to_vec() }))
+                .await?,
+            &ResponseBody::Acked,
+        )
     }
 
     /// The next pushed event; `None` after [`Event::Closed`].
@@ -356,12 +436,12 @@ impl Connection {
 
     /// Closes the connection politely.
     pub fn close(&self) {
-        self.connection.close(VarInt::from_u32(0), b"bye");
+        self.quic.close(VarInt::from_u32(0), b"bye");
     }
 
     /// The relay's close code, once it has closed the connection with one.
     pub fn close_code(&self) -> Option<ErrorCode> {
-        close_code(&self.connection)
+        close_code(&self.quic)
     }
 
     async fn request(&self, body: RequestBody) -> Result<ResponseBody, ConnectionError> {
@@ -372,13 +452,17 @@ impl Connection {
         let limit = ClientFrame::body_limit(kind).unwrap_or(0);
         if frame.len() - HEADER_LEN > limit {
             let len = (frame.len() - HEADER_LEN) as u64;
-            return Err(ConnectionError::TooLarge(DecodeError::FrameTooLarge { kind, len, limit }));
+            return Err(ConnectionError::TooLarge(DecodeError::FrameTooLarge {
+                kind,
+                len,
+                limit,
+            }));
         }
         let (reply, response) = oneshot::channel();
         {
             let mut waiting = lock(&self.waiting);
-            if let Some(code) = waiting.closed {
-                return Err(ConnectionError::Closed(code));
+            if waiting.closed {
+                return Err(ConnectionError::Closed(waiting.close_code));
             }
             waiting.replies.insert(id, reply);
         }
@@ -386,19 +470,21 @@ impl Connection {
             lock(&self.waiting).replies.remove(&id);
             return Err(ConnectionError::Closed(self.close_code()));
         }
-        response.await.unwrap_or_else(|_| Err(ConnectionError::Closed(self.close_code())))
+        response
+            .await
+            .unwrap_or_else(|_| Err(ConnectionError::Closed(self.close_code())))
     }
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
         self.reader.abort();
-        self.connection.close(VarInt::from_u32(0), b"bye");
+        self.quic.close(VarInt::from_u32(0), b"bye");
     }
 }
 
-fn expect(got: ResponseBody, wanted: &ResponseBody) -> Result<(), ConnectionError> {
-    if &got == wanted {
+fn expect(got: &ResponseBody, wanted: &ResponseBody) -> Result<(), ConnectionError> {
+    if got == wanted {
         Ok(())
     } else {
         Err(ConnectionError::UnexpectedResponse)
@@ -426,7 +512,11 @@ async fn read_loop(
                 }
             }
             Ok(Some(ServerFrame::Deliver(deliver))) => {
-                let envelope = Envelope { id: deliver.id, received_at: deliver.received_at, payload: deliver.payload };
+                let envelope = Envelope {
+                    id: deliver.id,
+                    received_at: deliver.received_at,
+                    payload: deliver.payload,
+                };
                 if events.send(Event::Envelope(envelope)).await.is_err() {
                     break;
                 }
@@ -435,11 +525,14 @@ async fn read_loop(
                 let _ = events.send(Event::Drained).await;
             }
             Ok(Some(ServerFrame::LowPrekeys(low))) => {
-                let event = Event::LowPrekeys { one_time: low.one_time, kem_one_time: low.kem_one_time };
+                let event = Event::LowPrekeys {
+                    one_time: low.one_time,
+                    kem_one_time: low.kem_one_time,
+                };
                 let _ = events.send(event).await;
             }
             Ok(Some(ServerFrame::Fatal(f))) => fatal = Some(f.code),
-            Ok(Some(ServerFrame::HelloOk(_))) | Ok(None) | Err(_) => break,
+            Ok(Some(ServerFrame::HelloOk(_)) | None) | Err(_) => break,
         }
     }
     // Wait briefly for the close frame so that its code can be reported.
@@ -447,7 +540,8 @@ async fn read_loop(
     let code = close_code(&connection).or(fatal);
     let replies = {
         let mut waiting = lock(&waiting);
-        waiting.closed = Some(code);
+        waiting.closed = true;
+        waiting.close_code = code;
         std::mem::take(&mut waiting.replies)
     };
     for (_, reply) in replies {

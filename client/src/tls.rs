@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::{
+    verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms,
+};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
@@ -20,7 +22,10 @@ pub(crate) struct PinnedCertificate {
 
 impl PinnedCertificate {
     pub(crate) fn new(fingerprint: [u8; 32], provider: &Arc<CryptoProvider>) -> Self {
-        PinnedCertificate { fingerprint, algorithms: provider.signature_verification_algorithms }
+        PinnedCertificate {
+            fingerprint,
+            algorithms: provider.signature_verification_algorithms,
+        }
     }
 }
 
@@ -37,7 +42,9 @@ impl ServerCertVerifier for PinnedCertificate {
         if bool::from(actual.ct_eq(&self.fingerprint)) {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ))
         }
     }
 

@@ -55,10 +55,16 @@ mod tests {
 
     #[test]
     fn transcripts_differ_by_context_exporter_and_address() {
-        let address = DeviceAddress { account: AccountId([7; 16]), device: DeviceId(2) };
+        let address = DeviceAddress {
+            account: AccountId([7; 16]),
+            device: DeviceId(2),
+        };
         let a = auth_transcript(&[1; 32], &[2; 32], &address);
         let b = auth_transcript(&[9; 32], &[2; 32], &address);
-        let other = DeviceAddress { device: DeviceId(3), ..address };
+        let other = DeviceAddress {
+            device: DeviceId(3),
+            ..address
+        };
         let c = auth_transcript(&[1; 32], &[2; 32], &other);
         assert_ne!(a, b);
         assert_ne!(a, c);

@@ -43,7 +43,11 @@ impl FrameHeader {
         let limit = F::body_limit(kind).ok_or(DecodeError::UnknownFrameType(kind))?;
         let body_len = usize::try_from(len).unwrap_or(usize::MAX);
         if body_len > limit {
-            return Err(DecodeError::FrameTooLarge { kind, len: u64::from(len), limit });
+            return Err(DecodeError::FrameTooLarge {
+                kind,
+                len: u64::from(len),
+                limit,
+            });
         }
         Ok(FrameHeader { kind, body_len })
     }
@@ -75,7 +79,10 @@ impl<F: Frame> Default for FrameDecoder<F> {
 impl<F: Frame> FrameDecoder<F> {
     /// An empty decoder.
     pub fn new() -> Self {
-        FrameDecoder { buffer: Vec::new(), _frame: PhantomData }
+        FrameDecoder {
+            buffer: Vec::new(),
+            _frame: PhantomData,
+        }
     }
 
     /// Appends received bytes.
@@ -120,7 +127,10 @@ fn parse<T: DeserializeOwned>(kind: u8, body: &[u8]) -> Result<T, DecodeError> {
     if rest.is_empty() {
         Ok(value)
     } else {
-        Err(DecodeError::TrailingBytes { kind, extra: rest.len() })
+        Err(DecodeError::TrailingBytes {
+            kind,
+            extra: rest.len(),
+        })
     }
 }
 

@@ -34,7 +34,9 @@ pub struct Hello {
 impl Hello {
     /// A `Hello` offering every version this build speaks.
     pub fn current() -> Self {
-        Hello { versions: crate::SUPPORTED_VERSIONS }
+        Hello {
+            versions: crate::SUPPORTED_VERSIONS,
+        }
     }
 }
 
@@ -302,8 +304,14 @@ fn check(ok: bool, what: &'static str) -> Result<(), DecodeError> {
 }
 
 fn check_prekey(key: &Prekey) -> Result<(), DecodeError> {
-    check(key.public_key.len() <= limits::MAX_PREKEY_PUBLIC, "prekey size")?;
-    check(key.signature.len() <= limits::MAX_PREKEY_SIGNATURE, "prekey signature size")
+    check(
+        key.public_key.len() <= limits::MAX_PREKEY_PUBLIC,
+        "prekey size",
+    )?;
+    check(
+        key.signature.len() <= limits::MAX_PREKEY_SIGNATURE,
+        "prekey signature size",
+    )
 }
 
 impl RequestBody {
@@ -312,12 +320,18 @@ impl RequestBody {
     pub fn check_limits(&self) -> Result<(), DecodeError> {
         match self {
             RequestBody::Register(r) => {
-                check(r.identity_key.len() <= limits::MAX_IDENTITY_KEY, "identity key size")?;
+                check(
+                    r.identity_key.len() <= limits::MAX_IDENTITY_KEY,
+                    "identity key size",
+                )?;
                 let invite_len = r.invite.as_ref().map_or(0, Vec::len);
                 check(invite_len <= limits::MAX_INVITE_TOKEN, "invite token size")
             }
             RequestBody::UploadPrekeys(u) => {
-                check(u.one_time.len() <= limits::MAX_PREKEYS_PER_UPLOAD, "prekeys per upload")?;
+                check(
+                    u.one_time.len() <= limits::MAX_PREKEYS_PER_UPLOAD,
+                    "prekeys per upload",
+                )?;
                 check(
                     u.kem_one_time.len() <= limits::MAX_PREKEYS_PER_UPLOAD,
                     "prekeys per upload",
@@ -331,7 +345,10 @@ impl RequestBody {
             }
             RequestBody::Send(s) => {
                 check(!s.envelopes.is_empty(), "envelopes per send")?;
-                check(s.envelopes.len() <= limits::MAX_ENVELOPES_PER_SEND, "envelopes per send")?;
+                check(
+                    s.envelopes.len() <= limits::MAX_ENVELOPES_PER_SEND,
+                    "envelopes per send",
+                )?;
                 let mut recipients = 0usize;
                 let mut payload = 0usize;
                 for envelope in &s.envelopes {
@@ -343,8 +360,14 @@ impl RequestBody {
                     recipients += envelope.recipients.len();
                     payload += envelope.payload.len();
                 }
-                check(recipients <= limits::MAX_RECIPIENTS_PER_SEND, "recipients per send")?;
-                check(payload <= limits::MAX_SEND_PAYLOAD_TOTAL, "payload per send")
+                check(
+                    recipients <= limits::MAX_RECIPIENTS_PER_SEND,
+                    "recipients per send",
+                )?;
+                check(
+                    payload <= limits::MAX_SEND_PAYLOAD_TOTAL,
+                    "payload per send",
+                )
             }
             RequestBody::Ack(a) => {
                 check(!a.ids.is_empty(), "acks per frame")?;
@@ -362,12 +385,22 @@ impl ServerFrame {
     /// Checks the field limits of [`crate::limits`].
     pub(crate) fn check_limits(&self) -> Result<(), DecodeError> {
         match self {
-            ServerFrame::Deliver(d) => {
-                check(d.payload.len() <= limits::MAX_ENVELOPE_PAYLOAD, "envelope payload size")
-            }
-            ServerFrame::Response(Response { result: Ok(ResponseBody::PrekeyBundles(b)), .. }) => {
-                check(b.identity_key.len() <= limits::MAX_IDENTITY_KEY, "identity key size")?;
-                check(b.devices.len() <= limits::MAX_BUNDLES, "bundles per response")?;
+            ServerFrame::Deliver(d) => check(
+                d.payload.len() <= limits::MAX_ENVELOPE_PAYLOAD,
+                "envelope payload size",
+            ),
+            ServerFrame::Response(Response {
+                result: Ok(ResponseBody::PrekeyBundles(b)),
+                ..
+            }) => {
+                check(
+                    b.identity_key.len() <= limits::MAX_IDENTITY_KEY,
+                    "identity key size",
+                )?;
+                check(
+                    b.devices.len() <= limits::MAX_BUNDLES,
+                    "bundles per response",
+                )?;
                 b.devices
                     .iter()
                     .flat_map(|d| d.signed_prekey.iter().chain(&d.one_time).chain(&d.kem))

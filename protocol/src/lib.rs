@@ -38,9 +38,8 @@ pub use codec::{encode_frame, Frame, FrameDecoder, FrameHeader, HEADER_LEN};
 pub use error::{DecodeError, ErrorCode};
 pub use frames::{
     Ack, AddDevice, Authenticate, ClientFrame, Deliver, DeviceBundle, Fatal, FetchPrekeys, Hello,
-    HelloOk, LowPrekeys, OutgoingEnvelope, Prekey, PrekeyBundles, Register, RemoveDevice,
-    Request, RequestBody, Response, ResponseBody, Send, ServerFrame, UploadPrekeys,
-    VersionRange,
+    HelloOk, LowPrekeys, OutgoingEnvelope, Prekey, PrekeyBundles, Register, RemoveDevice, Request,
+    RequestBody, Response, ResponseBody, Send, ServerFrame, UploadPrekeys, VersionRange,
 };
 pub use ids::{AccountId, DeviceAddress, DeviceId, EnvelopeId, RequestId};
 

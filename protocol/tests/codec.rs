@@ -1,12 +1,13 @@
 //! Round trips for every frame, and the decoder's answers to hostile bytes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use hush_protocol::limits::{self, frame as frame_limit};
 use hush_protocol::{
     encode_frame, AccountId, Ack, AddDevice, Authenticate, ClientFrame, DecodeError, Deliver,
     DeviceAddress, DeviceBundle, DeviceId, EnvelopeId, ErrorCode, Fatal, FetchPrekeys, Frame,
-    FrameDecoder, FrameHeader, Hello, HelloOk, LowPrekeys, OutgoingEnvelope, Prekey,
-    PrekeyBundles, Register, RemoveDevice, Request, RequestBody, RequestId, Response,
-    ResponseBody, Send, ServerFrame, Signature, UploadPrekeys, VersionRange, HEADER_LEN,
+    FrameDecoder, FrameHeader, Hello, HelloOk, LowPrekeys, OutgoingEnvelope, Prekey, PrekeyBundles,
+    Register, RemoveDevice, Request, RequestBody, RequestId, Response, ResponseBody, Send,
+    ServerFrame, Signature, UploadPrekeys, VersionRange, HEADER_LEN,
 };
 use proptest::collection::vec;
 use proptest::option;
@@ -21,7 +22,10 @@ fn account() -> impl Strategy<Value = AccountId> {
 }
 
 fn address() -> impl Strategy<Value = DeviceAddress> {
-    (account(), any::<u32>()).prop_map(|(account, d)| DeviceAddress { account, device: DeviceId(d) })
+    (account(), any::<u32>()).prop_map(|(account, d)| DeviceAddress {
+        account,
+        device: DeviceId(d),
+    })
 }
 
 fn signature() -> impl Strategy<Value = Signature> {
@@ -34,8 +38,16 @@ fn signature() -> impl Strategy<Value = Signature> {
 }
 
 fn prekey() -> impl Strategy<Value = Prekey> {
-    (any::<u32>(), bytes(1200), bytes(limits::MAX_PREKEY_SIGNATURE))
-        .prop_map(|(id, public_key, signature)| Prekey { id, public_key, signature })
+    (
+        any::<u32>(),
+        bytes(1200),
+        bytes(limits::MAX_PREKEY_SIGNATURE),
+    )
+        .prop_map(|(id, public_key, signature)| Prekey {
+            id,
+            public_key,
+            signature,
+        })
 }
 
 fn versions() -> impl Strategy<Value = VersionRange> {
@@ -48,18 +60,33 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
 
 fn request_body() -> impl Strategy<Value = RequestBody> {
     prop_oneof![
-        (bytes(limits::MAX_IDENTITY_KEY), any::<[u8; 32]>(), option::of(bytes(64)), signature())
+        (
+            bytes(limits::MAX_IDENTITY_KEY),
+            any::<[u8; 32]>(),
+            option::of(bytes(64)),
+            signature()
+        )
             .prop_map(|(identity_key, device_key, invite, signature)| {
-                RequestBody::Register(Register { identity_key, device_key, invite, signature })
+                RequestBody::Register(Register {
+                    identity_key,
+                    device_key,
+                    invite,
+                    signature,
+                })
             }),
-        (address(), signature())
-            .prop_map(|(address, signature)| RequestBody::Authenticate(Authenticate {
-                address,
-                signature
-            })),
+        (address(), signature()).prop_map(|(address, signature)| RequestBody::Authenticate(
+            Authenticate { address, signature }
+        )),
         any::<[u8; 32]>().prop_map(|device_key| RequestBody::AddDevice(AddDevice { device_key })),
-        any::<u32>().prop_map(|d| RequestBody::RemoveDevice(RemoveDevice { device: DeviceId(d) })),
-        (option::of(prekey()), vec(prekey(), 0..4), vec(prekey(), 0..4), option::of(prekey()))
+        any::<u32>().prop_map(|d| RequestBody::RemoveDevice(RemoveDevice {
+            device: DeviceId(d)
+        })),
+        (
+            option::of(prekey()),
+            vec(prekey(), 0..4),
+            vec(prekey(), 0..4),
+            option::of(prekey())
+        )
             .prop_map(|(signed_prekey, one_time, kem_one_time, kem_last_resort)| {
                 RequestBody::UploadPrekeys(UploadPrekeys {
                     signed_prekey,
@@ -69,52 +96,81 @@ fn request_body() -> impl Strategy<Value = RequestBody> {
                 })
             }),
         (account(), option::of(any::<u32>())).prop_map(|(account, device)| {
-            RequestBody::FetchPrekeys(FetchPrekeys { account, device: device.map(DeviceId) })
+            RequestBody::FetchPrekeys(FetchPrekeys {
+                account,
+                device: device.map(DeviceId),
+            })
         }),
         vec((vec(address(), 1..8), bytes(2048)), 1..8).prop_map(|envelopes| {
             RequestBody::Send(Send {
                 envelopes: envelopes
                     .into_iter()
-                    .map(|(recipients, payload)| OutgoingEnvelope { recipients, payload })
+                    .map(|(recipients, payload)| OutgoingEnvelope {
+                        recipients,
+                        payload,
+                    })
                     .collect(),
             })
         }),
-        vec(any::<u64>(), 1..64)
-            .prop_map(|ids| RequestBody::Ack(Ack { ids: ids.into_iter().map(EnvelopeId).collect() })),
+        vec(any::<u64>(), 1..64).prop_map(|ids| RequestBody::Ack(Ack {
+            ids: ids.into_iter().map(EnvelopeId).collect()
+        })),
     ]
 }
 
 fn client_frame() -> impl Strategy<Value = ClientFrame> {
     prop_oneof![
         versions().prop_map(|versions| ClientFrame::Hello(Hello { versions })),
-        (any::<u32>(), request_body())
-            .prop_map(|(id, body)| ClientFrame::Request(Request { id: RequestId(id), body })),
+        (any::<u32>(), request_body()).prop_map(|(id, body)| ClientFrame::Request(Request {
+            id: RequestId(id),
+            body
+        })),
     ]
 }
 
 fn bundle() -> impl Strategy<Value = DeviceBundle> {
-    (any::<u32>(), any::<[u8; 32]>(), option::of(prekey()), option::of(prekey()), option::of(prekey()), any::<bool>())
-        .prop_map(|(d, device_key, signed_prekey, one_time, kem, kem_is_last_resort)| DeviceBundle {
-            device: DeviceId(d),
-            device_key,
-            signed_prekey,
-            one_time,
-            kem,
-            kem_is_last_resort,
-        })
+    (
+        any::<u32>(),
+        any::<[u8; 32]>(),
+        option::of(prekey()),
+        option::of(prekey()),
+        option::of(prekey()),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(d, device_key, signed_prekey, one_time, kem, kem_is_last_resort)| DeviceBundle {
+                device: DeviceId(d),
+                device_key,
+                signed_prekey,
+                one_time,
+                kem,
+                kem_is_last_resort,
+            },
+        )
 }
 
 fn response_body() -> impl Strategy<Value = ResponseBody> {
     prop_oneof![
         address().prop_map(|address| ResponseBody::Registered { address }),
         Just(ResponseBody::Authenticated),
-        any::<u32>().prop_map(|d| ResponseBody::DeviceAdded { device: DeviceId(d) }),
-        Just(ResponseBody::DeviceRemoved),
-        (any::<u32>(), any::<u32>())
-            .prop_map(|(one_time, kem_one_time)| ResponseBody::PrekeysStored { one_time, kem_one_time }),
-        (bytes(limits::MAX_IDENTITY_KEY), vec(bundle(), 0..5)).prop_map(|(identity_key, devices)| {
-            ResponseBody::PrekeyBundles(PrekeyBundles { identity_key, devices })
+        any::<u32>().prop_map(|d| ResponseBody::DeviceAdded {
+            device: DeviceId(d)
         }),
+        Just(ResponseBody::DeviceRemoved),
+        (any::<u32>(), any::<u32>()).prop_map(|(one_time, kem_one_time)| {
+            ResponseBody::PrekeysStored {
+                one_time,
+                kem_one_time,
+            }
+        }),
+        (bytes(limits::MAX_IDENTITY_KEY), vec(bundle(), 0..5)).prop_map(
+            |(identity_key, devices)| {
+                ResponseBody::PrekeyBundles(PrekeyBundles {
+                    identity_key,
+                    devices,
+                })
+            }
+        ),
         Just(ResponseBody::Sent),
         Just(ResponseBody::Acked),
     ]
@@ -124,16 +180,34 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
     prop_oneof![
         (any::<u16>(), any::<[u8; 32]>())
             .prop_map(|(version, challenge)| ServerFrame::HelloOk(HelloOk { version, challenge })),
-        (any::<u32>(), prop_oneof![response_body().prop_map(Ok), error_code().prop_map(Err)])
-            .prop_map(|(id, result)| ServerFrame::Response(Response { id: RequestId(id), result })),
+        (
+            any::<u32>(),
+            prop_oneof![response_body().prop_map(Ok), error_code().prop_map(Err)]
+        )
+            .prop_map(|(id, result)| ServerFrame::Response(Response {
+                id: RequestId(id),
+                result
+            })),
         (any::<u64>(), any::<u64>(), bytes(4096)).prop_map(|(id, received_at, payload)| {
-            ServerFrame::Deliver(Deliver { id: EnvelopeId(id), received_at, payload })
+            ServerFrame::Deliver(Deliver {
+                id: EnvelopeId(id),
+                received_at,
+                payload,
+            })
         }),
         Just(ServerFrame::Drained),
-        (any::<u32>(), any::<u32>())
-            .prop_map(|(one_time, kem_one_time)| ServerFrame::LowPrekeys(LowPrekeys { one_time, kem_one_time })),
-        (error_code(), versions())
-            .prop_map(|(code, supported_versions)| ServerFrame::Fatal(Fatal { code, supported_versions })),
+        (any::<u32>(), any::<u32>()).prop_map(|(one_time, kem_one_time)| ServerFrame::LowPrekeys(
+            LowPrekeys {
+                one_time,
+                kem_one_time
+            }
+        )),
+        (error_code(), versions()).prop_map(|(code, supported_versions)| ServerFrame::Fatal(
+            Fatal {
+                code,
+                supported_versions
+            }
+        )),
     ]
 }
 
@@ -193,14 +267,19 @@ fn oversized_length_prefix_is_refused_from_the_header_alone() {
     // for a 4 GiB body, and no more bytes are awaited.
     let mut decoder = FrameDecoder::<ClientFrame>::new();
     decoder.extend(&header);
-    assert!(matches!(decoder.next_frame(), Err(DecodeError::FrameTooLarge { .. })));
+    assert!(matches!(
+        decoder.next_frame(),
+        Err(DecodeError::FrameTooLarge { .. })
+    ));
 }
 
 #[test]
 fn each_kind_has_its_own_limit() {
     let ack = encode_frame(&ClientFrame::Request(Request {
         id: RequestId(1),
-        body: RequestBody::Ack(Ack { ids: vec![EnvelopeId(1)] }),
+        body: RequestBody::Ack(Ack {
+            ids: vec![EnvelopeId(1)],
+        }),
     }));
     let mut header: [u8; HEADER_LEN] = ack[..HEADER_LEN].try_into().unwrap();
     // Legal for a Send, too big for an Ack.
@@ -220,7 +299,10 @@ fn unknown_frame_kind_is_refused() {
             Err(DecodeError::UnknownFrameType(kind))
         );
     }
-    assert_eq!(FrameHeader::parse::<ServerFrame>([0, 0, 0, 0, 0x01]), Err(DecodeError::UnknownFrameType(1)));
+    assert_eq!(
+        FrameHeader::parse::<ServerFrame>([0, 0, 0, 0, 0x01]),
+        Err(DecodeError::UnknownFrameType(1))
+    );
 }
 
 #[test]
@@ -229,7 +311,10 @@ fn garbage_body_and_trailing_bytes_are_malformed() {
     wire.push(0xAA);
     let len = (wire.len() - HEADER_LEN) as u32;
     wire[..4].copy_from_slice(&len.to_be_bytes());
-    assert!(matches!(decode_chunked::<ClientFrame>(&wire, 64), Err(DecodeError::TrailingBytes { .. })));
+    assert!(matches!(
+        decode_chunked::<ClientFrame>(&wire, 64),
+        Err(DecodeError::TrailingBytes { .. })
+    ));
 
     let garbage = [0, 0, 0, 3, 0x08, 0xFF, 0xFF, 0xFF];
     let err = decode_chunked::<ClientFrame>(&garbage, 64).unwrap_err();
@@ -242,15 +327,26 @@ fn field_limits_are_checked_after_decode() {
         id: RequestId(1),
         body: RequestBody::Send(Send {
             envelopes: vec![OutgoingEnvelope {
-                recipients: vec![DeviceAddress { account: AccountId([1; 16]), device: DeviceId(1) }],
+                recipients: vec![DeviceAddress {
+                    account: AccountId([1; 16]),
+                    device: DeviceId(1),
+                }],
                 payload: vec![0; limits::MAX_ENVELOPE_PAYLOAD + 1],
             }],
         }),
     });
     let err = decode_chunked::<ClientFrame>(&encode_frame(&too_big), 4096).unwrap_err();
-    assert_eq!(err, DecodeError::LimitExceeded { what: "envelope payload size" });
+    assert_eq!(
+        err,
+        DecodeError::LimitExceeded {
+            what: "envelope payload size"
+        }
+    );
 
-    let empty = ClientFrame::Request(Request { id: RequestId(2), body: RequestBody::Send(Send { envelopes: vec![] }) });
+    let empty = ClientFrame::Request(Request {
+        id: RequestId(2),
+        body: RequestBody::Send(Send { envelopes: vec![] }),
+    });
     assert!(decode_chunked::<ClientFrame>(&encode_frame(&empty), 64).is_err());
 }
 
@@ -265,7 +361,13 @@ fn version_negotiation_picks_the_newest_common_version() {
 
 #[test]
 fn debug_output_redacts_identifiers() {
-    let address = DeviceAddress { account: AccountId([0xAB; 16]), device: DeviceId(77) };
+    let address = DeviceAddress {
+        account: AccountId([0xAB; 16]),
+        device: DeviceId(77),
+    };
     let printed = format!("{address:?}");
-    assert!(!printed.contains("ab") && !printed.contains("171") && !printed.contains("77"), "{printed}");
+    assert!(
+        !printed.contains("ab") && !printed.contains("171") && !printed.contains("77"),
+        "{printed}"
+    );
 }

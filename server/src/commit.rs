@@ -113,7 +113,8 @@ fn run(store: &dyn Store, mut jobs: mpsc::Receiver<Job>, stats: &CommitStats) {
                 Err(_) => break,
             }
         }
-        let (writes, replies): (Vec<_>, Vec<_>) = batch.drain(..).map(|j| (j.write, j.reply)).unzip();
+        let (writes, replies): (Vec<_>, Vec<_>) =
+            batch.drain(..).map(|j| (j.write, j.reply)).unzip();
         let count = writes.len() as u64;
         match store.apply(writes) {
             Ok(results) => {

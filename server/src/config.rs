@@ -133,18 +133,25 @@ pub enum ConfigError {
 impl Config {
     /// Reads and checks a TOML file; settings it leaves out keep their defaults.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.to_owned(), message },
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
             other => other,
         })
     }
 
     /// Parses and checks TOML text.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: PathBuf::new(), message: e.to_string() })?;
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -168,15 +175,28 @@ impl Config {
             "max_devices_per_account",
             "between 1 and 64",
         )?;
-        range(self.sweep_interval_secs >= 1, "sweep_interval_secs", "at least 1")?;
-        range(self.limits.max_connections >= 1, "limits.max_connections", "at least 1")?;
-        range(self.limits.idle_timeout_secs >= 1, "limits.idle_timeout_secs", "at least 1")?;
+        range(
+            self.sweep_interval_secs >= 1,
+            "sweep_interval_secs",
+            "at least 1",
+        )?;
+        range(
+            self.limits.max_connections >= 1,
+            "limits.max_connections",
+            "at least 1",
+        )?;
+        range(
+            self.limits.idle_timeout_secs >= 1,
+            "limits.idle_timeout_secs",
+            "at least 1",
+        )?;
         range(
             self.limits.max_in_flight_requests >= 1,
             "limits.max_in_flight_requests",
             "at least 1",
         )?;
-        let largest_frame = hush_protocol::limits::frame::UPLOAD_PREKEYS + hush_protocol::HEADER_LEN;
+        let largest_frame =
+            hush_protocol::limits::frame::UPLOAD_PREKEYS + hush_protocol::HEADER_LEN;
         range(
             self.limits.stream_receive_window as usize >= largest_frame,
             "limits.stream_receive_window",
@@ -215,17 +235,28 @@ mod tests {
 
     #[test]
     fn expiry_is_configurable_only_downward() {
-        assert_eq!(Config::from_toml("message_expiry_days = 3").unwrap().message_expiry_days, 3);
+        assert_eq!(
+            Config::from_toml("message_expiry_days = 3")
+                .unwrap()
+                .message_expiry_days,
+            3
+        );
         assert!(matches!(
             Config::from_toml("message_expiry_days = 15"),
-            Err(ConfigError::OutOfRange { field: "message_expiry_days", .. })
+            Err(ConfigError::OutOfRange {
+                field: "message_expiry_days",
+                ..
+            })
         ));
         assert!(Config::from_toml("message_expiry_days = 0").is_err());
     }
 
     #[test]
     fn unknown_settings_are_errors_not_silently_ignored() {
-        assert!(matches!(Config::from_toml("mesage_expiry_days = 3"), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            Config::from_toml("mesage_expiry_days = 3"),
+            Err(ConfigError::Parse { .. })
+        ));
         let config = Config::from_toml(
             "listen = \"0.0.0.0:443\"\nregistration = \"invite\"\n[limits]\nmax_connections = 10\n",
         )

@@ -77,7 +77,10 @@ pub struct Keyring {
 impl Keyring {
     /// Opens the key file at `path`, creating it with fresh keys if it does not exist.
     pub fn open_or_create(path: &Path) -> Result<Self, KeyringError> {
-        let io = |source| KeyringError::Io { path: path.to_owned(), source };
+        let io = |source| KeyringError::Io {
+            path: path.to_owned(),
+            source,
+        };
         match fs::read(path) {
             Ok(bytes) => {
                 let bytes = Zeroizing::new(bytes);
@@ -181,12 +184,18 @@ impl Keyring {
     }
 
     fn persist(&self, days: &BTreeMap<u32, Arc<SealingKey>>) -> Result<(), KeyringError> {
-        let io = |source| KeyringError::Io { path: self.path.clone(), source };
+        let io = |source| KeyringError::Io {
+            path: self.path.clone(),
+            source,
+        };
         let file = KeyFile {
             version: KEY_FILE_VERSION,
             index: *self.index.as_bytes(),
             directory: *self.directory.as_bytes(),
-            days: days.iter().map(|(day, key)| (*day, *key.as_bytes())).collect(),
+            days: days
+                .iter()
+                .map(|(day, key)| (*day, *key.as_bytes()))
+                .collect(),
         };
         let bytes = Zeroizing::new(
             postcard::to_allocvec(&file).map_err(|_| KeyringError::Corrupt(self.path.clone()))?,

@@ -40,7 +40,12 @@ impl Hub {
 
     /// Registers `connection` as the live connection of `address`. A connection that held
     /// the device before is told it was evicted: a device has one live connection.
-    pub fn attach(&self, address: DeviceAddress, connection: u64, outbox: mpsc::Sender<Vec<u8>>) -> DeviceLink {
+    pub fn attach(
+        &self,
+        address: DeviceAddress,
+        connection: u64,
+        outbox: mpsc::Sender<Vec<u8>>,
+    ) -> DeviceLink {
         let link = DeviceLink {
             connection,
             wake: Arc::new(Notify::new()),
@@ -56,7 +61,10 @@ impl Hub {
     /// Removes the registration, if it is still `connection`'s.
     pub fn detach(&self, address: &DeviceAddress, connection: u64) {
         let mut devices = self.lock();
-        if devices.get(address).is_some_and(|l| l.connection == connection) {
+        if devices
+            .get(address)
+            .is_some_and(|l| l.connection == connection)
+        {
             devices.remove(address);
         }
     }

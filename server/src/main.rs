@@ -8,13 +8,17 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hush_server::clock::SystemClock;
 use hush_server::config::Config;
-use hush_server::store::{RedbStore, Store, Write};
 use hush_server::redact::RedactingWriter;
+use hush_server::store::{RedbStore, Store, Write};
 use hush_server::Relay;
 use rand_core::{OsRng, RngCore};
 
 #[derive(Parser)]
-#[command(name = "hush-relay", version, about = "The Hush end-to-end encrypted messaging relay")]
+#[command(
+    name = "hush-relay",
+    version,
+    about = "The Hush end-to-end encrypted messaging relay"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -72,7 +76,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(|| RedactingWriter::new(std::io::stderr()))
         .with_ansi(false)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
         Command::Serve { common, listen } => {
             let mut config = load_config(&common)?;
@@ -92,7 +98,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .context("starting the relay")?;
     println!("hush-relay {}", env!("CARGO_PKG_VERSION"));
     println!("listening on {} (QUIC, ALPN hush/1)", relay.local_addr());
-    println!("certificate fingerprint (SHA-256): {}", hex::encode(relay.fingerprint()));
+    println!(
+        "certificate fingerprint (SHA-256): {}",
+        hex::encode(relay.fingerprint())
+    );
     println!("data dir: {}", data_dir.display());
     shutdown_signal().await?;
     println!("shutting down");
@@ -119,7 +128,9 @@ fn invite(config: &Config, count: u32) -> anyhow::Result<()> {
         let mut raw = [0u8; 16];
         OsRng.fill_bytes(&mut raw);
         let token = hex::encode(raw);
-        writes.push(Write::AddInvite { token: token.clone().into_bytes() });
+        writes.push(Write::AddInvite {
+            token: token.clone().into_bytes(),
+        });
         tokens.push(token);
     }
     store.apply(writes)?;

@@ -70,14 +70,21 @@ impl Metrics {
             ("hush_envelopes_expired_total", &self.envelopes_expired),
         ];
         for (name, value) in counters {
-            let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# TYPE {name} counter\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
         }
         let _ = writeln!(out, "# TYPE hush_connections_closed_total counter");
         for (slot, value) in self.connections_closed_by_code.iter().enumerate() {
             let count = value.load(Ordering::Relaxed);
             if count > 0 {
                 let code = ErrorCode::from_u16(slot as u16);
-                let _ = writeln!(out, "hush_connections_closed_total{{code=\"{code:?}\"}} {count}");
+                let _ = writeln!(
+                    out,
+                    "hush_connections_closed_total{{code=\"{code:?}\"}} {count}"
+                );
             }
         }
         out

@@ -46,9 +46,12 @@ fn looks_like_address(run: &str) -> bool {
     let host = run.split(':').next().unwrap_or("");
     let parts: Vec<&str> = host.split('.').collect();
     parts.len() == 4
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok_and(|n| n <= 255))
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.len() <= 3
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && p.parse::<u16>().is_ok_and(|n| n <= 255)
+        })
 }
 
 /// An [`io::Write`] that redacts each complete line before passing it on.
@@ -60,17 +63,22 @@ pub struct RedactingWriter<W: Write> {
 impl<W: Write> RedactingWriter<W> {
     /// Wraps `inner`.
     pub fn new(inner: W) -> Self {
-        RedactingWriter { inner, pending: Vec::new() }
+        RedactingWriter {
+            inner,
+            pending: Vec::new(),
+        }
     }
 
     fn flush_lines(&mut self, all: bool) -> io::Result<()> {
         while let Some(newline) = self.pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = self.pending.drain(..=newline).collect();
-            self.inner.write_all(redact_addresses(&String::from_utf8_lossy(&line)).as_bytes())?;
+            self.inner
+                .write_all(redact_addresses(&String::from_utf8_lossy(&line)).as_bytes())?;
         }
         if all && !self.pending.is_empty() {
             let rest = std::mem::take(&mut self.pending);
-            self.inner.write_all(redact_addresses(&String::from_utf8_lossy(&rest)).as_bytes())?;
+            self.inner
+                .write_all(redact_addresses(&String::from_utf8_lossy(&rest)).as_bytes())?;
         }
         Ok(())
     }
@@ -107,7 +115,10 @@ mod tests {
             redacted,
             "2026-11-24T03:42:35.718530Z TRACE quinn: packet from <addr> and [<addr>]:443 and <addr>%2 via <addr> ok"
         );
-        assert_eq!(redact_addresses("version 1.2.3 took 0.5 ms, code 15"), "version 1.2.3 took 0.5 ms, code 15");
+        assert_eq!(
+            redact_addresses("version 1.2.3 took 0.5 ms, code 15"),
+            "version 1.2.3 took 0.5 ms, code 15"
+        );
         assert_eq!(redact_addresses("2001:db8:0:0:0:0:2:1"), "<addr>");
     }
 

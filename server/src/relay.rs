@@ -86,11 +86,32 @@ impl Relay {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let sweep_interval = Duration::from_secs(config.sweep_interval_secs);
         let max_connections = config.limits.max_connections;
-        let shared = Arc::new(Shared { config, store, committer, hub: Hub::default(), clock, metrics: Metrics::default() });
-        let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone(), shutdown_rx, max_connections));
+        let shared = Arc::new(Shared {
+            config,
+            store,
+            committer,
+            hub: Hub::default(),
+            clock,
+            metrics: Metrics::default(),
+        });
+        let accept = tokio::spawn(accept_loop(
+            endpoint.clone(),
+            shared.clone(),
+            shutdown_rx,
+            max_connections,
+        ));
         let sweeper = tokio::spawn(sweep_loop(shared.clone(), sweep_interval));
         tracing::info!("relay listening");
-        Ok(Relay { local_addr, fingerprint, endpoint, shared, shutdown, accept, sweeper, commit_thread })
+        Ok(Relay {
+            local_addr,
+            fingerprint,
+            endpoint,
+            shared,
+            shutdown,
+            accept,
+            sweeper,
+            commit_thread,
+        })
     }
 
     /// The bound UDP address.
@@ -113,7 +134,11 @@ impl Relay {
         let store = self.shared.store.clone();
         tokio::task::spawn_blocking(move || store.stats())
             .await
-            .unwrap_or_else(|e| Err(StoreError::Database(redb::Error::Io(std::io::Error::other(e)))))
+            .unwrap_or_else(|e| {
+                Err(StoreError::Database(redb::Error::Io(
+                    std::io::Error::other(e),
+                )))
+            })
     }
 
     /// The relay's counters.
@@ -138,7 +163,15 @@ impl Relay {
     /// Graceful shutdown: stop accepting, let started requests commit and be answered,
     /// close every connection with `ShuttingDown`, flush the store, and return.
     pub async fn shutdown(self) {
-        let Relay { endpoint, shared, shutdown, accept, sweeper, commit_thread, .. } = self;
+        let Relay {
+            endpoint,
+            shared,
+            shutdown,
+            accept,
+            sweeper,
+            commit_thread,
+            ..
+        } = self;
         endpoint.set_server_config(None);
         let _ = shutdown.send(true);
         let _ = accept.await;
@@ -147,7 +180,11 @@ impl Relay {
         drop(shared);
         // The commit thread ends once the last session's requests have dropped their
         // handles; it commits whatever is still queued first.
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, tokio::task::spawn_blocking(move || commit_thread.join())).await;
+        let _ = tokio::time::timeout(
+            SHUTDOWN_GRACE,
+            tokio::task::spawn_blocking(move || commit_thread.join()),
+        )
+        .await;
         endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         tracing::info!("relay stopped");
@@ -169,10 +206,18 @@ fn create_private_dir(path: &std::path::Path) -> Result<(), StartError> {
     builder.recursive(true);
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(path).map_err(|source| StartError::DataDir { path: path.to_owned(), source })
+    builder.create(path).map_err(|source| StartError::DataDir {
+        path: path.to_owned(),
+        source,
+    })
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>, max_connections: usize) {
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    max_connections: usize,
+) {
     let slots = Arc::new(Semaphore::new(max_connections));
     let mut sessions = JoinSet::new();
     loop {
@@ -198,14 +243,22 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, mut shutdow
             incoming.refuse();
             continue;
         };
-        sessions.spawn(session::run(incoming, shared.clone(), shutdown.clone(), slot));
+        sessions.spawn(session::run(
+            incoming,
+            shared.clone(),
+            shutdown.clone(),
+            slot,
+        ));
     }
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while sessions.join_next().await.is_some() {}
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(left = sessions.len(), "connections did not close in time; cutting them");
+        tracing::warn!(
+            left = sessions.len(),
+            "connections did not close in time; cutting them"
+        );
         sessions.shutdown().await;
     }
 }

@@ -42,8 +42,13 @@ impl SealingKey {
         let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + 16);
         out.extend_from_slice(&nonce);
         // Encryption into a Vec fails only past ChaCha's 256 GiB message limit.
-        if let Ok(ct) = cipher.encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext, aad })
-        {
+        if let Ok(ct) = cipher.encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        ) {
             out.extend_from_slice(&ct);
         }
         out
@@ -82,7 +87,10 @@ mod tests {
         let sealed = key.seal(b"row-1", b"secret");
         assert_eq!(key.open(b"row-1", &sealed).unwrap(), b"secret");
         assert_eq!(key.open(b"row-2", &sealed), Err(SealError));
-        assert_eq!(SealingKey::generate().open(b"row-1", &sealed), Err(SealError));
+        assert_eq!(
+            SealingKey::generate().open(b"row-1", &sealed),
+            Err(SealError)
+        );
         assert_eq!(key.open(b"row-1", &sealed[..10]), Err(SealError));
         assert!(!sealed.windows(6).any(|w| w == b"secret"));
     }

@@ -13,9 +13,9 @@ use std::time::Duration;
 use ed25519_dalek::{Signature, VerifyingKey};
 use hush_protocol::auth::{auth_transcript, register_transcript, EXPORTER_LABEL, EXPORTER_LEN};
 use hush_protocol::{
-    encode_frame, AccountId, ClientFrame, DecodeError, Deliver, DeviceAddress, DeviceId,
-    ErrorCode, Fatal, Frame, FrameHeader, HelloOk, LowPrekeys, Request, RequestBody, RequestId,
-    Response, ResponseBody, ServerFrame, HEADER_LEN, SUPPORTED_VERSIONS,
+    encode_frame, AccountId, ClientFrame, DecodeError, Deliver, DeviceAddress, DeviceId, ErrorCode,
+    Fatal, Frame, FrameHeader, HelloOk, LowPrekeys, Request, RequestBody, RequestId, Response,
+    ResponseBody, ServerFrame, HEADER_LEN, SUPPORTED_VERSIONS,
 };
 use quinn::{ReadExactError, RecvStream, SendStream, VarInt};
 use rand_core::{OsRng, RngCore};
@@ -26,7 +26,7 @@ use crate::commit::CommitError;
 use crate::mailbox::DeviceLink;
 use crate::metrics::Metrics;
 use crate::relay::Shared;
-use crate::store::{Outcome, PrekeyCounts, Write, WriteResult};
+use crate::store::{Outcome, PrekeyCounts, Refusal, Write, WriteResult};
 
 /// How long a client has to complete the QUIC handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,12 +80,9 @@ pub(crate) async fn run(
     shutdown: watch::Receiver<bool>,
     _connection_slot: OwnedSemaphorePermit,
 ) {
-    let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
-        Ok(Ok(connection)) => connection,
-        Ok(Err(_)) | Err(_) => {
-            Metrics::inc(&shared.metrics.handshake_failures);
-            return;
-        }
+    let Ok(Ok(connection)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await else {
+        Metrics::inc(&shared.metrics.handshake_failures);
+        return;
     };
     Metrics::inc(&shared.metrics.connections_opened);
     let number = shared.hub.connection_number();
@@ -141,14 +138,20 @@ impl Session {
     async fn serve(&mut self, recv: &mut RecvStream, mut shutdown: watch::Receiver<bool>) -> End {
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(recv)).await {
             Ok(Ok(Some(ClientFrame::Hello(hello)))) => hello,
-            Ok(Ok(Some(ClientFrame::Request(_)))) | Err(_) => return End::Close(ErrorCode::HelloRequired),
+            Ok(Ok(Some(ClientFrame::Request(_)))) | Err(_) => {
+                return End::Close(ErrorCode::HelloRequired)
+            }
             Ok(Ok(None)) => return End::Peer,
             Ok(Err(failure)) => return failure.into(),
         };
         let Some(version) = SUPPORTED_VERSIONS.negotiate(hello.versions) else {
             return End::Close(ErrorCode::UnsupportedVersion);
         };
-        self.send(&ServerFrame::HelloOk(HelloOk { version, challenge: self.challenge })).await;
+        self.send(&ServerFrame::HelloOk(HelloOk {
+            version,
+            challenge: self.challenge,
+        }))
+        .await;
 
         loop {
             let evicted = async {
@@ -193,7 +196,10 @@ impl Session {
                 max_devices: config.max_devices_per_account,
             },
             RequestBody::RemoveDevice(remove) => Write::RemoveDevice {
-                address: DeviceAddress { account: address.account, device: remove.device },
+                address: DeviceAddress {
+                    account: address.account,
+                    device: remove.device,
+                },
             },
             RequestBody::UploadPrekeys(upload) => Write::UploadPrekeys { address, upload },
             RequestBody::FetchPrekeys(fetch) => Write::TakePrekeys {
@@ -209,7 +215,10 @@ impl Session {
                     expires_at: now.saturating_add(config.message_expiry_secs()),
                 }
             }
-            RequestBody::Ack(ack) => Write::Ack { address, ids: ack.ids },
+            RequestBody::Ack(ack) => Write::Ack {
+                address,
+                ids: ack.ids,
+            },
             RequestBody::Register(_) | RequestBody::Authenticate(_) => {
                 self.respond(id, Err(ErrorCode::AlreadyAuthenticated)).await;
                 return Ok(());
@@ -235,10 +244,18 @@ impl Session {
         Ok(())
     }
 
-    async fn register(&mut self, id: RequestId, register: hush_protocol::Register) -> Result<(), End> {
+    async fn register(
+        &mut self,
+        id: RequestId,
+        register: hush_protocol::Register,
+    ) -> Result<(), End> {
         let exporter = self.exporter()?;
-        let transcript =
-            register_transcript(&exporter, &self.challenge, &register.identity_key, &register.device_key);
+        let transcript = register_transcript(
+            &exporter,
+            &self.challenge,
+            &register.identity_key,
+            &register.device_key,
+        );
         if !verify(&register.device_key, &transcript, &register.signature.0) {
             return Err(End::Close(ErrorCode::AuthenticationFailed));
         }
@@ -249,13 +266,18 @@ impl Session {
             identity_key: register.identity_key,
             device_key: register.device_key,
             invite: register.invite,
-            require_invite: self.shared.config.registration == crate::config::RegistrationPolicy::Invite,
+            require_invite: self.shared.config.registration
+                == crate::config::RegistrationPolicy::Invite,
         };
         match self.shared.committer.commit(write).await {
             Ok(Ok(_)) => {
                 Metrics::inc(&self.shared.metrics.registrations);
-                let address = DeviceAddress { account, device: DeviceId::PRIMARY };
-                self.respond(id, Ok(ResponseBody::Registered { address })).await;
+                let address = DeviceAddress {
+                    account,
+                    device: DeviceId::PRIMARY,
+                };
+                self.respond(id, Ok(ResponseBody::Registered { address }))
+                    .await;
                 self.attach(address);
             }
             Ok(Err(refusal)) => self.respond(id, Err(refusal.code())).await,
@@ -264,7 +286,11 @@ impl Session {
         Ok(())
     }
 
-    async fn authenticate(&mut self, id: RequestId, auth: hush_protocol::Authenticate) -> Result<(), End> {
+    async fn authenticate(
+        &mut self,
+        id: RequestId,
+        auth: hush_protocol::Authenticate,
+    ) -> Result<(), End> {
         let exporter = self.exporter()?;
         let store = self.shared.store.clone();
         let address = auth.address;
@@ -293,14 +319,21 @@ impl Session {
 
     /// Makes this connection the device's live one and starts pushing its mailbox.
     fn attach(&mut self, address: DeviceAddress) {
-        let link = self.shared.hub.attach(address, self.number, self.outbox.clone());
+        let link = self
+            .shared
+            .hub
+            .attach(address, self.number, self.outbox.clone());
         let delivery = tokio::spawn(deliver_loop(
             self.shared.clone(),
             address,
             link.clone(),
             self.outbox.clone(),
         ));
-        self.device = Some(Attached { address, link, delivery });
+        self.device = Some(Attached {
+            address,
+            link,
+            delivery,
+        });
     }
 
     fn exporter(&self) -> Result<[u8; EXPORTER_LEN], End> {
@@ -316,13 +349,15 @@ impl Session {
     }
 
     async fn respond(&self, id: RequestId, result: Result<ResponseBody, ErrorCode>) {
-        self.send(&ServerFrame::Response(Response { id, result })).await;
+        self.send(&ServerFrame::Response(Response { id, result }))
+            .await;
     }
 
     /// Lets started requests finish (their commits are answered), stops delivery, tells the
     /// client why, flushes, and closes.
     async fn finish(mut self, end: End, writer: JoinHandle<()>) {
-        let all = u32::try_from(self.shared.config.limits.max_in_flight_requests).unwrap_or(u32::MAX);
+        let all =
+            u32::try_from(self.shared.config.limits.max_in_flight_requests).unwrap_or(u32::MAX);
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.in_flight.acquire_many(all)).await;
         if let Some(device) = self.device.take() {
             device.delivery.abort();
@@ -333,8 +368,15 @@ impl Session {
             End::Peer => (VarInt::from_u32(0), "bye"),
             End::Close(code) => {
                 self.shared.metrics.closed_with(code);
-                tracing::debug!(connection = self.number, code = code.description(), "closing connection");
-                let fatal = Fatal { code, supported_versions: SUPPORTED_VERSIONS };
+                tracing::debug!(
+                    connection = self.number,
+                    code = code.description(),
+                    "closing connection"
+                );
+                let fatal = Fatal {
+                    code,
+                    supported_versions: SUPPORTED_VERSIONS,
+                };
                 self.send(&ServerFrame::Fatal(fatal)).await;
                 (code_of(code), code.description())
             }
@@ -346,8 +388,10 @@ impl Session {
 }
 
 fn verify(key: &[u8; 32], message: &[u8], signature: &[u8; 64]) -> bool {
-    VerifyingKey::from_bytes(key)
-        .is_ok_and(|key| key.verify_strict(message, &Signature::from_bytes(signature)).is_ok())
+    VerifyingKey::from_bytes(key).is_ok_and(|key| {
+        key.verify_strict(message, &Signature::from_bytes(signature))
+            .is_ok()
+    })
 }
 
 fn commit_error_code(error: CommitError) -> ErrorCode {
@@ -363,7 +407,7 @@ fn respond_to_write(
     shared: &Shared,
     outcome: Result<WriteResult, CommitError>,
 ) -> Result<ResponseBody, ErrorCode> {
-    let outcome = outcome.map_err(commit_error_code)?.map_err(|refusal| refusal.code())?;
+    let outcome = outcome.map_err(commit_error_code)?.map_err(Refusal::code)?;
     Ok(match outcome {
         Outcome::Enqueued { recipients } => {
             Metrics::add(&shared.metrics.envelopes_accepted, recipients.len() as u64);
@@ -403,7 +447,12 @@ fn low_prekeys_frame(counts: PrekeyCounts) -> Vec<u8> {
 /// Pushes a device's mailbox: first the backlog, in order, then `Drained`, then whatever
 /// arrives while it is connected. Reads the store each round, so memory stays flat however
 /// far behind the device is.
-async fn deliver_loop(shared: Arc<Shared>, address: DeviceAddress, link: DeviceLink, outbox: mpsc::Sender<Vec<u8>>) {
+async fn deliver_loop(
+    shared: Arc<Shared>,
+    address: DeviceAddress,
+    link: DeviceLink,
+    outbox: mpsc::Sender<Vec<u8>>,
+) {
     let store = shared.store.clone();
     let counts = {
         let store = store.clone();
@@ -421,7 +470,10 @@ async fn deliver_loop(shared: Arc<Shared>, address: DeviceAddress, link: DeviceL
     loop {
         let now = shared.clock.now();
         let reader = store.clone();
-        let batch = tokio::task::spawn_blocking(move || reader.backlog(&address, after, now, DELIVERY_BATCH)).await;
+        let batch = tokio::task::spawn_blocking(move || {
+            reader.backlog(&address, after, now, DELIVERY_BATCH)
+        })
+        .await;
         let batch = match batch {
             Ok(Ok(batch)) => batch,
             Ok(Err(error)) => {
@@ -449,7 +501,11 @@ async fn deliver_loop(shared: Arc<Shared>, address: DeviceAddress, link: DeviceL
         }
         if !drained {
             drained = true;
-            if outbox.send(encode_frame(&ServerFrame::Drained)).await.is_err() {
+            if outbox
+                .send(encode_frame(&ServerFrame::Drained))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -481,15 +537,21 @@ async fn read_frame(recv: &mut RecvStream) -> Result<Option<ClientFrame>, ReadFa
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
         Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(ReadExactError::FinishedEarly(_)) => return Err(ReadFailure::Decode(DecodeError::Truncated)),
+        Err(ReadExactError::FinishedEarly(_)) => {
+            return Err(ReadFailure::Decode(DecodeError::Truncated))
+        }
         Err(ReadExactError::ReadError(_)) => return Err(ReadFailure::Gone),
     }
     let header = FrameHeader::parse::<ClientFrame>(header).map_err(ReadFailure::Decode)?;
     let mut body = vec![0u8; header.body_len];
     match recv.read_exact(&mut body).await {
         Ok(()) => {}
-        Err(ReadExactError::FinishedEarly(_)) => return Err(ReadFailure::Decode(DecodeError::Truncated)),
+        Err(ReadExactError::FinishedEarly(_)) => {
+            return Err(ReadFailure::Decode(DecodeError::Truncated))
+        }
         Err(ReadExactError::ReadError(_)) => return Err(ReadFailure::Gone),
     }
-    ClientFrame::decode_body(header.kind, &body).map(Some).map_err(ReadFailure::Decode)
+    ClientFrame::decode_body(header.kind, &body)
+        .map(Some)
+        .map_err(ReadFailure::Decode)
 }

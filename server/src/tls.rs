@@ -61,15 +61,25 @@ fn fingerprint(leaf: &CertificateDer<'_>) -> [u8; 32] {
 }
 
 fn load_pem(files: &TlsFiles) -> Result<ServerIdentity, TlsError> {
-    let pem = |path: &Path, what| TlsError::Pem { path: path.to_owned(), what };
+    let pem = |path: &Path, what| TlsError::Pem {
+        path: path.to_owned(),
+        what,
+    };
     let chain = CertificateDer::pem_file_iter(&files.cert)
         .map_err(|_| pem(&files.cert, "certificate"))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| pem(&files.cert, "certificate"))?;
-    let leaf = chain.first().ok_or_else(|| pem(&files.cert, "certificate"))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| pem(&files.cert, "certificate"))?;
     let fingerprint = fingerprint(leaf);
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|_| pem(&files.key, "private key"))?;
-    Ok(ServerIdentity { chain, key, fingerprint })
+    let key =
+        PrivateKeyDer::from_pem_file(&files.key).map_err(|_| pem(&files.key, "private key"))?;
+    Ok(ServerIdentity {
+        chain,
+        key,
+        fingerprint,
+    })
 }
 
 fn self_signed(dir: &Path) -> Result<ServerIdentity, TlsError> {
@@ -81,13 +91,22 @@ fn self_signed(dir: &Path) -> Result<ServerIdentity, TlsError> {
     };
     if !cert_path.exists() {
         fs::create_dir_all(dir).map_err(io(dir))?;
-        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "hush-relay".to_owned()])?;
+        let made = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_owned(),
+            "hush-relay".to_owned(),
+        ])?;
         write_private(&key_path, &made.signing_key.serialize_der()).map_err(io(&key_path))?;
         fs::write(&cert_path, made.cert.der()).map_err(io(&cert_path))?;
     }
     let cert = CertificateDer::from(fs::read(&cert_path).map_err(io(&cert_path))?);
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(fs::read(&key_path).map_err(io(&key_path))?));
-    Ok(ServerIdentity { fingerprint: fingerprint(&cert), chain: vec![cert], key })
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        fs::read(&key_path).map_err(io(&key_path))?,
+    ));
+    Ok(ServerIdentity {
+        fingerprint: fingerprint(&cert),
+        chain: vec![cert],
+        key,
+    })
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

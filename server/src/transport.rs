@@ -12,7 +12,10 @@ use crate::tls::{ServerIdentity, TlsError};
 const MAX_BIDI_STREAMS: u32 = 2;
 
 /// Builds the endpoint's server configuration.
-pub fn server_config(config: &Config, identity: ServerIdentity) -> Result<quinn::ServerConfig, TlsError> {
+pub fn server_config(
+    config: &Config,
+    identity: ServerIdentity,
+) -> Result<quinn::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -21,8 +24,11 @@ pub fn server_config(config: &Config, identity: ServerIdentity) -> Result<quinn:
     tls.alpn_protocols = vec![hush_protocol::ALPN.to_vec()];
     // 0-RTT data can be replayed by anyone who saw it; nothing we accept may be replayable.
     tls.max_early_data_size = 0;
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|_| TlsError::Rustls(rustls::Error::General("no QUIC-capable cipher suite".into())))?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|_| {
+        TlsError::Rustls(rustls::Error::General(
+            "no QUIC-capable cipher suite".into(),
+        ))
+    })?;
 
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(Arc::new(transport_config(config)));

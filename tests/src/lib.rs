@@ -1,6 +1,11 @@
 //! The shared harness for Hush's end-to-end tests: real relays (in-process, or as a child
 //! process for crash and signal tests) on loopback with temp data dirs, and real clients.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::missing_panics_doc)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::missing_panics_doc
+)]
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -30,7 +35,11 @@ pub struct TestRelay {
 
 /// A config for tests: loopback, port 0, the given data dir, sweeps only when asked.
 pub fn test_config(data_dir: &Path) -> Config {
-    let mut config = Config { listen: "127.0.0.1:0".parse().unwrap(), data_dir: data_dir.to_owned(), ..Config::default() };
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.to_owned(),
+        ..Config::default()
+    };
     config.sweep_interval_secs = 3600;
     config
 }
@@ -47,8 +56,15 @@ impl TestRelay {
         let mut config = test_config(dir.path());
         adjust(&mut config);
         let clock = ManualClock::starting_now();
-        let relay = Relay::start(config.clone(), Arc::new(clock.clone())).await.unwrap();
-        TestRelay { relay: Some(relay), clock, dir, config }
+        let relay = Relay::start(config.clone(), Arc::new(clock.clone()))
+            .await
+            .unwrap();
+        TestRelay {
+            relay: Some(relay),
+            clock,
+            dir,
+            config,
+        }
     }
 
     /// The running relay.
@@ -63,20 +79,33 @@ impl TestRelay {
 
     /// Options that pin this relay's certificate.
     pub fn options(&self) -> ConnectOptions {
-        ConnectOptions::new(self.relay().local_addr(), Trust::Pinned(self.relay().fingerprint()))
+        ConnectOptions::new(
+            self.relay().local_addr(),
+            Trust::Pinned(self.relay().fingerprint()),
+        )
     }
 
     /// A fresh connection, not yet registered or authenticated.
     pub async fn connect(&self) -> Connection {
-        tokio::time::timeout(WAIT, Connection::connect(&self.options())).await.unwrap().unwrap()
+        tokio::time::timeout(WAIT, Connection::connect(&self.options()))
+            .await
+            .unwrap()
+            .unwrap()
     }
 
     /// Registers a new account and returns its primary device, connected.
     pub async fn register(&self) -> Device {
         let key = DeviceKey::generate();
         let connection = self.connect().await;
-        let address = connection.register(b"identity-key", &key, None).await.unwrap();
-        Device { connection, address, key }
+        let address = connection
+            .register(b"identity-key", &key, None)
+            .await
+            .unwrap();
+        Device {
+            connection,
+            address,
+            key,
+        }
     }
 
     /// Connects and authenticates an existing device.
@@ -88,14 +117,24 @@ impl TestRelay {
 
     /// Stops the relay gracefully and starts it again on the same data dir and clock.
     pub async fn restart(&mut self) {
-        self.relay.take().expect("relay is running").shutdown().await;
-        let relay = Relay::start(self.config.clone(), Arc::new(self.clock.clone())).await.unwrap();
+        self.relay
+            .take()
+            .expect("relay is running")
+            .shutdown()
+            .await;
+        let relay = Relay::start(self.config.clone(), Arc::new(self.clock.clone()))
+            .await
+            .unwrap();
         self.relay = Some(relay);
     }
 
     /// Stops the relay gracefully and keeps the data dir.
     pub async fn stop(mut self) -> TempDir {
-        self.relay.take().expect("relay is running").shutdown().await;
+        self.relay
+            .take()
+            .expect("relay is running")
+            .shutdown()
+            .await;
         self.dir
     }
 }
@@ -113,10 +152,21 @@ pub struct Device {
 /// Adds a device to `primary`'s account and logs it in.
 pub async fn add_device(relay: &TestRelay, primary: &Device) -> Device {
     let key = DeviceKey::generate();
-    let device = primary.connection.add_device(key.public_key()).await.unwrap();
-    let address = DeviceAddress { account: primary.address.account, device };
+    let device = primary
+        .connection
+        .add_device(key.public_key())
+        .await
+        .unwrap();
+    let address = DeviceAddress {
+        account: primary.address.account,
+        device,
+    };
     let connection = relay.login(address, &key).await;
-    Device { connection, address, key }
+    Device {
+        connection,
+        address,
+        key,
+    }
 }
 
 /// The next envelope pushed to `connection`, skipping other events.
@@ -163,7 +213,11 @@ pub async fn assert_no_envelope(connection: &Connection, quiet: Duration) {
         }
     })
     .await;
-    assert!(arrived.is_err(), "unexpected envelope {:?}", arrived.map(|e| e.id));
+    assert!(
+        arrived.is_err(),
+        "unexpected envelope {:?}",
+        arrived.map(|e| e.id)
+    );
 }
 
 /// A `hush-relay` child process, for tests that kill or signal it.
@@ -182,7 +236,11 @@ impl ChildRelay {
     pub fn spawn(binary: &Path, data_dir: &Path, log: Option<&Path>, rust_log: &str) -> Self {
         let stderr = match log {
             Some(path) => Stdio::from(
-                std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap(),
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap(),
             ),
             None => Stdio::null(),
         };
@@ -199,7 +257,10 @@ impl ChildRelay {
         let mut address = None;
         let mut fingerprint = None;
         while address.is_none() || fingerprint.is_none() {
-            let line = lines.next().expect("relay printed its address and fingerprint").unwrap();
+            let line = lines
+                .next()
+                .expect("relay printed its address and fingerprint")
+                .unwrap();
             if let Some(rest) = line.strip_prefix("listening on ") {
                 address = Some(rest.split_whitespace().next().unwrap().parse().unwrap());
             }
@@ -209,7 +270,11 @@ impl ChildRelay {
         }
         // Keep draining stdout so that the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        ChildRelay { child, address: address.unwrap(), fingerprint: fingerprint.unwrap() }
+        ChildRelay {
+            child,
+            address: address.unwrap(),
+            fingerprint: fingerprint.unwrap(),
+        }
     }
 
     /// Options that pin this relay.
@@ -226,13 +291,20 @@ impl ChildRelay {
     /// SIGTERM, then waits (bounded) for the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
         let deadline = std::time::Instant::now() + WAIT;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "relay did not exit after SIGTERM");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "relay did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -12,7 +12,11 @@ async fn undelivered_envelope_expires_after_14_days_and_is_shredded() {
     let alice = relay.register().await;
     let bob = relay.register().await;
     drop(bob.connection);
-    alice.connection.send_to(&[bob.address], b"still fresh".to_vec()).await.unwrap();
+    alice
+        .connection
+        .send_to(&[bob.address], b"still fresh".to_vec())
+        .await
+        .unwrap();
 
     // 13 days 23 hours: still delivered (and not acked).
     relay.clock.advance(13 * DAY + 23 * HOUR);
@@ -22,9 +26,16 @@ async fn undelivered_envelope_expires_after_14_days_and_is_shredded() {
 
     // Past 14 days: never delivered, even though no sweep has run yet.
     relay.clock.advance(HOUR + 1);
-    assert_eq!(relay.relay().store_stats().await.unwrap().envelopes, 1, "not swept yet");
+    assert_eq!(
+        relay.relay().store_stats().await.unwrap().envelopes,
+        1,
+        "not swept yet"
+    );
     let bob_connection = relay.login(bob.address, &bob.key).await;
-    assert!(drain(&bob_connection).await.is_empty(), "an expired envelope is never delivered");
+    assert!(
+        drain(&bob_connection).await.is_empty(),
+        "an expired envelope is never delivered"
+    );
 
     // The sweep deletes it and its index entry.
     assert_eq!(relay.relay().sweep_now().await.unwrap(), 1);
@@ -45,7 +56,11 @@ async fn a_shorter_expiry_is_honoured() {
     let alice = relay.register().await;
     let bob = relay.register().await;
     drop(bob.connection);
-    alice.connection.send_to(&[bob.address], b"short-lived".to_vec()).await.unwrap();
+    alice
+        .connection
+        .send_to(&[bob.address], b"short-lived".to_vec())
+        .await
+        .unwrap();
     relay.clock.advance(2 * DAY + 1);
     let bob_connection = relay.login(bob.address, &bob.key).await;
     assert!(drain(&bob_connection).await.is_empty());

@@ -18,10 +18,15 @@ async fn offline_devices_each_receive_exactly_once_in_order_then_the_store_forge
     drop(bob.connection);
     drop(bob2.connection);
 
-    let messages: Vec<Vec<u8>> =
-        (0..5).map(|i| format!("envelope {i} for bob, plaintext-looking canary").into_bytes()).collect();
+    let messages: Vec<Vec<u8>> = (0..5)
+        .map(|i| format!("envelope {i} for bob, plaintext-looking canary").into_bytes())
+        .collect();
     for message in &messages {
-        alice.connection.send_to(&[bob1_address, bob2_address], message.clone()).await.unwrap();
+        alice
+            .connection
+            .send_to(&[bob1_address, bob2_address], message.clone())
+            .await
+            .unwrap();
     }
     assert_eq!(relay.relay().store_stats().await.unwrap().envelopes, 10);
 
@@ -29,18 +34,29 @@ async fn offline_devices_each_receive_exactly_once_in_order_then_the_store_forge
         let connection = relay.login(address, key).await;
         let received = drain(&connection).await;
         let payloads: Vec<Vec<u8>> = received.iter().map(|e| e.payload.clone()).collect();
-        assert_eq!(payloads, messages, "each device gets every message once, in order");
+        assert_eq!(
+            payloads, messages,
+            "each device gets every message once, in order"
+        );
         let ids: Vec<EnvelopeId> = received.iter().map(|e| e.id).collect();
         connection.ack(&ids).await.unwrap();
         assert_no_envelope(&connection, Duration::from_millis(200)).await;
     }
 
     let stats = relay.relay().store_stats().await.unwrap();
-    assert_eq!((stats.envelopes, stats.expiry_entries), (0, 0), "acked envelopes leave no trace");
+    assert_eq!(
+        (stats.envelopes, stats.expiry_entries),
+        (0, 0),
+        "acked envelopes leave no trace"
+    );
     let dir = relay.stop().await;
     for (path, bytes) in hush_tests::read_tree(dir.path()) {
         for message in &messages {
-            assert!(!hush_tests::contains(&bytes, message), "{} holds a payload", path.display());
+            assert!(
+                !hush_tests::contains(&bytes, message),
+                "{} holds a payload",
+                path.display()
+            );
         }
     }
 }
@@ -52,7 +68,11 @@ async fn a_connected_device_gets_envelopes_pushed_without_polling() {
     let bob = relay.register().await;
     assert!(drain(&bob.connection).await.is_empty());
 
-    alice.connection.send_to(&[bob.address], b"hello bob".to_vec()).await.unwrap();
+    alice
+        .connection
+        .send_to(&[bob.address], b"hello bob".to_vec())
+        .await
+        .unwrap();
     let envelope = next_envelope(&bob.connection).await;
     assert_eq!(envelope.payload, b"hello bob");
     bob.connection.ack(&[envelope.id]).await.unwrap();
@@ -63,8 +83,16 @@ async fn unacknowledged_envelopes_come_back_on_the_next_connection() {
     let relay = TestRelay::start().await;
     let alice = relay.register().await;
     let bob = relay.register().await;
-    alice.connection.send_to(&[bob.address], b"one".to_vec()).await.unwrap();
-    alice.connection.send_to(&[bob.address], b"two".to_vec()).await.unwrap();
+    alice
+        .connection
+        .send_to(&[bob.address], b"one".to_vec())
+        .await
+        .unwrap();
+    alice
+        .connection
+        .send_to(&[bob.address], b"two".to_vec())
+        .await
+        .unwrap();
     let first = next_envelope(&bob.connection).await;
     bob.connection.ack(&[first.id]).await.unwrap();
     let _second_not_acked = next_envelope(&bob.connection).await;
@@ -82,13 +110,27 @@ async fn acking_another_devices_envelope_is_refused_and_changes_nothing() {
     let alice = relay.register().await;
     let bob = relay.register().await;
     let mallory = relay.register().await;
-    alice.connection.send_to(&[bob.address], b"for bob only".to_vec()).await.unwrap();
+    alice
+        .connection
+        .send_to(&[bob.address], b"for bob only".to_vec())
+        .await
+        .unwrap();
     let envelope = next_envelope(&bob.connection).await;
 
     let refused = mallory.connection.ack(&[envelope.id]).await;
-    assert!(matches!(refused, Err(ConnectionError::Refused(ErrorCode::UnknownEnvelope))), "{refused:?}");
+    assert!(
+        matches!(
+            refused,
+            Err(ConnectionError::Refused(ErrorCode::UnknownEnvelope))
+        ),
+        "{refused:?}"
+    );
     // Mallory's connection is still usable, and Bob's envelope is still there.
-    mallory.connection.send_to(&[alice.address], b"still here".to_vec()).await.unwrap();
+    mallory
+        .connection
+        .send_to(&[alice.address], b"still here".to_vec())
+        .await
+        .unwrap();
     assert_eq!(relay.relay().store_stats().await.unwrap().envelopes, 2);
     drop(bob.connection);
     let bob_again = relay.login(bob.address, &bob.key).await;
@@ -97,7 +139,10 @@ async fn acking_another_devices_envelope_is_refused_and_changes_nothing() {
     // Acking one's own envelope twice is refused the same way.
     bob_again.ack(&[envelope.id]).await.unwrap();
     let twice = bob_again.ack(&[envelope.id]).await;
-    assert!(matches!(twice, Err(ConnectionError::Refused(ErrorCode::UnknownEnvelope))));
+    assert!(matches!(
+        twice,
+        Err(ConnectionError::Refused(ErrorCode::UnknownEnvelope))
+    ));
 }
 
 #[tokio::test]
@@ -105,15 +150,30 @@ async fn a_send_with_an_unknown_recipient_stores_nothing() {
     let relay = TestRelay::start().await;
     let alice = relay.register().await;
     let bob = relay.register().await;
-    let ghost = DeviceAddress { device: DeviceId(9), ..bob.address };
+    let ghost = DeviceAddress {
+        device: DeviceId(9),
+        ..bob.address
+    };
     let result = alice
         .connection
         .send(vec![
-            OutgoingEnvelope { recipients: vec![bob.address], payload: b"a".to_vec() },
-            OutgoingEnvelope { recipients: vec![ghost], payload: b"b".to_vec() },
+            OutgoingEnvelope {
+                recipients: vec![bob.address],
+                payload: b"a".to_vec(),
+            },
+            OutgoingEnvelope {
+                recipients: vec![ghost],
+                payload: b"b".to_vec(),
+            },
         ])
         .await;
-    assert!(matches!(result, Err(ConnectionError::Refused(ErrorCode::UnknownRecipient))), "{result:?}");
+    assert!(
+        matches!(
+            result,
+            Err(ConnectionError::Refused(ErrorCode::UnknownRecipient))
+        ),
+        "{result:?}"
+    );
     assert_eq!(relay.relay().store_stats().await.unwrap().envelopes, 0);
     assert!(drain(&bob.connection).await.is_empty());
 }
@@ -128,11 +188,22 @@ async fn one_payload_fans_out_to_many_devices_in_one_commit() {
     }
     let addresses: Vec<DeviceAddress> = members.iter().map(|m| m.address).collect();
     let (commits_before, _) = relay.relay().commit_counts();
-    alice.connection.send_to(&addresses, b"group ciphertext".to_vec()).await.unwrap();
+    alice
+        .connection
+        .send_to(&addresses, b"group ciphertext".to_vec())
+        .await
+        .unwrap();
     let (commits_after, _) = relay.relay().commit_counts();
-    assert_eq!(commits_after - commits_before, 1, "a send to many devices is one transaction");
+    assert_eq!(
+        commits_after - commits_before,
+        1,
+        "a send to many devices is one transaction"
+    );
     for member in &members {
-        assert_eq!(next_envelope(&member.connection).await.payload, b"group ciphertext");
+        assert_eq!(
+            next_envelope(&member.connection).await.payload,
+            b"group ciphertext"
+        );
     }
 }
 
@@ -153,7 +224,11 @@ async fn a_device_has_one_live_connection() {
     .await
     .unwrap();
     assert_eq!(closed, Some(ErrorCode::ConnectionReplaced));
-    alice.connection.send_to(&[bob.address], b"to the new one".to_vec()).await.unwrap();
+    alice
+        .connection
+        .send_to(&[bob.address], b"to the new one".to_vec())
+        .await
+        .unwrap();
     assert_eq!(next_envelope(&second).await.payload, b"to the new one");
 }
 
@@ -164,15 +239,43 @@ async fn devices_are_limited_per_account_and_removed_devices_stop_receiving() {
     let bob = relay.register().await;
     let bob2 = add_device(&relay, &bob).await;
     let _bob3 = add_device(&relay, &bob).await;
-    let fourth = bob.connection.add_device(DeviceKey::generate().public_key()).await;
-    assert!(matches!(fourth, Err(ConnectionError::Refused(ErrorCode::DeviceLimitReached))), "{fourth:?}");
+    let fourth = bob
+        .connection
+        .add_device(DeviceKey::generate().public_key())
+        .await;
+    assert!(
+        matches!(
+            fourth,
+            Err(ConnectionError::Refused(ErrorCode::DeviceLimitReached))
+        ),
+        "{fourth:?}"
+    );
 
-    alice.connection.send_to(&[bob2.address], b"queued for bob2".to_vec()).await.unwrap();
-    bob.connection.remove_device(bob2.address.device).await.unwrap();
+    alice
+        .connection
+        .send_to(&[bob2.address], b"queued for bob2".to_vec())
+        .await
+        .unwrap();
+    bob.connection
+        .remove_device(bob2.address.device)
+        .await
+        .unwrap();
     let stats = relay.relay().store_stats().await.unwrap();
-    assert_eq!(stats.envelopes, 0, "the removed device's mailbox went with it");
-    let to_removed = alice.connection.send_to(&[bob2.address], b"x".to_vec()).await;
-    assert!(matches!(to_removed, Err(ConnectionError::Refused(ErrorCode::UnknownRecipient))));
+    assert_eq!(
+        stats.envelopes, 0,
+        "the removed device's mailbox went with it"
+    );
+    let to_removed = alice
+        .connection
+        .send_to(&[bob2.address], b"x".to_vec())
+        .await;
+    assert!(matches!(
+        to_removed,
+        Err(ConnectionError::Refused(ErrorCode::UnknownRecipient))
+    ));
     let primary = bob.connection.remove_device(DeviceId::PRIMARY).await;
-    assert!(matches!(primary, Err(ConnectionError::Refused(ErrorCode::NotPermitted))));
+    assert!(matches!(
+        primary,
+        Err(ConnectionError::Refused(ErrorCode::NotPermitted))
+    ));
 }

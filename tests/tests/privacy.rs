@@ -12,7 +12,8 @@ struct Secrets(Vec<(String, Vec<u8>)>);
 impl Secrets {
     fn add(&mut self, what: &str, bytes: &[u8]) {
         self.0.push((format!("{what} (raw)"), bytes.to_vec()));
-        self.0.push((format!("{what} (hex)"), hex::encode(bytes).into_bytes()));
+        self.0
+            .push((format!("{what} (hex)"), hex::encode(bytes).into_bytes()));
     }
 
     fn add_address(&mut self, what: &str, address: &DeviceAddress) {
@@ -40,16 +41,26 @@ async fn data_dir_and_trace_logs_hold_no_identifiers_or_content() {
     let alice_identity = b"alice identity key: 0123456789abcdef".to_vec();
     let bob_identity = b"bob identity key: fedcba9876543210".to_vec();
     let alice = Connection::connect(&child.options()).await.unwrap();
-    let alice_address = alice.register(&alice_identity, &alice_key, None).await.unwrap();
+    let alice_address = alice
+        .register(&alice_identity, &alice_key, None)
+        .await
+        .unwrap();
     let bob = Connection::connect(&child.options()).await.unwrap();
     let bob_address = bob.register(&bob_identity, &bob_key, None).await.unwrap();
     let bob2_key = DeviceKey::generate();
     let bob2_device = bob.add_device(bob2_key.public_key()).await.unwrap();
-    let bob2_address = DeviceAddress { account: bob_address.account, device: bob2_device };
+    let bob2_address = DeviceAddress {
+        account: bob_address.account,
+        device: bob2_device,
+    };
     secrets.add_address("alice", &alice_address);
     secrets.add_address("bob", &bob_address);
     secrets.add_address("bob2", &bob2_address);
-    for (name, key) in [("alice", &alice_key), ("bob", &bob_key), ("bob2", &bob2_key)] {
+    for (name, key) in [
+        ("alice", &alice_key),
+        ("bob", &bob_key),
+        ("bob2", &bob2_key),
+    ] {
         secrets.add(&format!("{name} device key"), &key.public_key());
     }
     secrets.add("alice identity", &alice_identity);
@@ -59,7 +70,10 @@ async fn data_dir_and_trace_logs_hold_no_identifiers_or_content() {
     for i in 0..20 {
         let payload = format!("PLAINTEXT-CANARY message number {i} from alice").into_bytes();
         secrets.add(&format!("payload {i}"), &payload);
-        alice.send_to(&[bob_address, bob2_address], payload).await.unwrap();
+        alice
+            .send_to(&[bob_address, bob2_address], payload)
+            .await
+            .unwrap();
     }
     let mut ids = Vec::new();
     for _ in 0..20 {
@@ -70,7 +84,9 @@ async fn data_dir_and_trace_logs_hold_no_identifiers_or_content() {
     drop(bob);
 
     // Graceful stop, so that everything the relay would write is written.
-    let status = tokio::task::spawn_blocking(move || child.terminate()).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || child.terminate())
+        .await
+        .unwrap();
     assert!(status.success());
 
     let files = read_tree(&data_dir);
@@ -79,8 +95,15 @@ async fn data_dir_and_trace_logs_hold_no_identifiers_or_content() {
         secrets.assert_absent(&path.display().to_string(), bytes);
     }
     let log_bytes = std::fs::read(&log).unwrap();
-    assert!(log_bytes.len() > 10_000, "trace logging was on ({} bytes)", log_bytes.len());
+    assert!(
+        log_bytes.len() > 10_000,
+        "trace logging was on ({} bytes)",
+        log_bytes.len()
+    );
     secrets.assert_absent("the relay log", &log_bytes);
     // No client address: every address in the log was redacted.
-    assert!(!contains(&log_bytes, b"127.0.0.1"), "the relay log contains a loopback address");
+    assert!(
+        !contains(&log_bytes, b"127.0.0.1"),
+        "the relay log contains a loopback address"
+    );
 }

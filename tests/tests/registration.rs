@@ -18,26 +18,62 @@ async fn invite_only_relays_take_each_token_once() {
         .output()
         .unwrap();
     assert!(output.status.success());
-    let tokens: Vec<String> = String::from_utf8(output.stdout).unwrap().lines().map(str::to_owned).collect();
+    let tokens: Vec<String> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
     assert_eq!(tokens.len(), 2);
 
     // A relay on the data dir the tokens were written to.
     let mut config = hush_tests::test_config(dir.path());
     config.registration = hush_server::config::RegistrationPolicy::Invite;
-    let relay = hush_server::Relay::start(config, Arc::new(hush_server::clock::SystemClock)).await.unwrap();
+    let relay = hush_server::Relay::start(config, Arc::new(hush_server::clock::SystemClock))
+        .await
+        .unwrap();
     let options = ConnectOptions::new(relay.local_addr(), Trust::Pinned(relay.fingerprint()));
 
     let connection = Connection::connect(&options).await.unwrap();
-    let none = connection.register(b"id", &DeviceKey::generate(), None).await;
-    assert!(matches!(none, Err(ConnectionError::Refused(ErrorCode::InviteRequired))), "{none:?}");
-    let wrong = connection.register(b"id", &DeviceKey::generate(), Some(b"not-a-token")).await;
-    assert!(matches!(wrong, Err(ConnectionError::Refused(ErrorCode::InvalidInvite))), "{wrong:?}");
-    connection.register(b"id", &DeviceKey::generate(), Some(tokens[0].as_bytes())).await.unwrap();
+    let none = connection
+        .register(b"id", &DeviceKey::generate(), None)
+        .await;
+    assert!(
+        matches!(
+            none,
+            Err(ConnectionError::Refused(ErrorCode::InviteRequired))
+        ),
+        "{none:?}"
+    );
+    let wrong = connection
+        .register(b"id", &DeviceKey::generate(), Some(b"not-a-token"))
+        .await;
+    assert!(
+        matches!(
+            wrong,
+            Err(ConnectionError::Refused(ErrorCode::InvalidInvite))
+        ),
+        "{wrong:?}"
+    );
+    connection
+        .register(b"id", &DeviceKey::generate(), Some(tokens[0].as_bytes()))
+        .await
+        .unwrap();
 
     let again = Connection::connect(&options).await.unwrap();
-    let reused = again.register(b"id", &DeviceKey::generate(), Some(tokens[0].as_bytes())).await;
-    assert!(matches!(reused, Err(ConnectionError::Refused(ErrorCode::InvalidInvite))), "{reused:?}");
-    again.register(b"id", &DeviceKey::generate(), Some(tokens[1].as_bytes())).await.unwrap();
+    let reused = again
+        .register(b"id", &DeviceKey::generate(), Some(tokens[0].as_bytes()))
+        .await;
+    assert!(
+        matches!(
+            reused,
+            Err(ConnectionError::Refused(ErrorCode::InvalidInvite))
+        ),
+        "{reused:?}"
+    );
+    again
+        .register(b"id", &DeviceKey::generate(), Some(tokens[1].as_bytes()))
+        .await
+        .unwrap();
     relay.shutdown().await;
 }
 
@@ -46,7 +82,11 @@ async fn a_wrong_pin_is_refused_by_the_client() {
     let relay = TestRelay::start().await;
     let options = ConnectOptions::new(relay.relay().local_addr(), Trust::Pinned([0xAB; 32]));
     let result = Connection::connect(&options).await;
-    assert!(matches!(result, Err(ConnectionError::Connection(_))), "{:?}", result.err());
+    assert!(
+        matches!(result, Err(ConnectionError::Connection(_))),
+        "{:?}",
+        result.err()
+    );
 }
 
 #[tokio::test]
@@ -67,7 +107,13 @@ async fn an_operator_certificate_is_verified_through_webpki() {
     std::fs::write(&cert_path, leaf.pem()).unwrap();
     std::fs::write(&key_path, leaf_key.serialize_pem()).unwrap();
 
-    let relay = TestRelay::start_with(|c| c.tls = Some(TlsFiles { cert: cert_path, key: key_path })).await;
+    let relay = TestRelay::start_with(|c| {
+        c.tls = Some(TlsFiles {
+            cert: cert_path,
+            key: key_path,
+        })
+    })
+    .await;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca_cert.der().clone()).unwrap();
     let roots = Arc::new(roots);
@@ -77,8 +123,14 @@ async fn an_operator_certificate_is_verified_through_webpki() {
         trust: Trust::WebPki(roots.clone()),
     };
     let connection = Connection::connect(&options).await.unwrap();
-    connection.register(b"id", &DeviceKey::generate(), None).await.unwrap();
+    connection
+        .register(b"id", &DeviceKey::generate(), None)
+        .await
+        .unwrap();
 
-    let wrong_name = ConnectOptions { server_name: "other.test".to_owned(), ..options };
+    let wrong_name = ConnectOptions {
+        server_name: "other.test".to_owned(),
+        ..options
+    };
     assert!(Connection::connect(&wrong_name).await.is_err());
 }

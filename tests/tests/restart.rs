@@ -11,10 +11,18 @@ async fn graceful_restart_keeps_acknowledged_envelopes() {
     let alice = relay.register().await;
     let bob = relay.register().await;
     drop(bob.connection);
-    alice.connection.send_to(&[bob.address], b"before restart".to_vec()).await.unwrap();
+    alice
+        .connection
+        .send_to(&[bob.address], b"before restart".to_vec())
+        .await
+        .unwrap();
     let fingerprint = relay.relay().fingerprint();
     relay.restart().await;
-    assert_eq!(relay.relay().fingerprint(), fingerprint, "the self-signed certificate is reused");
+    assert_eq!(
+        relay.relay().fingerprint(),
+        fingerprint,
+        "the self-signed certificate is reused"
+    );
     let bob_connection = relay.login(bob.address, &bob.key).await;
     assert_eq!(drain(&bob_connection).await[0].payload, b"before restart");
 }
@@ -34,7 +42,10 @@ async fn kill_minus_nine_after_the_ack_loses_nothing() {
     let mut sent = Vec::new();
     for i in 0..50u32 {
         let payload = format!("acknowledged message {i}").into_bytes();
-        alice.send_to(&[bob_address], payload.clone()).await.unwrap();
+        alice
+            .send_to(&[bob_address], payload.clone())
+            .await
+            .unwrap();
         sent.push(payload);
     }
     // Every send above returned, so the relay acknowledged it: now pull the plug.
@@ -55,7 +66,9 @@ async fn sigterm_closes_connections_with_a_code_and_exits_zero() {
     let key = DeviceKey::generate();
     let connection = Connection::connect(&child.options()).await.unwrap();
     connection.register(b"identity", &key, None).await.unwrap();
-    let status = tokio::task::spawn_blocking(move || child.terminate()).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || child.terminate())
+        .await
+        .unwrap();
     assert!(status.success(), "exit status {status:?}");
     let closed = tokio::time::timeout(WAIT, async {
         loop {

@@ -123,7 +123,10 @@ fn prekey_aad(tag: &Tag, kind: u8, id: u32) -> Vec<u8> {
 }
 
 fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
-    bytes.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)
+    bytes
+        .get(at..at + 8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
 }
 
 impl RedbStore {
@@ -139,7 +142,11 @@ impl RedbStore {
             next
         };
         txn.commit()?;
-        Ok(RedbStore { db, keys, next_sequence: AtomicU64::new(next_sequence) })
+        Ok(RedbStore {
+            db,
+            keys,
+            next_sequence: AtomicU64::new(next_sequence),
+        })
     }
 
     /// The keyring, shared with whoever needs to blind identifiers the same way.
@@ -156,13 +163,21 @@ impl RedbStore {
     }
 
     fn seal_account(&self, tag: &Tag, record: &AccountRecord) -> Result<Vec<u8>, StoreError> {
-        let plain = postcard::to_allocvec(record).map_err(|_| StoreError::Corrupt { table: "accounts" })?;
-        Ok(self.keys.directory().seal(&row_aad("accounts", &[tag]), &plain))
+        let plain =
+            postcard::to_allocvec(record).map_err(|_| StoreError::Corrupt { table: "accounts" })?;
+        Ok(self
+            .keys
+            .directory()
+            .seal(&row_aad("accounts", &[tag]), &plain))
     }
 
     fn open_account(&self, tag: &Tag, sealed: &[u8]) -> Result<AccountRecord, StoreError> {
         let corrupt = || StoreError::Corrupt { table: "accounts" };
-        let plain = self.keys.directory().open(&row_aad("accounts", &[tag]), sealed).map_err(|_| corrupt())?;
+        let plain = self
+            .keys
+            .directory()
+            .open(&row_aad("accounts", &[tag]), sealed)
+            .map_err(|_| corrupt())?;
         postcard::from_bytes(&plain).map_err(|_| corrupt())
     }
 
@@ -183,15 +198,29 @@ impl RedbStore {
         slot: u32,
         key: &Prekey,
     ) -> Result<(), StoreError> {
-        let plain = postcard::to_allocvec(key).map_err(|_| StoreError::Corrupt { table: "prekeys" })?;
-        let sealed = self.keys.directory().seal(&prekey_aad(&tag, kind, slot), &plain);
+        let plain =
+            postcard::to_allocvec(key).map_err(|_| StoreError::Corrupt { table: "prekeys" })?;
+        let sealed = self
+            .keys
+            .directory()
+            .seal(&prekey_aad(&tag, kind, slot), &plain);
         table.insert((tag, kind, slot), sealed.as_slice())?;
         Ok(())
     }
 
-    fn open_prekey(&self, tag: &Tag, kind: u8, slot: u32, sealed: &[u8]) -> Result<Prekey, StoreError> {
+    fn open_prekey(
+        &self,
+        tag: &Tag,
+        kind: u8,
+        slot: u32,
+        sealed: &[u8],
+    ) -> Result<Prekey, StoreError> {
         let corrupt = || StoreError::Corrupt { table: "prekeys" };
-        let plain = self.keys.directory().open(&prekey_aad(tag, kind, slot), sealed).map_err(|_| corrupt())?;
+        let plain = self
+            .keys
+            .directory()
+            .open(&prekey_aad(tag, kind, slot), sealed)
+            .map_err(|_| corrupt())?;
         postcard::from_bytes(&plain).map_err(|_| corrupt())
     }
 
@@ -207,7 +236,9 @@ impl RedbStore {
             .next()
             .transpose()?
             .map(|(k, v)| (k.value().2, v.value().to_vec()));
-        let Some((slot, sealed)) = first else { return Ok(None) };
+        let Some((slot, sealed)) = first else {
+            return Ok(None);
+        };
         table.remove((tag, kind, slot))?;
         self.open_prekey(&tag, kind, slot, &sealed).map(Some)
     }
@@ -251,7 +282,13 @@ impl RedbStore {
 
     fn apply_one(&self, t: &mut Tables<'_>, write: Write) -> Result<WriteResult, StoreError> {
         match write {
-            Write::Register { account, identity_key, device_key, invite, require_invite } => {
+            Write::Register {
+                account,
+                identity_key,
+                device_key,
+                invite,
+                require_invite,
+            } => {
                 let tag = self.account_tag(&account);
                 if t.accounts.get(&tag)?.is_some() {
                     return Ok(Err(Refusal::NotPermitted));
@@ -268,13 +305,21 @@ impl RedbStore {
                 }
                 let record = AccountRecord {
                     identity_key,
-                    devices: vec![DeviceRecord { id: DeviceId::PRIMARY.0, key: device_key }],
+                    devices: vec![DeviceRecord {
+                        id: DeviceId::PRIMARY.0,
+                        key: device_key,
+                    }],
                     next_device: DeviceId::PRIMARY.0 + 1,
                 };
-                t.accounts.insert(&tag, self.seal_account(&tag, &record)?.as_slice())?;
+                t.accounts
+                    .insert(&tag, self.seal_account(&tag, &record)?.as_slice())?;
                 Ok(Ok(Outcome::Registered))
             }
-            Write::AddDevice { account, device_key, max_devices } => {
+            Write::AddDevice {
+                account,
+                device_key,
+                max_devices,
+            } => {
                 let tag = self.account_tag(&account);
                 let Some(mut record) = self.load_account(&t.accounts, &tag)? else {
                     return Ok(Err(Refusal::UnknownAccount));
@@ -287,8 +332,12 @@ impl RedbStore {
                 }
                 let id = record.next_device;
                 record.next_device += 1;
-                record.devices.push(DeviceRecord { id, key: device_key });
-                t.accounts.insert(&tag, self.seal_account(&tag, &record)?.as_slice())?;
+                record.devices.push(DeviceRecord {
+                    id,
+                    key: device_key,
+                });
+                t.accounts
+                    .insert(&tag, self.seal_account(&tag, &record)?.as_slice())?;
                 Ok(Ok(Outcome::DeviceAdded(DeviceId(id))))
             }
             Write::RemoveDevice { address } => {
@@ -303,10 +352,14 @@ impl RedbStore {
                     return Ok(Err(Refusal::UnknownDevice));
                 }
                 record.devices.retain(|d| d.id != address.device.0);
-                t.accounts.insert(&tag, self.seal_account(&tag, &record)?.as_slice())?;
+                t.accounts
+                    .insert(&tag, self.seal_account(&tag, &record)?.as_slice())?;
                 let device_tag = self.device_tag(&address);
                 for kind in [SIGNED, ONE_TIME, KEM_ONE_TIME, KEM_LAST_RESORT] {
-                    t.prekeys.retain_in((device_tag, kind, 0)..=(device_tag, kind, u32::MAX), |_, _| false)?;
+                    t.prekeys.retain_in(
+                        (device_tag, kind, 0)..=(device_tag, kind, u32::MAX),
+                        |_, _| false,
+                    )?;
                 }
                 Self::purge_mailbox(t, device_tag)?;
                 Ok(Ok(Outcome::DeviceRemoved { address }))
@@ -334,7 +387,11 @@ impl RedbStore {
                 }
                 Ok(Ok(Outcome::PrekeysStored(Self::counts(&t.prekeys, tag)?)))
             }
-            Write::TakePrekeys { account, device, low_threshold } => {
+            Write::TakePrekeys {
+                account,
+                device,
+                low_threshold,
+            } => {
                 let account_tag = self.account_tag(&account);
                 let Some(record) = self.load_account(&t.accounts, &account_tag)? else {
                     return Ok(Err(Refusal::UnknownAccount));
@@ -349,16 +406,26 @@ impl RedbStore {
                 let mut bundles = Vec::with_capacity(devices.len());
                 let mut low = Vec::new();
                 for d in devices {
-                    let address = DeviceAddress { account, device: DeviceId(d.id) };
+                    let address = DeviceAddress {
+                        account,
+                        device: DeviceId(d.id),
+                    };
                     let tag = self.device_tag(&address);
                     let signed = t.prekeys.get((tag, SIGNED, 0))?.map(|v| v.value().to_vec());
-                    let signed_prekey = signed.map(|s| self.open_prekey(&tag, SIGNED, 0, &s)).transpose()?;
+                    let signed_prekey = signed
+                        .map(|s| self.open_prekey(&tag, SIGNED, 0, &s))
+                        .transpose()?;
                     let one_time = self.take_first_prekey(&mut t.prekeys, tag, ONE_TIME)?;
                     let mut kem = self.take_first_prekey(&mut t.prekeys, tag, KEM_ONE_TIME)?;
                     let kem_is_last_resort = kem.is_none();
                     if kem.is_none() {
-                        let last = t.prekeys.get((tag, KEM_LAST_RESORT, 0))?.map(|v| v.value().to_vec());
-                        kem = last.map(|s| self.open_prekey(&tag, KEM_LAST_RESORT, 0, &s)).transpose()?;
+                        let last = t
+                            .prekeys
+                            .get((tag, KEM_LAST_RESORT, 0))?
+                            .map(|v| v.value().to_vec());
+                        kem = last
+                            .map(|s| self.open_prekey(&tag, KEM_LAST_RESORT, 0, &s))
+                            .transpose()?;
                     }
                     let counts = Self::counts(&t.prekeys, tag)?;
                     if counts.one_time < low_threshold || counts.kem_one_time < low_threshold {
@@ -373,12 +440,17 @@ impl RedbStore {
                         kem,
                     });
                 }
-                let bundles = PrekeyBundles { identity_key: record.identity_key.clone(), devices: bundles };
+                let bundles = PrekeyBundles {
+                    identity_key: record.identity_key.clone(),
+                    devices: bundles,
+                };
                 Ok(Ok(Outcome::Prekeys { bundles, low }))
             }
-            Write::Enqueue { envelopes, received_at, expires_at } => {
-                self.enqueue(t, &envelopes, received_at, expires_at)
-            }
+            Write::Enqueue {
+                envelopes,
+                received_at,
+                expires_at,
+            } => self.enqueue(t, &envelopes, received_at, expires_at),
             Write::Ack { address, ids } => {
                 let tag = self.device_tag(&address);
                 let mut unknown = 0;
@@ -407,7 +479,9 @@ impl RedbStore {
                     t.expiry.remove((*expires_at, *tag, *sequence))?;
                     t.mailbox.remove((*tag, *sequence))?;
                 }
-                Ok(Ok(Outcome::Expired { envelopes: doomed.len() as u64 }))
+                Ok(Ok(Outcome::Expired {
+                    envelopes: doomed.len() as u64,
+                }))
             }
             Write::AddInvite { token } => {
                 let hash: [u8; 32] = Sha256::digest(&token).into();
@@ -427,16 +501,17 @@ impl RedbStore {
         // Check every recipient before writing anything: a send is all or nothing.
         let mut accounts: HashMap<AccountId, AccountRecord> = HashMap::new();
         for recipient in envelopes.iter().flat_map(|e| &e.recipients) {
-            if !accounts.contains_key(&recipient.account) {
-                let tag = self.account_tag(&recipient.account);
-                match self.load_account(&t.accounts, &tag)? {
-                    Some(record) => {
-                        accounts.insert(recipient.account, record);
-                    }
-                    None => return Ok(Err(Refusal::UnknownRecipient)),
+            let record = match accounts.entry(recipient.account) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    let tag = self.account_tag(&recipient.account);
+                    let Some(record) = self.load_account(&t.accounts, &tag)? else {
+                        return Ok(Err(Refusal::UnknownRecipient));
+                    };
+                    entry.insert(record)
                 }
-            }
-            if accounts.get(&recipient.account).and_then(|r| r.device(recipient.device)).is_none() {
+            };
+            if record.device(recipient.device).is_none() {
                 return Ok(Err(Refusal::UnknownRecipient));
             }
         }
@@ -448,7 +523,14 @@ impl RedbStore {
             let distinct: BTreeSet<&DeviceAddress> = envelope.recipients.iter().collect();
             for recipient in distinct {
                 let tag = self.device_tag(recipient);
-                let value = seal_envelope(&key, &tag, sequence, received_at, expires_at, &envelope.payload);
+                let value = seal_envelope(
+                    &key,
+                    &tag,
+                    sequence,
+                    received_at,
+                    expires_at,
+                    &envelope.payload,
+                );
                 t.mailbox.insert((tag, sequence), value.as_slice())?;
                 t.expiry.insert((expires_at, tag, sequence), ())?;
                 woken.insert(*recipient);
@@ -457,7 +539,9 @@ impl RedbStore {
         }
         // Never reuse a sequence number, even if this transaction fails later.
         self.next_sequence.store(sequence, Ordering::Relaxed);
-        Ok(Ok(Outcome::Enqueued { recipients: woken.into_iter().collect() }))
+        Ok(Ok(Outcome::Enqueued {
+            recipients: woken.into_iter().collect(),
+        }))
     }
 }
 
@@ -498,7 +582,10 @@ impl Store for RedbStore {
                 results.push(self.apply_one(&mut tables, write)?);
             }
             let mut meta = txn.open_table(META)?;
-            meta.insert(META_NEXT_SEQUENCE, self.next_sequence.load(Ordering::Relaxed))?;
+            meta.insert(
+                META_NEXT_SEQUENCE,
+                self.next_sequence.load(Ordering::Relaxed),
+            )?;
         }
         // The commit point: with redb's default `Durability::Immediate`, `commit` returns
         // only after the data is fsynced. Senders are answered after this and not before.
@@ -548,14 +635,22 @@ impl Store for RedbStore {
                 continue;
             }
             // A missing day key means its day is over: the envelope is shredded.
-            let Some(key) = self.keys.day(expiry_day(expires_at)) else { continue };
+            let Some(key) = self.keys.day(expiry_day(expires_at)) else {
+                continue;
+            };
             // A record that fails to authenticate is skipped, not fatal: one damaged
             // envelope must not stall the whole mailbox behind it.
-            let Ok(payload) = key.open(&mailbox_aad(&tag, sequence), &value[ENVELOPE_HEADER..]) else {
+            let Ok(payload) = key.open(&mailbox_aad(&tag, sequence), &value[ENVELOPE_HEADER..])
+            else {
                 tracing::warn!("skipping a mailbox record that failed to authenticate");
                 continue;
             };
-            out.push(StoredEnvelope { id: EnvelopeId(sequence), received_at, expires_at, payload });
+            out.push(StoredEnvelope {
+                id: EnvelopeId(sequence),
+                received_at,
+                expires_at,
+                payload,
+            });
             if out.len() == limit {
                 break;
             }
