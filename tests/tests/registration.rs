@@ -107,13 +107,11 @@ async fn an_operator_certificate_is_verified_through_webpki() {
     std::fs::write(&cert_path, leaf.pem()).unwrap();
     std::fs::write(&key_path, leaf_key.serialize_pem()).unwrap();
 
-    let relay = TestRelay::start_with(|c| {
-        c.tls = Some(TlsFiles {
-            cert: cert_path,
-            key: key_path,
-        })
-    })
-    .await;
+    let tls = TlsFiles {
+        cert: cert_path,
+        key: key_path,
+    };
+    let relay = TestRelay::start_with(|c| c.tls = Some(tls)).await;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca_cert.der().clone()).unwrap();
     let roots = Arc::new(roots);
