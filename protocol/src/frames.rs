@@ -53,10 +53,12 @@ pub struct HelloOk {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Register {
     /// The account's public identity key(s), opaque to the relay and served with prekeys.
+    #[serde(with = "serde_bytes")]
     pub identity_key: Vec<u8>,
     /// The primary device's Ed25519 public key.
     pub device_key: [u8; 32],
     /// An invite token, where the relay requires one.
+    #[serde(with = "serde_bytes")]
     pub invite: Option<Vec<u8>>,
     /// The device key's signature over [`crate::auth::register_transcript`].
     pub signature: Signature,
@@ -91,8 +93,10 @@ pub struct Prekey {
     /// The client's id for the key.
     pub id: u32,
     /// Public key bytes.
+    #[serde(with = "serde_bytes")]
     pub public_key: Vec<u8>,
     /// Signature bytes (empty for unsigned one-time keys).
+    #[serde(with = "serde_bytes")]
     pub signature: Vec<u8>,
 }
 
@@ -125,6 +129,7 @@ pub struct OutgoingEnvelope {
     /// Recipient devices.
     pub recipients: Vec<DeviceAddress>,
     /// Opaque ciphertext.
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
 
@@ -203,6 +208,7 @@ pub struct DeviceBundle {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrekeyBundles {
     /// The account's public identity key.
+    #[serde(with = "serde_bytes")]
     pub identity_key: Vec<u8>,
     /// One bundle per requested device.
     pub devices: Vec<DeviceBundle>,
@@ -257,6 +263,7 @@ pub struct Deliver {
     /// When the relay accepted it, in seconds since the Unix epoch.
     pub received_at: u64,
     /// Opaque ciphertext.
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
 

@@ -371,3 +371,32 @@ fn debug_output_redacts_identifiers() {
         "{printed}"
     );
 }
+
+/// Checked-in vectors: the wire bytes of a few frames. A change here is a protocol change.
+#[test]
+fn wire_vectors_are_stable() {
+    let hello = encode_frame(&ClientFrame::Hello(Hello {
+        versions: VersionRange { min: 1, max: 1 },
+    }));
+    assert_eq!(hex(&hello), "000000020101 01".replace(' ', ""));
+    let deliver = encode_frame(&ServerFrame::Deliver(Deliver {
+        id: EnvelopeId(300),
+        received_at: 1_800_000_000,
+        payload: b"ct".to_vec(),
+    }));
+    assert_eq!(
+        hex(&deliver),
+        "0000000a83 ac02 80a4a7da06 02 6374".replace(' ', "")
+    );
+    let ack = encode_frame(&ClientFrame::Request(Request {
+        id: RequestId(7),
+        body: RequestBody::Ack(Ack {
+            ids: vec![EnvelopeId(1), EnvelopeId(128)],
+        }),
+    }));
+    assert_eq!(hex(&ack), "0000000509 07 02 01 8001".replace(' ', ""));
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
