@@ -41,3 +41,48 @@ pub enum ConnectionError {
     #[error("request not sent: {0}")]
     TooLarge(DecodeError),
 }
+
+/// An end-to-end operation failed. Whatever failed left the session it touched exactly as
+/// it was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CryptoError {
+    /// A public key is malformed, of the wrong type, or of low order.
+    #[error("invalid public key")]
+    InvalidKey,
+    /// A signature (prekey, certificate) does not verify.
+    #[error("bad signature")]
+    BadSignature,
+    /// The message is malformed or truncated.
+    #[error("malformed message")]
+    InvalidMessage,
+    /// The message names a format version this build does not speak.
+    #[error("unsupported message version {0}")]
+    UnsupportedVersion(u8),
+    /// Authentication failed: the ciphertext was tampered with, or is not for this session.
+    #[error("decryption failed")]
+    DecryptionFailed,
+    /// This message was already decrypted (or its key was dropped as too old).
+    #[error("duplicate or too old message")]
+    DuplicateMessage,
+    /// The message claims a counter too far ahead of the chain: more skipped keys than the
+    /// bound allows.
+    #[error("message too far ahead ({skipped} skipped, at most {limit})")]
+    TooFarAhead {
+        /// Keys that would have to be skipped.
+        skipped: u32,
+        /// The bound.
+        limit: u32,
+    },
+    /// A prekey message names a prekey this device does not have (used up or rotated out).
+    #[error("unknown or used prekey")]
+    UnknownPrekey,
+    /// The peer's prekey bundle lacks a required key.
+    #[error("incomplete prekey bundle")]
+    IncompleteBundle,
+    /// The sender certificate is expired, forged or does not match the sender.
+    #[error("invalid sender certificate: {0}")]
+    InvalidCertificate(&'static str),
+    /// The message arrived for a device other than this one.
+    #[error("message addressed to another device")]
+    WrongRecipient,
+}

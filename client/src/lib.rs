@@ -27,10 +27,19 @@
 
 mod connection;
 mod error;
+mod kdf;
 mod keys;
+pub mod message;
+mod pqxdh;
+mod prekeys;
+pub mod ratchet;
+mod session;
 mod tls;
 
 pub use connection::{ConnectOptions, Connection, Connector, Envelope, Event, RawStream, Trust};
-pub use error::ConnectionError;
+pub use error::{ConnectionError, CryptoError};
 pub use hush_protocol as protocol;
-pub use keys::DeviceKey;
+pub use keys::{DeviceKey, IdentityKey, IdentityKeyPair, KemPrekey, OneTimePrekey, SignedPrekey};
+pub use pqxdh::PeerBundle;
+pub use prekeys::{PrekeySet, UsedPrekeys};
+pub use session::Session;

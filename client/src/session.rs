@@ -1,0 +1,177 @@
+//! A pairwise session with one peer device: PQXDH setup plus the Double Ratchet, and the
+//! rule that the initiator keeps sending prekey messages until the responder answers.
+
+use rand_core::CryptoRngCore;
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use crate::error::CryptoError;
+use crate::keys::{IdentityKey, IdentityKeyPair};
+use crate::message::{CiphertextMessage, PrekeyMessage, RatchetMessage};
+use crate::pqxdh::{self, PeerBundle, ResponderKeys};
+use crate::prekeys::{PrekeySet, UsedPrekeys};
+use crate::ratchet::Ratchet;
+
+/// Setup data the initiator repeats in every message until the first reply.
+#[derive(Clone)]
+pub(crate) struct PendingPrekey {
+    pub(crate) identity: IdentityKey,
+    pub(crate) signed_prekey_id: u32,
+    pub(crate) one_time_prekey_id: Option<u32>,
+    pub(crate) kem_prekey_id: u32,
+    pub(crate) kem_ciphertext: Vec<u8>,
+}
+
+/// An end-to-end session with one device of a peer.
+pub struct Session {
+    pub(crate) ratchet: Ratchet,
+    pub(crate) remote_identity: IdentityKey,
+    /// The initiator's base key: names this setup on both sides, so a repeated prekey
+    /// message is recognised as belonging to this session rather than starting a new one.
+    pub(crate) base_key: [u8; 32],
+    pub(crate) pending: Option<PendingPrekey>,
+}
+
+impl Session {
+    /// Starts a session from a verified prekey bundle.
+    pub fn initiate(
+        ours: &IdentityKeyPair,
+        bundle: &PeerBundle,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<Self, CryptoError> {
+        let setup = pqxdh::initiate(ours, bundle, rng)?;
+        let ratchet = Ratchet::initiator(
+            &setup.shared_secret,
+            bundle.signed_prekey,
+            setup.associated_data,
+            rng,
+        )?;
+        Ok(Session {
+            ratchet,
+            remote_identity: bundle.identity,
+            base_key: setup.base_key.to_bytes(),
+            pending: Some(PendingPrekey {
+                identity: *ours.public(),
+                signed_prekey_id: bundle.signed_prekey_id,
+                one_time_prekey_id: bundle.one_time.as_ref().map(|(id, _)| *id),
+                kem_prekey_id: bundle.kem_id,
+                kem_ciphertext: setup.kem_ciphertext,
+            }),
+        })
+    }
+
+    /// Accepts a prekey message as the responder: a new session, the first plaintext, and
+    /// the one-time prekeys to delete. Nothing is changed on error (prekeys included).
+    pub fn accept(
+        ours: &IdentityKeyPair,
+        prekeys: &PrekeySet,
+        message: &PrekeyMessage,
+        now: u64,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<(Self, Zeroizing<Vec<u8>>, UsedPrekeys), CryptoError> {
+        let signed_prekey = prekeys
+            .signed_prekey(message.signed_prekey_id)
+            .ok_or(CryptoError::UnknownPrekey)?;
+        let one_time = message
+            .one_time_prekey_id
+            .map(|id| {
+                prekeys
+                    .one_time_prekey(id)
+                    .ok_or(CryptoError::UnknownPrekey)
+            })
+            .transpose()?;
+        let kem = prekeys
+            .kem_prekey(message.kem_prekey_id)
+            .ok_or(CryptoError::UnknownPrekey)?;
+        let keys = ResponderKeys {
+            signed_prekey,
+            one_time,
+            kem,
+        };
+        let (shared_secret, associated_data) = pqxdh::respond(
+            ours,
+            &message.identity,
+            &message.base_key,
+            &keys,
+            &message.kem_ciphertext,
+        )?;
+        let mut ratchet =
+            Ratchet::responder(&shared_secret, signed_prekey.key.clone(), associated_data);
+        let plaintext = ratchet.decrypt(
+            &message.message.header,
+            &message.message.ciphertext,
+            now,
+            rng,
+        )?;
+        let used = UsedPrekeys {
+            one_time: message.one_time_prekey_id,
+            kem_one_time: (!kem.last_resort).then_some(kem.id),
+        };
+        let session = Session {
+            ratchet,
+            remote_identity: message.identity,
+            base_key: message.base_key.to_bytes(),
+            pending: None,
+        };
+        Ok((session, plaintext, used))
+    }
+
+    /// Encrypts a message: a prekey message until the peer has answered, then a ratchet
+    /// message.
+    pub fn encrypt(&mut self, plaintext: &[u8]) -> Result<CiphertextMessage, CryptoError> {
+        let (header, ciphertext) = self.ratchet.encrypt(plaintext)?;
+        let message = RatchetMessage { header, ciphertext };
+        Ok(match &self.pending {
+            None => CiphertextMessage::Ratchet(message),
+            Some(pending) => CiphertextMessage::Prekey(Box::new(PrekeyMessage {
+                identity: pending.identity,
+                base_key: x25519_dalek::PublicKey::from(self.base_key),
+                signed_prekey_id: pending.signed_prekey_id,
+                one_time_prekey_id: pending.one_time_prekey_id,
+                kem_prekey_id: pending.kem_prekey_id,
+                kem_ciphertext: pending.kem_ciphertext.clone(),
+                message,
+            })),
+        })
+    }
+
+    /// Whether a prekey message continues this session (same setup) rather than starting
+    /// a new one.
+    pub fn continues(&self, message: &PrekeyMessage) -> bool {
+        bool::from(self.base_key.ct_eq(message.base_key.as_bytes()))
+            && message.identity == self.remote_identity
+    }
+
+    /// Decrypts a message of this session. On error the session is unchanged.
+    pub fn decrypt(
+        &mut self,
+        message: &CiphertextMessage,
+        now: u64,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let inner = match message {
+            CiphertextMessage::Ratchet(inner) => inner,
+            CiphertextMessage::Prekey(prekey) if self.continues(prekey) => &prekey.message,
+            CiphertextMessage::Prekey(_) => return Err(CryptoError::DecryptionFailed),
+        };
+        let plaintext = self
+            .ratchet
+            .decrypt(&inner.header, &inner.ciphertext, now, rng)?;
+        // Anything that decrypts came from the peer's ratchet, so it has our setup.
+        if matches!(message, CiphertextMessage::Ratchet(_)) {
+            self.pending = None;
+        }
+        Ok(plaintext)
+    }
+
+    /// The peer's identity key.
+    pub fn remote_identity(&self) -> &IdentityKey {
+        &self.remote_identity
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Session(<redacted>)")
+    }
+}
