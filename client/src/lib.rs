@@ -30,9 +30,11 @@ mod error;
 mod kdf;
 mod keys;
 pub mod message;
+pub mod padding;
 mod pqxdh;
 mod prekeys;
 pub mod ratchet;
+mod safety;
 mod session;
 mod tls;
 
@@ -42,4 +44,5 @@ pub use hush_protocol as protocol;
 pub use keys::{DeviceKey, IdentityKey, IdentityKeyPair, KemPrekey, OneTimePrekey, SignedPrekey};
 pub use pqxdh::PeerBundle;
 pub use prekeys::{PrekeySet, UsedPrekeys};
+pub use safety::SafetyNumber;
 pub use session::Session;
