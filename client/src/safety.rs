@@ -5,6 +5,8 @@
 //! both users see the same digits. The QR payload carries both fingerprints in the scanning
 //! side's order, so a scan checks both directions.
 
+use std::fmt::Write as _;
+
 use sha2::{Digest, Sha512};
 use subtle::ConstantTimeEq;
 
@@ -49,7 +51,7 @@ fn digits(fingerprint: &[u8; FINGERPRINT_LEN]) -> String {
         let value = chunk
             .iter()
             .fold(0u64, |acc, &byte| (acc << 8) | u64::from(byte));
-        out.push_str(&format!("{:05}", value % 100_000));
+        let _ = write!(out, "{:05}", value % 100_000);
     }
     out
 }
