@@ -128,7 +128,6 @@ fn run(n: usize, seed: u64, ops: &[Op]) {
                     bytes,
                 });
             }
-            Op::Send { .. } => {}
             Op::Deliver { pick } if !network.is_empty() => {
                 let message = network.remove(pick % network.len());
                 deliver(&mut parties, &message, &mut rng, &mut delivered);
@@ -146,7 +145,8 @@ fn run(n: usize, seed: u64, ops: &[Op]) {
             Op::Drop { pick } if !network.is_empty() => {
                 dropped.insert(network.remove(pick % network.len()).id);
             }
-            Op::Deliver { .. } | Op::Duplicate { .. } | Op::Drop { .. } => {}
+            // Sends to oneself, and picks from an empty network.
+            Op::Send { .. } | Op::Deliver { .. } | Op::Duplicate { .. } | Op::Drop { .. } => {}
         }
     }
     // Whatever is still in flight arrives, in a shuffled order.
