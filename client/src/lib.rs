@@ -37,6 +37,8 @@ pub mod ratchet;
 mod safety;
 mod session;
 mod tls;
+#[cfg(test)]
+mod vectors;
 
 pub use connection::{ConnectOptions, Connection, Connector, Envelope, Event, RawStream, Trust};
 pub use error::{ConnectionError, CryptoError};
