@@ -168,6 +168,11 @@ impl Relay {
         )
     }
 
+    /// Provisioning addresses open now.
+    pub fn open_provisioning_addresses(&self) -> usize {
+        self.shared.provisioning.open_count()
+    }
+
     /// Devices connected now.
     pub fn connected_devices(&self) -> usize {
         self.shared.hub.connected()
