@@ -1,5 +1,7 @@
 //! The frames themselves. Client frames flow to the relay, server frames to the client.
 
+use std::fmt;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DecodeError, ErrorCode};
@@ -151,8 +153,9 @@ pub struct Ack {
     pub ids: Vec<EnvelopeId>,
 }
 
-/// Sets who may send sealed envelopes to the authenticated device's account.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Sets who may send sealed envelopes to the authenticated device's account. `Debug`
+/// leaves out the token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetDeliveryAccess {
     /// The delivery token contacts present; `None` removes it. The relay keeps its SHA-256.
     pub token: Option<[u8; 16]>,
@@ -176,20 +179,48 @@ pub struct ListDevices {
 }
 
 /// Deletes every still-stored envelope whose retraction tag matches one of these secrets.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `Debug` leaves out the secrets.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Retract {
     /// The secrets behind the tags ([`crate::sealed::retract_tag`]).
     pub secrets: Vec<[u8; 32]>,
 }
 
-/// Hands a one-shot message to the connection waiting at a provisioning address.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Hands a one-shot message to the connection waiting at a provisioning address. `Debug`
+/// leaves out the address.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Provision {
     /// The address from the waiting connection's `ProvisioningOpened`.
     pub address: [u8; 16],
     /// Opaque ciphertext for the new device.
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
+}
+
+impl fmt::Debug for SetDeliveryAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SetDeliveryAccess")
+            .field("token", &self.token.map(|_| "<redacted>"))
+            .field("allow_unknown_senders", &self.allow_unknown_senders)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Retract {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retract")
+            .field("secrets", &self.secrets.len())
+            .finish()
+    }
+}
+
+impl fmt::Debug for Provision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Provision")
+            .field("address", &"<redacted>")
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
 }
 
 /// A request; the relay answers each with a [`Response`] carrying the same id.

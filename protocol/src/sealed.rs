@@ -24,6 +24,8 @@
 //! assert!(certificate.verify(&relay_key, 2_000).is_err());
 //! ```
 
+use std::fmt;
+
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -125,8 +127,8 @@ pub fn retract_tag(secret: &[u8; 32]) -> [u8; 32] {
 }
 
 /// An envelope sent without naming its sender: it names the recipient account and the
-/// exact set of that account's devices.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// exact set of that account's devices. `Debug` leaves out the token and the tag.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedEnvelope {
     /// The recipient account.
     pub account: AccountId,
@@ -139,6 +141,18 @@ pub struct SealedEnvelope {
     /// Opaque ciphertext.
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
+}
+
+impl fmt::Debug for SealedEnvelope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SealedEnvelope")
+            .field("account", &self.account)
+            .field("devices", &self.devices.len())
+            .field("access", &self.access.map(|_| "<redacted>"))
+            .field("retract_tag", &self.retract_tag.map(|_| "<redacted>"))
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
 }
 
 #[cfg(test)]
@@ -195,6 +209,21 @@ mod tests {
             ..certificate
         };
         assert_eq!(bare.verify(&key, 0), Err(CertificateError::BadSignature));
+    }
+
+    #[test]
+    fn debug_output_leaves_out_tokens_and_tags() {
+        let envelope = SealedEnvelope {
+            account: AccountId([0xab; 16]),
+            devices: vec![DeviceId(77)],
+            access: Some([0xcd; 16]),
+            retract_tag: Some([0xef; 32]),
+            payload: vec![0x42; 3],
+        };
+        let printed = format!("{envelope:?}");
+        for leak in ["171", "ab", "205", "cd", "239", "ef", "66"] {
+            assert!(!printed.contains(leak), "{printed}");
+        }
     }
 
     #[test]
