@@ -1,9 +1,12 @@
 //! One connected device: the handshake, authentication, the request loop, the writer that
 //! owns the stream's send half, and the delivery loop that pushes its mailbox.
 //!
-//! Protocol violations (a frame that does not decode, a request before authentication, a
-//! bad signature, a second `Hello`) end the connection: the relay sends a `Fatal` frame
-//! and closes with the same error code. Refusals of a well-formed request (unknown
+//! Before authentication a connection may register, authenticate, send sealed envelopes,
+//! retract envelopes and open a provisioning address; nothing else.
+//!
+//! Protocol violations (a frame that does not decode, any other request before
+//! authentication, a bad signature, a second `Hello`) end the connection: the relay sends
+//! a `Fatal` frame and closes with the same error code. Refusals of a well-formed request (unknown
 //! account, unknown envelope, device limit) are answered with an error response and the
 //! connection carries on, because honest clients meet them too.
 
