@@ -407,7 +407,7 @@ async fn receive(
                     flush(&connection, &mut pending);
                 }
             }
-            Some(Event::Drained | Event::LowPrekeys { .. }) => {}
+            Some(Event::Drained | Event::LowPrekeys { .. } | Event::Provisioning(_)) => {}
             Some(Event::Closed(_)) | None => break,
         }
         if stop.load(Ordering::Relaxed) && pending.is_empty() {

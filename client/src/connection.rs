@@ -8,11 +8,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use hush_protocol::auth::{auth_transcript, register_transcript, EXPORTER_LABEL, EXPORTER_LEN};
+use hush_protocol::sealed::{SealedEnvelope, SenderCertificate};
 use hush_protocol::{
     encode_frame, AccountId, Ack, AddDevice, Authenticate, ClientFrame, DecodeError, DeviceAddress,
-    DeviceId, EnvelopeId, ErrorCode, FetchPrekeys, Frame, FrameHeader, Hello, OutgoingEnvelope,
-    PrekeyBundles, Register, RemoveDevice, Request, RequestBody, RequestId, ResponseBody, Send,
-    ServerFrame, Signature, UploadPrekeys, HEADER_LEN, SUPPORTED_VERSIONS,
+    DeviceId, EnvelopeId, ErrorCode, FetchPrekeys, Frame, FrameHeader, Hello, ListDevices,
+    OutgoingEnvelope, PrekeyBundles, Provision, Register, RemoveDevice, Request, RequestBody,
+    RequestId, ResponseBody, Retract, SealedSend, Send, ServerFrame, SetDeliveryAccess, Signature,
+    UploadPrekeys, HEADER_LEN, SUPPORTED_VERSIONS,
 };
 use quinn::{IdleTimeout, ReadExactError, RecvStream, SendStream, VarInt};
 use rustls::RootCertStore;
@@ -90,6 +92,8 @@ pub enum Event {
         /// One-time ML-KEM prekeys left.
         kem_one_time: u32,
     },
+    /// The one-shot message sent to this connection's provisioning address.
+    Provisioning(Vec<u8>),
     /// The connection is over; the relay's code, if it gave one.
     Closed(Option<ErrorCode>),
 }
@@ -257,6 +261,10 @@ fn close_code(connection: &quinn::Connection) -> Option<ErrorCode> {
 
 /// A connection to a relay, usable from many tasks at once: requests are pipelined and
 /// answered by id.
+///
+/// A connection that has only said `Hello` (as [`Connector::connect`] leaves it) may
+/// already send sealed envelopes, retract envelopes, and open a provisioning address;
+/// everything else needs [`Connection::register`] or [`Connection::authenticate`] first.
 pub struct Connection {
     quic: quinn::Connection,
     exporter: [u8; EXPORTER_LEN],
@@ -415,8 +423,98 @@ impl Connection {
         self.send(vec![OutgoingEnvelope {
             recipients: recipients.to_vec(),
             payload,
+            retract_tag: None,
         }])
         .await
+    }
+
+    /// A sender certificate for this (authenticated) device, and the relay key that
+    /// verifies it ([`SenderCertificate::verify`]).
+    pub async fn sender_certificate(
+        &self,
+    ) -> Result<(SenderCertificate, [u8; 32]), ConnectionError> {
+        match self.request(RequestBody::GetSenderCertificate).await? {
+            ResponseBody::SenderCertificate {
+                certificate,
+                relay_key,
+            } => Ok((certificate, relay_key)),
+            _ => Err(ConnectionError::UnexpectedResponse),
+        }
+    }
+
+    /// Sets who may send sealed envelopes to this account: holders of `token` (the relay
+    /// keeps only its hash), and everyone if `allow_unknown_senders`.
+    pub async fn set_delivery_access(
+        &self,
+        token: Option<[u8; 16]>,
+        allow_unknown_senders: bool,
+    ) -> Result<(), ConnectionError> {
+        let set = SetDeliveryAccess {
+            token,
+            allow_unknown_senders,
+        };
+        expect(
+            &self.request(RequestBody::SetDeliveryAccess(set)).await?,
+            &ResponseBody::DeliveryAccessSet,
+        )
+    }
+
+    /// Sends sealed envelopes (no authentication needed); returns once the relay has
+    /// durably stored all of them. `DeliveryRefused` means no access (or no such account),
+    /// `DeviceListChanged` that the recipient's device list must be fetched again.
+    pub async fn sealed_send(&self, envelopes: Vec<SealedEnvelope>) -> Result<(), ConnectionError> {
+        expect(
+            &self
+                .request(RequestBody::SealedSend(SealedSend { envelopes }))
+                .await?,
+            &ResponseBody::Sent,
+        )
+    }
+
+    /// The current devices of an account; consumes no prekeys.
+    pub async fn list_devices(&self, account: AccountId) -> Result<Vec<DeviceId>, ConnectionError> {
+        match self
+            .request(RequestBody::ListDevices(ListDevices { account }))
+            .await?
+        {
+            ResponseBody::Devices { devices } => Ok(devices),
+            _ => Err(ConnectionError::UnexpectedResponse),
+        }
+    }
+
+    /// Deletes every still-stored envelope sent with the retraction tags of these secrets
+    /// ([`hush_protocol::sealed::retract_tag`]); returns how many mailbox entries went.
+    pub async fn retract(&self, secrets: &[[u8; 32]]) -> Result<u32, ConnectionError> {
+        let retract = Retract {
+            secrets: secrets.to_vec(),
+        };
+        match self.request(RequestBody::Retract(retract)).await? {
+            ResponseBody::Retracted { count } => Ok(count),
+            _ => Err(ConnectionError::UnexpectedResponse),
+        }
+    }
+
+    /// Opens a one-shot provisioning address on this unauthenticated connection; the
+    /// message sent there arrives as [`Event::Provisioning`].
+    pub async fn open_provisioning(&self) -> Result<[u8; 16], ConnectionError> {
+        match self.request(RequestBody::OpenProvisioning).await? {
+            ResponseBody::ProvisioningOpened { address } => Ok(address),
+            _ => Err(ConnectionError::UnexpectedResponse),
+        }
+    }
+
+    /// Sends the one message to a waiting connection's provisioning address.
+    pub async fn provision(
+        &self,
+        address: [u8; 16],
+        payload: Vec<u8>,
+    ) -> Result<(), ConnectionError> {
+        expect(
+            &self
+                .request(RequestBody::Provision(Provision { address, payload }))
+                .await?,
+            &ResponseBody::Provisioned,
+        )
     }
 
     /// Acknowledges envelopes; the relay deletes them.
@@ -530,6 +628,9 @@ async fn read_loop(
                     kem_one_time: low.kem_one_time,
                 };
                 let _ = events.send(event).await;
+            }
+            Ok(Some(ServerFrame::ProvisioningMessage(message))) => {
+                let _ = events.send(Event::Provisioning(message.payload)).await;
             }
             Ok(Some(ServerFrame::Fatal(f))) => fatal = Some(f.code),
             Ok(Some(ServerFrame::HelloOk(_)) | None) | Err(_) => break,

@@ -144,6 +144,13 @@ mod kind {
     pub const FETCH_PREKEYS: u8 = 0x07;
     pub const SEND: u8 = 0x08;
     pub const ACK: u8 = 0x09;
+    pub const GET_SENDER_CERTIFICATE: u8 = 0x0a;
+    pub const SET_DELIVERY_ACCESS: u8 = 0x0b;
+    pub const SEALED_SEND: u8 = 0x0c;
+    pub const LIST_DEVICES: u8 = 0x0d;
+    pub const RETRACT: u8 = 0x0e;
+    pub const OPEN_PROVISIONING: u8 = 0x0f;
+    pub const PROVISION: u8 = 0x10;
 
     pub const HELLO_OK: u8 = 0x81;
     pub const RESPONSE: u8 = 0x82;
@@ -151,6 +158,7 @@ mod kind {
     pub const DRAINED: u8 = 0x84;
     pub const LOW_PREKEYS: u8 = 0x85;
     pub const FATAL: u8 = 0x86;
+    pub const PROVISIONING_MESSAGE: u8 = 0x87;
 }
 
 impl Frame for ClientFrame {
@@ -164,6 +172,12 @@ impl Frame for ClientFrame {
             kind::FETCH_PREKEYS => limit::FETCH_PREKEYS,
             kind::SEND => limit::SEND,
             kind::ACK => limit::ACK,
+            kind::GET_SENDER_CERTIFICATE | kind::OPEN_PROVISIONING => limit::EMPTY_REQUEST,
+            kind::SET_DELIVERY_ACCESS => limit::SET_DELIVERY_ACCESS,
+            kind::SEALED_SEND => limit::SEALED_SEND,
+            kind::LIST_DEVICES => limit::LIST_DEVICES,
+            kind::RETRACT => limit::RETRACT,
+            kind::PROVISION => limit::PROVISION,
             _ => return None,
         })
     }
@@ -180,6 +194,13 @@ impl Frame for ClientFrame {
                 RequestBody::FetchPrekeys(_) => kind::FETCH_PREKEYS,
                 RequestBody::Send(_) => kind::SEND,
                 RequestBody::Ack(_) => kind::ACK,
+                RequestBody::GetSenderCertificate => kind::GET_SENDER_CERTIFICATE,
+                RequestBody::SetDeliveryAccess(_) => kind::SET_DELIVERY_ACCESS,
+                RequestBody::SealedSend(_) => kind::SEALED_SEND,
+                RequestBody::ListDevices(_) => kind::LIST_DEVICES,
+                RequestBody::Retract(_) => kind::RETRACT,
+                RequestBody::OpenProvisioning => kind::OPEN_PROVISIONING,
+                RequestBody::Provision(_) => kind::PROVISION,
             },
         }
     }
@@ -198,6 +219,12 @@ impl Frame for ClientFrame {
             RequestBody::FetchPrekeys(b) => append(&(id, b), out),
             RequestBody::Send(b) => append(&(id, b), out),
             RequestBody::Ack(b) => append(&(id, b), out),
+            RequestBody::GetSenderCertificate | RequestBody::OpenProvisioning => append(&id, out),
+            RequestBody::SetDeliveryAccess(b) => append(&(id, b), out),
+            RequestBody::SealedSend(b) => append(&(id, b), out),
+            RequestBody::ListDevices(b) => append(&(id, b), out),
+            RequestBody::Retract(b) => append(&(id, b), out),
+            RequestBody::Provision(b) => append(&(id, b), out),
         }
     }
 
@@ -223,6 +250,15 @@ impl Frame for ClientFrame {
             kind::FETCH_PREKEYS => request(kind, body, RequestBody::FetchPrekeys),
             kind::SEND => request(kind, body, RequestBody::Send),
             kind::ACK => request(kind, body, RequestBody::Ack),
+            kind::GET_SENDER_CERTIFICATE => {
+                request(kind, body, |()| RequestBody::GetSenderCertificate)
+            }
+            kind::SET_DELIVERY_ACCESS => request(kind, body, RequestBody::SetDeliveryAccess),
+            kind::SEALED_SEND => request(kind, body, RequestBody::SealedSend),
+            kind::LIST_DEVICES => request(kind, body, RequestBody::ListDevices),
+            kind::RETRACT => request(kind, body, RequestBody::Retract),
+            kind::OPEN_PROVISIONING => request(kind, body, |()| RequestBody::OpenProvisioning),
+            kind::PROVISION => request(kind, body, RequestBody::Provision),
             other => Err(DecodeError::UnknownFrameType(other)),
         }
     }
@@ -235,6 +271,7 @@ impl Frame for ServerFrame {
             kind::RESPONSE => limit::RESPONSE,
             kind::DELIVER => limit::DELIVER,
             kind::DRAINED | kind::LOW_PREKEYS | kind::FATAL => limit::SMALL,
+            kind::PROVISIONING_MESSAGE => limit::PROVISIONING_MESSAGE,
             _ => return None,
         })
     }
@@ -247,6 +284,7 @@ impl Frame for ServerFrame {
             ServerFrame::Drained => kind::DRAINED,
             ServerFrame::LowPrekeys(_) => kind::LOW_PREKEYS,
             ServerFrame::Fatal(_) => kind::FATAL,
+            ServerFrame::ProvisioningMessage(_) => kind::PROVISIONING_MESSAGE,
         }
     }
 
@@ -258,6 +296,7 @@ impl Frame for ServerFrame {
             ServerFrame::Drained => {}
             ServerFrame::LowPrekeys(b) => append(b, out),
             ServerFrame::Fatal(b) => append(b, out),
+            ServerFrame::ProvisioningMessage(b) => append(b, out),
         }
     }
 
@@ -272,6 +311,7 @@ impl Frame for ServerFrame {
             }
             kind::LOW_PREKEYS => ServerFrame::LowPrekeys(parse(kind, body)?),
             kind::FATAL => ServerFrame::Fatal(parse(kind, body)?),
+            kind::PROVISIONING_MESSAGE => ServerFrame::ProvisioningMessage(parse(kind, body)?),
             other => return Err(DecodeError::UnknownFrameType(other)),
         };
         frame.check_limits()?;

@@ -146,6 +146,15 @@ error_codes! {
     NotPermitted = 22,
     /// The connection was idle for too long.
     IdleTimeout = 23,
+    /// The recipient does not accept this sealed envelope: an unknown account and a
+    /// missing or wrong delivery token look the same, so that nobody can probe accounts.
+    DeliveryRefused = 24,
+    /// A sealed envelope's device list is not the account's current one; fetch it again.
+    DeviceListChanged = 25,
+    /// No connection waits at that provisioning address (never did, used, or expired).
+    UnknownProvisioningAddress = 26,
+    /// The relay is at a capacity limit; try again later.
+    Overloaded = 27,
 }
 
 impl fmt::Debug for ErrorCode {

@@ -1,10 +1,13 @@
 //! The frames themselves. Client frames flow to the relay, server frames to the client.
 
+use std::fmt;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DecodeError, ErrorCode};
 use crate::ids::{AccountId, DeviceAddress, DeviceId, EnvelopeId, RequestId};
 use crate::limits;
+use crate::sealed::{SealedEnvelope, SenderCertificate};
 use crate::Signature;
 
 /// An inclusive range of protocol versions.
@@ -131,6 +134,8 @@ pub struct OutgoingEnvelope {
     /// Opaque ciphertext.
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
+    /// A retraction tag ([`crate::sealed::retract_tag`]) for delete-for-everyone, if wanted.
+    pub retract_tag: Option<[u8; 32]>,
 }
 
 /// Sends envelopes. The relay commits all of them, to every recipient, atomically and
@@ -146,6 +151,76 @@ pub struct Send {
 pub struct Ack {
     /// Ids from `Deliver` frames on this device's connection.
     pub ids: Vec<EnvelopeId>,
+}
+
+/// Sets who may send sealed envelopes to the authenticated device's account. `Debug`
+/// leaves out the token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetDeliveryAccess {
+    /// The delivery token contacts present; `None` removes it. The relay keeps its SHA-256.
+    pub token: Option<[u8; 16]>,
+    /// Whether senders without the token may deliver too.
+    pub allow_unknown_senders: bool,
+}
+
+/// Sends sealed envelopes, which do not name their sender. Allowed without
+/// authentication; the relay commits all of them atomically and durably before it answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedSend {
+    /// The envelopes.
+    pub envelopes: Vec<SealedEnvelope>,
+}
+
+/// Asks for the current device list of an account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListDevices {
+    /// The account.
+    pub account: AccountId,
+}
+
+/// Deletes every still-stored envelope whose retraction tag matches one of these secrets.
+/// `Debug` leaves out the secrets.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retract {
+    /// The secrets behind the tags ([`crate::sealed::retract_tag`]).
+    pub secrets: Vec<[u8; 32]>,
+}
+
+/// Hands a one-shot message to the connection waiting at a provisioning address. `Debug`
+/// leaves out the address.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provision {
+    /// The address from the waiting connection's `ProvisioningOpened`.
+    pub address: [u8; 16],
+    /// Opaque ciphertext for the new device.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+impl fmt::Debug for SetDeliveryAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SetDeliveryAccess")
+            .field("token", &self.token.map(|_| "<redacted>"))
+            .field("allow_unknown_senders", &self.allow_unknown_senders)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Retract {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retract")
+            .field("secrets", &self.secrets.len())
+            .finish()
+    }
+}
+
+impl fmt::Debug for Provision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Provision")
+            .field("address", &"<redacted>")
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
 }
 
 /// A request; the relay answers each with a [`Response`] carrying the same id.
@@ -176,6 +251,20 @@ pub enum RequestBody {
     Send(Send),
     /// See [`Ack`].
     Ack(Ack),
+    /// Asks for a sender certificate for the authenticated device.
+    GetSenderCertificate,
+    /// See [`SetDeliveryAccess`].
+    SetDeliveryAccess(SetDeliveryAccess),
+    /// See [`SealedSend`].
+    SealedSend(SealedSend),
+    /// See [`ListDevices`].
+    ListDevices(ListDevices),
+    /// See [`Retract`].
+    Retract(Retract),
+    /// Opens a provisioning address on this (unauthenticated) connection.
+    OpenProvisioning,
+    /// See [`Provision`].
+    Provision(Provision),
 }
 
 /// Frames a client sends.
@@ -244,6 +333,32 @@ pub enum ResponseBody {
     Sent,
     /// The acknowledged envelopes are deleted.
     Acked,
+    /// A sender certificate for the authenticated device.
+    SenderCertificate {
+        /// The certificate.
+        certificate: SenderCertificate,
+        /// The relay's Ed25519 sender-certificate public key.
+        relay_key: [u8; 32],
+    },
+    /// The delivery access settings are stored.
+    DeliveryAccessSet,
+    /// The account's current devices, in ascending order.
+    Devices {
+        /// The devices.
+        devices: Vec<DeviceId>,
+    },
+    /// Envelopes retracted.
+    Retracted {
+        /// Mailbox entries deleted (one per recipient device of each envelope).
+        count: u32,
+    },
+    /// A provisioning address is open on this connection.
+    ProvisioningOpened {
+        /// Give it to the device that will provision this one.
+        address: [u8; 16],
+    },
+    /// The provisioning message was handed to the waiting connection.
+    Provisioned,
 }
 
 /// The answer to a [`Request`].
@@ -276,6 +391,14 @@ pub struct LowPrekeys {
     pub kem_one_time: u32,
 }
 
+/// A provisioning message pushed to the connection that opened the address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvisioningMessage {
+    /// Opaque ciphertext.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
 /// A connection-level error, sent just before the relay closes the connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fatal {
@@ -300,6 +423,8 @@ pub enum ServerFrame {
     LowPrekeys(LowPrekeys),
     /// See [`Fatal`].
     Fatal(Fatal),
+    /// See [`ProvisioningMessage`].
+    ProvisioningMessage(ProvisioningMessage),
 }
 
 fn check(ok: bool, what: &'static str) -> Result<(), DecodeError> {
@@ -380,10 +505,56 @@ impl RequestBody {
                 check(!a.ids.is_empty(), "acks per frame")?;
                 check(a.ids.len() <= limits::MAX_ACKS_PER_FRAME, "acks per frame")
             }
+            RequestBody::SealedSend(s) => {
+                check(!s.envelopes.is_empty(), "envelopes per send")?;
+                check(
+                    s.envelopes.len() <= limits::MAX_ENVELOPES_PER_SEND,
+                    "envelopes per send",
+                )?;
+                let mut recipients = 0usize;
+                let mut payload = 0usize;
+                for envelope in &s.envelopes {
+                    check(!envelope.devices.is_empty(), "recipients per envelope")?;
+                    // No account has more devices than a prekey response may carry.
+                    check(
+                        envelope.devices.len() <= limits::MAX_BUNDLES,
+                        "recipients per envelope",
+                    )?;
+                    check(
+                        envelope.payload.len() <= limits::MAX_ENVELOPE_PAYLOAD,
+                        "envelope payload size",
+                    )?;
+                    recipients += envelope.devices.len();
+                    payload += envelope.payload.len();
+                }
+                check(
+                    recipients <= limits::MAX_RECIPIENTS_PER_SEND,
+                    "recipients per send",
+                )?;
+                check(
+                    payload <= limits::MAX_SEND_PAYLOAD_TOTAL,
+                    "payload per send",
+                )
+            }
+            RequestBody::Retract(r) => {
+                check(!r.secrets.is_empty(), "retractions per frame")?;
+                check(
+                    r.secrets.len() <= limits::MAX_RETRACTS_PER_FRAME,
+                    "retractions per frame",
+                )
+            }
+            RequestBody::Provision(p) => check(
+                p.payload.len() <= limits::MAX_PROVISIONING_PAYLOAD,
+                "provisioning payload size",
+            ),
             RequestBody::Authenticate(_)
             | RequestBody::AddDevice(_)
             | RequestBody::RemoveDevice(_)
-            | RequestBody::FetchPrekeys(_) => Ok(()),
+            | RequestBody::FetchPrekeys(_)
+            | RequestBody::GetSenderCertificate
+            | RequestBody::SetDeliveryAccess(_)
+            | RequestBody::ListDevices(_)
+            | RequestBody::OpenProvisioning => Ok(()),
         }
     }
 }
@@ -413,6 +584,21 @@ impl ServerFrame {
                     .flat_map(|d| d.signed_prekey.iter().chain(&d.one_time).chain(&d.kem))
                     .try_for_each(check_prekey)
             }
+            ServerFrame::Response(Response {
+                result: Ok(ResponseBody::SenderCertificate { certificate, .. }),
+                ..
+            }) => check(
+                certificate.body.len() <= limits::MAX_SENDER_CERTIFICATE_BODY,
+                "sender certificate size",
+            ),
+            ServerFrame::Response(Response {
+                result: Ok(ResponseBody::Devices { devices }),
+                ..
+            }) => check(devices.len() <= limits::MAX_BUNDLES, "devices per response"),
+            ServerFrame::ProvisioningMessage(m) => check(
+                m.payload.len() <= limits::MAX_PROVISIONING_PAYLOAD,
+                "provisioning payload size",
+            ),
             _ => Ok(()),
         }
     }

@@ -32,16 +32,19 @@ mod error;
 mod frames;
 mod ids;
 pub mod limits;
+pub mod sealed;
 
 pub use bytes::Signature;
 pub use codec::{encode_frame, Frame, FrameDecoder, FrameHeader, HEADER_LEN};
 pub use error::{DecodeError, ErrorCode};
 pub use frames::{
     Ack, AddDevice, Authenticate, ClientFrame, Deliver, DeviceBundle, Fatal, FetchPrekeys, Hello,
-    HelloOk, LowPrekeys, OutgoingEnvelope, Prekey, PrekeyBundles, Register, RemoveDevice, Request,
-    RequestBody, Response, ResponseBody, Send, ServerFrame, UploadPrekeys, VersionRange,
+    HelloOk, ListDevices, LowPrekeys, OutgoingEnvelope, Prekey, PrekeyBundles, Provision,
+    ProvisioningMessage, Register, RemoveDevice, Request, RequestBody, Response, ResponseBody,
+    Retract, SealedSend, Send, ServerFrame, SetDeliveryAccess, UploadPrekeys, VersionRange,
 };
 pub use ids::{AccountId, DeviceAddress, DeviceId, EnvelopeId, RequestId};
+pub use sealed::{SealedEnvelope, SenderCertificate};
 
 /// The ALPN protocol id the relay and clients negotiate in the TLS handshake.
 pub const ALPN: &[u8] = b"hush/1";

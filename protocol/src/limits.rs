@@ -23,6 +23,13 @@ pub const MAX_INVITE_TOKEN: usize = 64;
 /// Largest number of device bundles in one prekey response.
 pub const MAX_BUNDLES: usize = 64;
 
+/// Largest number of retraction secrets in one `Retract`.
+pub const MAX_RETRACTS_PER_FRAME: usize = 256;
+/// Largest provisioning message payload.
+pub const MAX_PROVISIONING_PAYLOAD: usize = 64 * 1024;
+/// Largest encoded sender certificate body (ids, an identity key, an expiry).
+pub const MAX_SENDER_CERTIFICATE_BODY: usize = 256;
+
 /// Body limits per frame kind, in bytes. Each is the largest body that the field limits
 /// above allow, rounded up; a peer that announces more is cut off before we read it.
 pub mod frame {
@@ -42,6 +49,18 @@ pub mod frame {
     pub const SEND: usize = 1024 * 1024 + 64 * 1024;
     /// `Ack`.
     pub const ACK: usize = 64 * 1024;
+    /// Requests without a body: `GetSenderCertificate`, `OpenProvisioning`.
+    pub const EMPTY_REQUEST: usize = 16;
+    /// `SetDeliveryAccess`.
+    pub const SET_DELIVERY_ACCESS: usize = 64;
+    /// `SealedSend`: at most 1 MiB of payload plus addressing, tokens and tags.
+    pub const SEALED_SEND: usize = 1024 * 1024 + 64 * 1024;
+    /// `ListDevices`.
+    pub const LIST_DEVICES: usize = 64;
+    /// `Retract`: 256 secrets of 32 bytes.
+    pub const RETRACT: usize = 9 * 1024;
+    /// `Provision`.
+    pub const PROVISION: usize = super::MAX_PROVISIONING_PAYLOAD + 64;
     /// `HelloOk`.
     pub const HELLO_OK: usize = 64;
     /// `Response`: a prekey response is the largest.
@@ -50,6 +69,8 @@ pub mod frame {
     pub const DELIVER: usize = super::MAX_ENVELOPE_PAYLOAD + 64;
     /// Small pushes: `Drained`, `LowPrekeys`, `Fatal`.
     pub const SMALL: usize = 64;
+    /// `ProvisioningMessage`.
+    pub const PROVISIONING_MESSAGE: usize = super::MAX_PROVISIONING_PAYLOAD + 16;
 }
 
 /// Largest total payload of one `Send` frame.

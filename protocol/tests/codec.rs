@@ -2,12 +2,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use hush_protocol::limits::{self, frame as frame_limit};
+use hush_protocol::sealed::{SealedEnvelope, SenderCertificate};
 use hush_protocol::{
     encode_frame, AccountId, Ack, AddDevice, Authenticate, ClientFrame, DecodeError, Deliver,
     DeviceAddress, DeviceBundle, DeviceId, EnvelopeId, ErrorCode, Fatal, FetchPrekeys, Frame,
-    FrameDecoder, FrameHeader, Hello, HelloOk, LowPrekeys, OutgoingEnvelope, Prekey, PrekeyBundles,
-    Register, RemoveDevice, Request, RequestBody, RequestId, Response, ResponseBody, Send,
-    ServerFrame, Signature, UploadPrekeys, VersionRange, HEADER_LEN,
+    FrameDecoder, FrameHeader, Hello, HelloOk, ListDevices, LowPrekeys, OutgoingEnvelope, Prekey,
+    PrekeyBundles, Provision, ProvisioningMessage, Register, RemoveDevice, Request, RequestBody,
+    RequestId, Response, ResponseBody, Retract, SealedSend, Send, ServerFrame, SetDeliveryAccess,
+    Signature, UploadPrekeys, VersionRange, HEADER_LEN,
 };
 use proptest::collection::vec;
 use proptest::option;
@@ -58,6 +60,25 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
     any::<u16>().prop_map(ErrorCode::from_u16)
 }
 
+fn sealed_envelope() -> impl Strategy<Value = SealedEnvelope> {
+    (
+        account(),
+        vec(any::<u32>(), 1..8),
+        option::of(any::<[u8; 16]>()),
+        option::of(any::<[u8; 32]>()),
+        bytes(2048),
+    )
+        .prop_map(
+            |(account, devices, access, retract_tag, payload)| SealedEnvelope {
+                account,
+                devices: devices.into_iter().map(DeviceId).collect(),
+                access,
+                retract_tag,
+                payload,
+            },
+        )
+}
+
 fn request_body() -> impl Strategy<Value = RequestBody> {
     prop_oneof![
         (
@@ -101,17 +122,40 @@ fn request_body() -> impl Strategy<Value = RequestBody> {
                 device: device.map(DeviceId),
             })
         }),
-        vec((vec(address(), 1..8), bytes(2048)), 1..8).prop_map(|envelopes| {
+        vec(
+            (
+                vec(address(), 1..8),
+                bytes(2048),
+                option::of(any::<[u8; 32]>())
+            ),
+            1..8
+        )
+        .prop_map(|envelopes| {
             RequestBody::Send(Send {
                 envelopes: envelopes
                     .into_iter()
-                    .map(|(recipients, payload)| OutgoingEnvelope {
+                    .map(|(recipients, payload, retract_tag)| OutgoingEnvelope {
                         recipients,
                         payload,
+                        retract_tag,
                     })
                     .collect(),
             })
         }),
+        Just(RequestBody::GetSenderCertificate),
+        (option::of(any::<[u8; 16]>()), any::<bool>()).prop_map(
+            |(token, allow_unknown_senders)| RequestBody::SetDeliveryAccess(SetDeliveryAccess {
+                token,
+                allow_unknown_senders,
+            })
+        ),
+        vec(sealed_envelope(), 1..6)
+            .prop_map(|envelopes| RequestBody::SealedSend(SealedSend { envelopes })),
+        account().prop_map(|account| RequestBody::ListDevices(ListDevices { account })),
+        vec(any::<[u8; 32]>(), 1..16).prop_map(|secrets| RequestBody::Retract(Retract { secrets })),
+        Just(RequestBody::OpenProvisioning),
+        (any::<[u8; 16]>(), bytes(4096))
+            .prop_map(|(address, payload)| RequestBody::Provision(Provision { address, payload })),
         vec(any::<u64>(), 1..64).prop_map(|ids| RequestBody::Ack(Ack {
             ids: ids.into_iter().map(EnvelopeId).collect()
         })),
@@ -173,6 +217,24 @@ fn response_body() -> impl Strategy<Value = ResponseBody> {
         ),
         Just(ResponseBody::Sent),
         Just(ResponseBody::Acked),
+        (
+            bytes(limits::MAX_SENDER_CERTIFICATE_BODY),
+            signature(),
+            any::<[u8; 32]>()
+        )
+            .prop_map(
+                |(body, signature, relay_key)| ResponseBody::SenderCertificate {
+                    certificate: SenderCertificate { body, signature },
+                    relay_key,
+                }
+            ),
+        Just(ResponseBody::DeliveryAccessSet),
+        vec(any::<u32>(), 0..limits::MAX_BUNDLES).prop_map(|devices| ResponseBody::Devices {
+            devices: devices.into_iter().map(DeviceId).collect()
+        }),
+        any::<u32>().prop_map(|count| ResponseBody::Retracted { count }),
+        any::<[u8; 16]>().prop_map(|address| ResponseBody::ProvisioningOpened { address }),
+        Just(ResponseBody::Provisioned),
     ]
 }
 
@@ -208,6 +270,8 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
                 supported_versions
             }
         )),
+        bytes(4096)
+            .prop_map(|payload| ServerFrame::ProvisioningMessage(ProvisioningMessage { payload })),
     ]
 }
 
@@ -292,7 +356,7 @@ fn each_kind_has_its_own_limit() {
 
 #[test]
 fn unknown_frame_kind_is_refused() {
-    for kind in [0x00, 0x0a, 0x7f, 0x81, 0xff] {
+    for kind in [0x00, 0x11, 0x7f, 0x81, 0xff] {
         let header = [0, 0, 0, 0, kind];
         assert_eq!(
             FrameHeader::parse::<ClientFrame>(header),
@@ -332,6 +396,7 @@ fn field_limits_are_checked_after_decode() {
                     device: DeviceId(1),
                 }],
                 payload: vec![0; limits::MAX_ENVELOPE_PAYLOAD + 1],
+                retract_tag: None,
             }],
         }),
     });
@@ -348,6 +413,106 @@ fn field_limits_are_checked_after_decode() {
         body: RequestBody::Send(Send { envelopes: vec![] }),
     });
     assert!(decode_chunked::<ClientFrame>(&encode_frame(&empty), 64).is_err());
+
+    let retract = |n: usize| {
+        encode_frame(&ClientFrame::Request(Request {
+            id: RequestId(3),
+            body: RequestBody::Retract(Retract {
+                secrets: vec![[1; 32]; n],
+            }),
+        }))
+    };
+    assert!(decode_chunked::<ClientFrame>(&retract(limits::MAX_RETRACTS_PER_FRAME), 64).is_ok());
+    assert_eq!(
+        decode_chunked::<ClientFrame>(&retract(limits::MAX_RETRACTS_PER_FRAME + 1), 64),
+        Err(DecodeError::LimitExceeded {
+            what: "retractions per frame"
+        })
+    );
+
+    let sealed = |devices: usize, payload: usize| {
+        encode_frame(&ClientFrame::Request(Request {
+            id: RequestId(4),
+            body: RequestBody::SealedSend(SealedSend {
+                envelopes: vec![SealedEnvelope {
+                    account: AccountId([1; 16]),
+                    devices: (0..devices as u32).map(DeviceId).collect(),
+                    access: None,
+                    retract_tag: None,
+                    payload: vec![0; payload],
+                }],
+            }),
+        }))
+    };
+    assert!(decode_chunked::<ClientFrame>(&sealed(1, limits::MAX_ENVELOPE_PAYLOAD), 4096).is_ok());
+    assert!(decode_chunked::<ClientFrame>(&sealed(0, 1), 64).is_err());
+    assert!(decode_chunked::<ClientFrame>(&sealed(limits::MAX_BUNDLES + 1, 1), 64).is_err());
+    assert!(
+        decode_chunked::<ClientFrame>(&sealed(1, limits::MAX_ENVELOPE_PAYLOAD + 1), 4096).is_err()
+    );
+
+    let provision = encode_frame(&ClientFrame::Request(Request {
+        id: RequestId(5),
+        body: RequestBody::Provision(Provision {
+            address: [0; 16],
+            payload: vec![0; limits::MAX_PROVISIONING_PAYLOAD + 1],
+        }),
+    }));
+    assert!(decode_chunked::<ClientFrame>(&provision, 4096).is_err());
+}
+
+/// The largest requests the field limits allow fit their kind's frame limit.
+#[test]
+fn largest_new_requests_fit_their_frame_limits() {
+    let largest_sealed = ClientFrame::Request(Request {
+        id: RequestId(u32::MAX),
+        body: RequestBody::SealedSend(SealedSend {
+            envelopes: (0..limits::MAX_ENVELOPES_PER_SEND)
+                .map(|i| SealedEnvelope {
+                    account: AccountId([0xff; 16]),
+                    devices: (0..4).map(|d| DeviceId(u32::MAX - d)).collect(),
+                    access: Some([0xff; 16]),
+                    retract_tag: Some([0xff; 32]),
+                    payload: vec![
+                        0;
+                        if i < 16 {
+                            limits::MAX_ENVELOPE_PAYLOAD
+                        } else {
+                            0
+                        }
+                    ],
+                })
+                .collect(),
+        }),
+    });
+    let largest_retract = ClientFrame::Request(Request {
+        id: RequestId(u32::MAX),
+        body: RequestBody::Retract(Retract {
+            secrets: vec![[0xff; 32]; limits::MAX_RETRACTS_PER_FRAME],
+        }),
+    });
+    let largest_provision = ClientFrame::Request(Request {
+        id: RequestId(u32::MAX),
+        body: RequestBody::Provision(Provision {
+            address: [0xff; 16],
+            payload: vec![0; limits::MAX_PROVISIONING_PAYLOAD],
+        }),
+    });
+    for frame in [largest_sealed, largest_retract, largest_provision] {
+        let wire = encode_frame(&frame);
+        assert_eq!(
+            decode_chunked::<ClientFrame>(&wire, 65_536).unwrap(),
+            vec![frame]
+        );
+    }
+    let message = ServerFrame::ProvisioningMessage(ProvisioningMessage {
+        payload: vec![0; limits::MAX_PROVISIONING_PAYLOAD],
+    });
+    let wire = encode_frame(&message);
+    assert_eq!(
+        decode_chunked::<ServerFrame>(&wire, 65_536).unwrap(),
+        vec![message]
+    );
 }
 
 #[test]
@@ -395,6 +560,54 @@ fn wire_vectors_are_stable() {
         }),
     }));
     assert_eq!(hex(&ack), "0000000509 07 02 01 8001".replace(' ', ""));
+    let send = encode_frame(&ClientFrame::Request(Request {
+        id: RequestId(1),
+        body: RequestBody::Send(Send {
+            envelopes: vec![OutgoingEnvelope {
+                recipients: vec![DeviceAddress {
+                    account: AccountId([0xaa; 16]),
+                    device: DeviceId(1),
+                }],
+                payload: b"ct".to_vec(),
+                retract_tag: Some([0x11; 32]),
+            }],
+        }),
+    }));
+    assert_eq!(
+        hex(&send),
+        format!(
+            "0000003808 01 01 01 {} 01 02 6374 01 {}",
+            "aa".repeat(16),
+            "11".repeat(32)
+        )
+        .replace(' ', "")
+    );
+    let sealed = encode_frame(&ClientFrame::Request(Request {
+        id: RequestId(2),
+        body: RequestBody::SealedSend(SealedSend {
+            envelopes: vec![SealedEnvelope {
+                account: AccountId([0xbb; 16]),
+                devices: vec![DeviceId(1), DeviceId(2)],
+                access: Some([0x22; 16]),
+                retract_tag: None,
+                payload: b"ct".to_vec(),
+            }],
+        }),
+    }));
+    assert_eq!(
+        hex(&sealed),
+        format!(
+            "0000002a0c 02 01 {} 02 01 02 01 {} 00 02 6374",
+            "bb".repeat(16),
+            "22".repeat(16)
+        )
+        .replace(' ', "")
+    );
+    let opened = encode_frame(&ServerFrame::Response(Response {
+        id: RequestId(3),
+        result: Ok(ResponseBody::Retracted { count: 2 }),
+    }));
+    assert_eq!(hex(&opened), "0000000482 03 00 0b 02".replace(' ', ""));
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -46,6 +46,8 @@ pub struct Limits {
     pub stream_receive_window: u32,
     /// Whether new client addresses must prove they can receive (QUIC Retry) first.
     pub require_address_validation: bool,
+    /// Most provisioning addresses open at once (they live in memory).
+    pub max_open_provisioning: usize,
 }
 
 impl Default for Limits {
@@ -57,6 +59,7 @@ impl Default for Limits {
             connection_receive_window: 4 * 1024 * 1024,
             stream_receive_window: 2 * 1024 * 1024,
             require_address_validation: true,
+            max_open_provisioning: 10_000,
         }
     }
 }
@@ -81,6 +84,8 @@ pub struct Config {
     pub low_prekey_threshold: u32,
     /// How often expired envelopes are swept (seconds).
     pub sweep_interval_secs: u64,
+    /// How long a sender certificate is valid, in hours (1 to 168).
+    pub sender_certificate_hours: u32,
     /// Transport and abuse limits.
     pub limits: Limits,
 }
@@ -96,6 +101,7 @@ impl Default for Config {
             message_expiry_days: MAX_MESSAGE_EXPIRY_DAYS,
             low_prekey_threshold: 10,
             sweep_interval_secs: 60,
+            sender_certificate_hours: 24,
             limits: Limits::default(),
         }
     }
@@ -176,6 +182,16 @@ impl Config {
             "between 1 and 64",
         )?;
         range(
+            (1..=168).contains(&self.sender_certificate_hours),
+            "sender_certificate_hours",
+            "between 1 and 168",
+        )?;
+        range(
+            self.limits.max_open_provisioning >= 1,
+            "limits.max_open_provisioning",
+            "at least 1",
+        )?;
+        range(
             self.sweep_interval_secs >= 1,
             "sweep_interval_secs",
             "at least 1",
@@ -214,6 +230,11 @@ impl Config {
         u64::from(self.message_expiry_days) * crate::keyring::DAY
     }
 
+    /// How long a sender certificate is valid, in seconds.
+    pub fn sender_certificate_secs(&self) -> u64 {
+        u64::from(self.sender_certificate_hours) * 3600
+    }
+
     /// The idle timeout as a duration.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.limits.idle_timeout_secs)
@@ -249,6 +270,30 @@ mod tests {
             })
         ));
         assert!(Config::from_toml("message_expiry_days = 0").is_err());
+    }
+
+    #[test]
+    fn sender_certificate_validity_is_bounded() {
+        assert_eq!(Config::default().sender_certificate_hours, 24);
+        assert_eq!(
+            Config::from_toml("sender_certificate_hours = 168")
+                .unwrap()
+                .sender_certificate_secs(),
+            168 * 3600
+        );
+        for bad in [
+            "sender_certificate_hours = 0",
+            "sender_certificate_hours = 169",
+        ] {
+            assert!(matches!(
+                Config::from_toml(bad),
+                Err(ConfigError::OutOfRange {
+                    field: "sender_certificate_hours",
+                    ..
+                })
+            ));
+        }
+        assert!(Config::from_toml("[limits]\nmax_open_provisioning = 0").is_err());
     }
 
     #[test]

@@ -200,22 +200,28 @@ impl Keyring {
         let bytes = Zeroizing::new(
             postcard::to_allocvec(&file).map_err(|_| KeyringError::Corrupt(self.path.clone()))?,
         );
-        let tmp = self.path.with_extension("tmp");
-        {
-            let mut options = fs::OpenOptions::new();
-            options.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut out = options.open(&tmp).map_err(io)?;
-            out.write_all(&bytes).map_err(io)?;
-            out.sync_all().map_err(io)?;
-        }
-        fs::rename(&tmp, &self.path).map_err(io)?;
-        if let Some(dir) = self.path.parent() {
-            fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-        }
-        Ok(())
+        write_private_file(&self.path, &bytes).map_err(io)
     }
+}
+
+/// Replaces the file at `path` with `bytes` atomically (write a temporary file with mode
+/// 0600, fsync, rename, fsync the directory): a crash leaves the old or the new content.
+pub(crate) fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut out = options.open(&tmp)?;
+        out.write_all(bytes)?;
+        out.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir).and_then(|d| d.sync_all())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

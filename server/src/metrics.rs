@@ -29,6 +29,12 @@ pub struct Metrics {
     pub envelopes_delivered: AtomicU64,
     /// Envelopes deleted by expiry.
     pub envelopes_expired: AtomicU64,
+    /// Envelope copies deleted by retraction.
+    pub envelopes_retracted: AtomicU64,
+    /// Sender certificates issued.
+    pub sender_certificates: AtomicU64,
+    /// Provisioning messages handed over.
+    pub provisioning_messages: AtomicU64,
     connections_closed_by_code: [AtomicU64; CODE_SLOTS],
 }
 
@@ -68,6 +74,12 @@ impl Metrics {
             ("hush_envelopes_accepted_total", &self.envelopes_accepted),
             ("hush_envelopes_delivered_total", &self.envelopes_delivered),
             ("hush_envelopes_expired_total", &self.envelopes_expired),
+            ("hush_envelopes_retracted_total", &self.envelopes_retracted),
+            ("hush_sender_certificates_total", &self.sender_certificates),
+            (
+                "hush_provisioning_messages_total",
+                &self.provisioning_messages,
+            ),
         ];
         for (name, value) in counters {
             let _ = writeln!(

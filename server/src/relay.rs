@@ -10,8 +10,11 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::clock::Clock;
 use crate::commit::{CommitError, CommitThread, Committer};
 use crate::config::Config;
+use crate::keyring::KeyringError;
 use crate::mailbox::Hub;
 use crate::metrics::Metrics;
+use crate::provisioning::Provisioning;
+use crate::sender_key::SenderKey;
 use crate::store::{Outcome, RedbStore, Store, StoreError, StoreStats, Write};
 use crate::tls::TlsError;
 use crate::{session, tls, transport};
@@ -27,6 +30,8 @@ pub(crate) struct Shared {
     pub hub: Hub,
     pub clock: Arc<dyn Clock>,
     pub metrics: Metrics,
+    pub sender_key: SenderKey,
+    pub provisioning: Provisioning,
 }
 
 /// The relay could not start.
@@ -49,6 +54,9 @@ pub enum StartError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The sender-certificate key could not be read or made.
+    #[error(transparent)]
+    SenderKey(#[from] KeyringError),
     /// The UDP socket could not be bound, or a thread not started.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -78,6 +86,8 @@ impl Relay {
             .await
             .map_err(|e| StartError::Io(std::io::Error::other(e)))??
             .into_arc();
+        let sender_key =
+            SenderKey::open_or_create(&config.data_dir.join("sender-certificate-key"))?;
         let (committer, commit_thread) = Committer::start(store.clone())?;
         let server_config = transport::server_config(&config, identity)?;
         let endpoint = quinn::Endpoint::server(server_config, config.listen)?;
@@ -86,6 +96,7 @@ impl Relay {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let sweep_interval = Duration::from_secs(config.sweep_interval_secs);
         let max_connections = config.limits.max_connections;
+        let provisioning = Provisioning::new(config.limits.max_open_provisioning);
         let shared = Arc::new(Shared {
             config,
             store,
@@ -93,6 +104,8 @@ impl Relay {
             hub: Hub::default(),
             clock,
             metrics: Metrics::default(),
+            sender_key,
+            provisioning,
         });
         let accept = tokio::spawn(accept_loop(
             endpoint.clone(),
@@ -153,6 +166,11 @@ impl Relay {
             stats.commits.load(std::sync::atomic::Ordering::Relaxed),
             stats.writes.load(std::sync::atomic::Ordering::Relaxed),
         )
+    }
+
+    /// Provisioning addresses open now.
+    pub fn open_provisioning_addresses(&self) -> usize {
+        self.shared.provisioning.open_count()
     }
 
     /// Devices connected now.

@@ -1,9 +1,12 @@
 //! One connected device: the handshake, authentication, the request loop, the writer that
 //! owns the stream's send half, and the delivery loop that pushes its mailbox.
 //!
-//! Protocol violations (a frame that does not decode, a request before authentication, a
-//! bad signature, a second `Hello`) end the connection: the relay sends a `Fatal` frame
-//! and closes with the same error code. Refusals of a well-formed request (unknown
+//! Before authentication a connection may register, authenticate, send sealed envelopes,
+//! retract envelopes and open a provisioning address; nothing else.
+//!
+//! Protocol violations (a frame that does not decode, any other request before
+//! authentication, a bad signature, a second `Hello`) end the connection: the relay sends
+//! a `Fatal` frame and closes with the same error code. Refusals of a well-formed request (unknown
 //! account, unknown envelope, device limit) are answered with an error response and the
 //! connection carries on, because honest clients meet them too.
 
@@ -12,21 +15,25 @@ use std::time::Duration;
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use hush_protocol::auth::{auth_transcript, register_transcript, EXPORTER_LABEL, EXPORTER_LEN};
+use hush_protocol::sealed::{retract_tag, SenderCertificateBody};
 use hush_protocol::{
     encode_frame, AccountId, ClientFrame, DecodeError, Deliver, DeviceAddress, DeviceId, ErrorCode,
-    Fatal, Frame, FrameHeader, HelloOk, LowPrekeys, Request, RequestBody, RequestId, Response,
-    ResponseBody, ServerFrame, HEADER_LEN, SUPPORTED_VERSIONS,
+    Fatal, Frame, FrameHeader, HelloOk, LowPrekeys, Provision, ProvisioningMessage, Request,
+    RequestBody, RequestId, Response, ResponseBody, Retract, SealedSend, ServerFrame, HEADER_LEN,
+    SUPPORTED_VERSIONS,
 };
 use quinn::{ReadExactError, RecvStream, SendStream, VarInt};
 use rand_core::{OsRng, RngCore};
+use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::commit::CommitError;
 use crate::mailbox::DeviceLink;
 use crate::metrics::Metrics;
+use crate::provisioning::ProvisioningError;
 use crate::relay::Shared;
-use crate::store::{Outcome, PrekeyCounts, Refusal, Write, WriteResult};
+use crate::store::{AccountView, Outcome, PrekeyCounts, Refusal, Write, WriteResult};
 
 /// How long a client has to complete the QUIC handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -100,6 +107,7 @@ pub(crate) async fn run(
         number,
         outbox,
         device: None,
+        provisioning: None,
         in_flight: Arc::new(Semaphore::new(shared.config.limits.max_in_flight_requests)),
         challenge: random_challenge(),
     };
@@ -130,6 +138,8 @@ struct Session {
     number: u64,
     outbox: mpsc::Sender<Vec<u8>>,
     device: Option<Attached>,
+    /// The provisioning address this connection opened, if any (at most one, ever).
+    provisioning: Option<[u8; 16]>,
     in_flight: Arc<Semaphore>,
     challenge: [u8; 32],
 }
@@ -182,11 +192,7 @@ impl Session {
     async fn handle(&mut self, request: Request) -> Result<(), End> {
         let Request { id, body } = request;
         let Some(address) = self.device.as_ref().map(|d| d.address) else {
-            return match body {
-                RequestBody::Register(register) => self.register(id, register).await,
-                RequestBody::Authenticate(auth) => self.authenticate(id, auth).await,
-                _ => Err(End::Close(ErrorCode::NotAuthenticated)),
-            };
+            return self.handle_anonymous(id, body).await;
         };
         let config = &self.shared.config;
         let write = match body {
@@ -219,12 +225,60 @@ impl Session {
                 address,
                 ids: ack.ids,
             },
-            RequestBody::Register(_) | RequestBody::Authenticate(_) => {
+            RequestBody::SealedSend(send) => self.sealed_write(send),
+            RequestBody::Retract(retract) => retract_write(&retract),
+            RequestBody::SetDeliveryAccess(set) => Write::SetDeliveryAccess {
+                account: address.account,
+                // Only the hash is kept: a stolen database does not hand out tokens.
+                token_hash: set.token.map(|token| Sha256::digest(token).into()),
+                allow_unknown_senders: set.allow_unknown_senders,
+            },
+            RequestBody::GetSenderCertificate => return self.sender_certificate(id, address).await,
+            RequestBody::ListDevices(list) => return self.list_devices(id, list.account).await,
+            RequestBody::Provision(provision) => {
+                self.provision(id, provision).await;
+                return Ok(());
+            }
+            RequestBody::Register(_)
+            | RequestBody::Authenticate(_)
+            | RequestBody::OpenProvisioning => {
                 self.respond(id, Err(ErrorCode::AlreadyAuthenticated)).await;
                 return Ok(());
             }
         };
+        self.submit(id, write).await
+    }
 
+    /// Requests on a connection that has said `Hello` but not authenticated: registration,
+    /// authentication, and what needs no identity (sealed sends, retraction, provisioning).
+    async fn handle_anonymous(&mut self, id: RequestId, body: RequestBody) -> Result<(), End> {
+        match body {
+            RequestBody::Register(register) => self.register(id, register).await,
+            RequestBody::Authenticate(auth) => self.authenticate(id, auth).await,
+            RequestBody::SealedSend(send) => {
+                let write = self.sealed_write(send);
+                self.submit(id, write).await
+            }
+            RequestBody::Retract(retract) => self.submit(id, retract_write(&retract)).await,
+            RequestBody::OpenProvisioning => {
+                self.open_provisioning(id).await;
+                Ok(())
+            }
+            _ => Err(End::Close(ErrorCode::NotAuthenticated)),
+        }
+    }
+
+    fn sealed_write(&self, send: SealedSend) -> Write {
+        let now = self.shared.clock.now();
+        Write::SealedEnqueue {
+            envelopes: send.envelopes,
+            received_at: now,
+            expires_at: now.saturating_add(self.shared.config.message_expiry_secs()),
+        }
+    }
+
+    /// Hands a write to the committer and answers once it is durable.
+    async fn submit(&self, id: RequestId, write: Write) -> Result<(), End> {
         // The permit bounds this connection's concurrent requests; waiting for it stops
         // the read loop, which pushes back on the client through QUIC flow control.
         let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
@@ -242,6 +296,104 @@ impl Session {
             drop(permit);
         });
         Ok(())
+    }
+
+    /// Reads an account's identity key and devices: `UnknownAccount` if there is none,
+    /// `StorageFailure` if the read failed.
+    async fn read_account(
+        &self,
+        account: AccountId,
+    ) -> Result<Result<AccountView, ErrorCode>, End> {
+        let store = self.shared.store.clone();
+        match tokio::task::spawn_blocking(move || store.account(&account)).await {
+            Ok(Ok(view)) => Ok(view.ok_or(ErrorCode::UnknownAccount)),
+            Ok(Err(error)) => {
+                tracing::error!(%error, "reading an account failed");
+                Ok(Err(ErrorCode::StorageFailure))
+            }
+            Err(_) => Err(End::Close(ErrorCode::Internal)),
+        }
+    }
+
+    /// Issues a sender certificate for this connection's device.
+    async fn sender_certificate(&self, id: RequestId, address: DeviceAddress) -> Result<(), End> {
+        let result = self.read_account(address.account).await?.map(|view| {
+            let body = SenderCertificateBody {
+                account: address.account,
+                device: address.device,
+                identity_key: view.identity_key,
+                expires_at: self
+                    .shared
+                    .clock
+                    .now()
+                    .saturating_add(self.shared.config.sender_certificate_secs()),
+            };
+            Metrics::inc(&self.shared.metrics.sender_certificates);
+            ResponseBody::SenderCertificate {
+                certificate: self.shared.sender_key.issue(&body),
+                relay_key: self.shared.sender_key.public_key(),
+            }
+        });
+        self.respond(id, result).await;
+        Ok(())
+    }
+
+    /// Answers with an account's current devices; consumes nothing.
+    async fn list_devices(&self, id: RequestId, account: AccountId) -> Result<(), End> {
+        let result = self
+            .read_account(account)
+            .await?
+            .map(|view| ResponseBody::Devices {
+                devices: view.devices,
+            });
+        self.respond(id, result).await;
+        Ok(())
+    }
+
+    /// Opens this connection's provisioning address.
+    async fn open_provisioning(&mut self, id: RequestId) {
+        if self.provisioning.is_some() {
+            self.respond(id, Err(ErrorCode::NotPermitted)).await;
+            return;
+        }
+        let now = self.shared.clock.now();
+        let opened = self
+            .shared
+            .provisioning
+            .open(self.number, self.outbox.clone(), now);
+        let result = match opened {
+            Ok(address) => {
+                self.provisioning = Some(address);
+                Ok(ResponseBody::ProvisioningOpened { address })
+            }
+            Err(ProvisioningError::Full) => Err(ErrorCode::Overloaded),
+        };
+        self.respond(id, result).await;
+    }
+
+    /// Pushes a provisioning message to the connection waiting at its address.
+    async fn provision(&self, id: RequestId, provision: Provision) {
+        let now = self.shared.clock.now();
+        let waiting = self.shared.provisioning.take(&provision.address, now);
+        let frame = encode_frame(&ServerFrame::ProvisioningMessage(ProvisioningMessage {
+            payload: provision.payload,
+        }));
+        // The waiting connection has sent nothing but Hello and OpenProvisioning, so its
+        // outbox has room; if it is gone, the address is as good as unknown.
+        let result = match waiting.map(|outbox| outbox.try_send(frame)) {
+            Some(Ok(())) => {
+                Metrics::inc(&self.shared.metrics.provisioning_messages);
+                Ok(ResponseBody::Provisioned)
+            }
+            Some(Err(_)) | None => Err(ErrorCode::UnknownProvisioningAddress),
+        };
+        self.respond(id, result).await;
+    }
+
+    fn close_provisioning(&mut self) {
+        if let Some(address) = self.provisioning {
+            self.shared.provisioning.close(&address, self.number);
+        }
     }
 
     async fn register(
@@ -319,6 +471,8 @@ impl Session {
 
     /// Makes this connection the device's live one and starts pushing its mailbox.
     fn attach(&mut self, address: DeviceAddress) {
+        // An authenticated connection is no longer a new device waiting to be provisioned.
+        self.close_provisioning();
         let link = self
             .shared
             .hub
@@ -364,6 +518,9 @@ impl Session {
             let _ = device.delivery.await;
             self.shared.hub.detach(&device.address, self.number);
         }
+        // The registry holds a sender of this connection's outbox: release it, or the
+        // writer below would not see the outbox close.
+        self.close_provisioning();
         let (code, reason) = match end {
             End::Peer => (VarInt::from_u32(0), "bye"),
             End::Close(code) => {
@@ -431,10 +588,22 @@ fn respond_to_write(
             shared.hub.evict(&address);
             ResponseBody::DeviceRemoved
         }
+        Outcome::DeliveryAccessSet => ResponseBody::DeliveryAccessSet,
+        Outcome::Retracted { count } => {
+            Metrics::add(&shared.metrics.envelopes_retracted, u64::from(count));
+            ResponseBody::Retracted { count }
+        }
         Outcome::Registered | Outcome::Expired { .. } | Outcome::InviteAdded => {
             return Err(ErrorCode::Internal)
         }
     })
+}
+
+/// Retraction by secret: the store sees only the derived tags.
+fn retract_write(retract: &Retract) -> Write {
+    Write::Retract {
+        tags: retract.secrets.iter().map(retract_tag).collect(),
+    }
 }
 
 fn low_prekeys_frame(counts: PrekeyCounts) -> Vec<u8> {

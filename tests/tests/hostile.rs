@@ -180,6 +180,7 @@ async fn requests_before_hello_or_authentication_are_refused() {
         envelopes: vec![OutgoingEnvelope {
             recipients: vec![world.bob_address],
             payload: b"spam".to_vec(),
+            retract_tag: None,
         }],
     });
 

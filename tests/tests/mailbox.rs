@@ -160,10 +160,12 @@ async fn a_send_with_an_unknown_recipient_stores_nothing() {
             OutgoingEnvelope {
                 recipients: vec![bob.address],
                 payload: b"a".to_vec(),
+                retract_tag: None,
             },
             OutgoingEnvelope {
                 recipients: vec![ghost],
                 payload: b"b".to_vec(),
+                retract_tag: None,
             },
         ])
         .await;

@@ -1,8 +1,10 @@
 //! P9 and P10, tested rather than asserted: after a run at the most verbose log level, the
 //! data dir and the relay's log hold no account id, device key, identity key, invite
-//! token, client address or envelope byte in clear.
+//! token, delivery token, retraction secret or tag, client address or envelope byte in
+//! clear.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use hush_client::protocol::sealed::{retract_tag, SealedEnvelope};
 use hush_client::protocol::DeviceAddress;
 use hush_client::{Connection, DeviceKey};
 use hush_tests::{contains, next_envelope, read_tree, relay_binary, ChildRelay};
@@ -80,6 +82,35 @@ async fn data_dir_and_trace_logs_hold_no_identifiers_or_content() {
         ids.push(next_envelope(&bob).await.id);
     }
     bob.ack(&ids).await.unwrap();
+
+    // Sealed sends from an anonymous connection, with a delivery token and retraction tags;
+    // one of them retracted, one still queued for the offline second device.
+    let token = *b"DELIVERY-TOKEN-1";
+    secrets.add("delivery token", &token);
+    bob.set_delivery_access(Some(token), false).await.unwrap();
+    let (certificate, _) = alice.sender_certificate().await.unwrap();
+    let anonymous = Connection::connect(&child.options()).await.unwrap();
+    let devices = alice.list_devices(bob_address.account).await.unwrap();
+    for i in 0..2u8 {
+        let secret = [0xC0 + i; 32];
+        secrets.add(&format!("retract secret {i}"), &secret);
+        secrets.add(&format!("retract tag {i}"), &retract_tag(&secret));
+        let mut payload = format!("SEALED-CANARY sealed message {i}, certificate: ").into_bytes();
+        payload.extend_from_slice(&certificate.body);
+        secrets.add(&format!("sealed payload {i}"), &payload);
+        anonymous
+            .sealed_send(vec![SealedEnvelope {
+                account: bob_address.account,
+                devices: devices.clone(),
+                access: Some(token),
+                retract_tag: Some(retract_tag(&secret)),
+                payload,
+            }])
+            .await
+            .unwrap();
+    }
+    assert_eq!(anonymous.retract(&[[0xC0; 32]]).await.unwrap(), 2);
+    drop(anonymous);
     drop(alice);
     drop(bob);
 
@@ -101,6 +132,12 @@ async fn data_dir_and_trace_logs_hold_no_identifiers_or_content() {
         log_bytes.len()
     );
     secrets.assert_absent("the relay log", &log_bytes);
+    // Nor the sender-certificate signing key, which lives in its own file.
+    let key_file = std::fs::read(data_dir.join("sender-certificate-key")).unwrap();
+    let signing_key = &key_file[1..];
+    assert_eq!(signing_key.len(), 32);
+    assert!(!contains(&log_bytes, signing_key));
+    assert!(!contains(&log_bytes, hex::encode(signing_key).as_bytes()));
     // No client address: every address in the log was redacted.
     assert!(
         !contains(&log_bytes, b"127.0.0.1"),

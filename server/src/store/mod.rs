@@ -10,7 +10,7 @@ mod redb;
 
 use hush_protocol::{
     AccountId, DeviceAddress, DeviceId, EnvelopeId, ErrorCode, OutgoingEnvelope, PrekeyBundles,
-    UploadPrekeys,
+    SealedEnvelope, UploadPrekeys,
 };
 
 pub use self::redb::RedbStore;
@@ -71,6 +71,30 @@ pub enum Write {
         /// Seconds since the epoch, when they expire.
         expires_at: u64,
     },
+    /// Appends sealed envelopes to every device of their recipient accounts, after checking
+    /// each account's delivery access and device list. All or nothing.
+    SealedEnqueue {
+        /// The envelopes.
+        envelopes: Vec<SealedEnvelope>,
+        /// Seconds since the epoch, now.
+        received_at: u64,
+        /// Seconds since the epoch, when they expire.
+        expires_at: u64,
+    },
+    /// Sets an account's delivery access for sealed envelopes.
+    SetDeliveryAccess {
+        /// The account.
+        account: AccountId,
+        /// SHA-256 of the delivery token, if there is one.
+        token_hash: Option<[u8; 32]>,
+        /// Whether senders without the token may deliver.
+        allow_unknown_senders: bool,
+    },
+    /// Deletes every stored envelope carrying one of these retraction tags.
+    Retract {
+        /// Retraction tags (already derived from the secrets).
+        tags: Vec<[u8; 32]>,
+    },
     /// Deletes acknowledged envelopes from one device's mailbox.
     Ack {
         /// The acknowledging device.
@@ -128,6 +152,13 @@ pub enum Outcome {
     },
     /// The invite is recorded.
     InviteAdded,
+    /// The delivery access is stored.
+    DeliveryAccessSet,
+    /// Envelopes deleted by retraction.
+    Retracted {
+        /// Mailbox entries deleted.
+        count: u32,
+    },
 }
 
 /// Why a single write was refused. Nothing of it was applied.
@@ -157,6 +188,12 @@ pub enum Refusal {
     /// The primary device cannot be removed.
     #[error("not permitted")]
     NotPermitted,
+    /// A sealed envelope's account does not exist or does not accept it.
+    #[error("delivery refused")]
+    DeliveryRefused,
+    /// A sealed envelope's device list is not the account's current one.
+    #[error("device list changed")]
+    DeviceListChanged,
 }
 
 impl Refusal {
@@ -171,6 +208,8 @@ impl Refusal {
             Refusal::DeviceLimitReached => ErrorCode::DeviceLimitReached,
             Refusal::DuplicateDeviceKey => ErrorCode::DuplicateDeviceKey,
             Refusal::NotPermitted => ErrorCode::NotPermitted,
+            Refusal::DeliveryRefused => ErrorCode::DeliveryRefused,
+            Refusal::DeviceListChanged => ErrorCode::DeviceListChanged,
         }
     }
 }
@@ -212,6 +251,19 @@ pub struct StoreStats {
     pub invites: u64,
     /// Expiry days with a live key.
     pub day_keys: u64,
+    /// Entries in the retraction index (one per mailbox entry with a retraction tag).
+    pub retract_entries: u64,
+    /// Accounts with delivery access settings.
+    pub delivery_access: u64,
+}
+
+/// What the relay may tell about an account: its identity key and current devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountView {
+    /// The opaque public identity key from registration.
+    pub identity_key: Vec<u8>,
+    /// The current devices, ascending.
+    pub devices: Vec<DeviceId>,
 }
 
 /// The store failed; the batch that hit this was not committed.
@@ -268,6 +320,9 @@ pub trait Store: Send + Sync + 'static {
         now: u64,
         limit: usize,
     ) -> Result<Vec<StoredEnvelope>, StoreError>;
+
+    /// An account's identity key and device list, if it exists.
+    fn account(&self, account: &AccountId) -> Result<Option<AccountView>, StoreError>;
 
     /// One-time prekeys a device has left.
     fn prekey_counts(&self, address: &DeviceAddress) -> Result<PrekeyCounts, StoreError>;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use hush_protocol::{
     AccountId, DeviceAddress, DeviceBundle, DeviceId, EnvelopeId, OutgoingEnvelope, Prekey,
-    PrekeyBundles,
+    PrekeyBundles, SealedEnvelope,
 };
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
@@ -19,10 +19,11 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use super::{
-    Outcome, PrekeyCounts, Refusal, Store, StoreError, StoreStats, StoredEnvelope, Write,
-    WriteResult,
+    AccountView, Outcome, PrekeyCounts, Refusal, Store, StoreError, StoreStats, StoredEnvelope,
+    Write, WriteResult,
 };
 use crate::keyring::{Keyring, Tag, DAY};
 use crate::seal::SealingKey;
@@ -37,6 +38,15 @@ const MAILBOX: TableDefinition<(Tag, u64), &[u8]> = TableDefinition::new("mailbo
 const EXPIRY: TableDefinition<(u64, Tag, u64), ()> = TableDefinition::new("expiry");
 /// Unused invites by SHA-256 of the token.
 const INVITES: TableDefinition<[u8; 32], ()> = TableDefinition::new("invites");
+/// Delivery access by account tag: sealed [`DeliveryAccess`]. No row: no token, and
+/// unknown senders refused.
+const DELIVERY_ACCESS: TableDefinition<Tag, &[u8]> = TableDefinition::new("delivery_access");
+/// The retraction index by (retraction tag's blind, device tag, sequence). The tag itself
+/// (SHA-256 of the sender's secret) is blinded like every other key.
+const RETRACT: TableDefinition<(Tag, Tag, u64), ()> = TableDefinition::new("retract");
+/// The retraction blind of each mailbox entry that has one, by (device tag, sequence), so
+/// that deleting an envelope finds its index entry.
+const RETRACT_ENTRIES: TableDefinition<(Tag, u64), Tag> = TableDefinition::new("retract_entries");
 /// Counters.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -67,6 +77,30 @@ struct DeviceRecord {
     key: [u8; 32],
 }
 
+/// Who may send sealed envelopes to an account.
+#[derive(Serialize, Deserialize, Default)]
+struct DeliveryAccess {
+    token_hash: Option<[u8; 32]>,
+    allow_unknown_senders: bool,
+}
+
+impl DeliveryAccess {
+    /// Whether a sender presenting `token` may deliver. The hash comparison is
+    /// constant-time, so timing does not tell how much of a guessed token was right.
+    fn admits(&self, token: Option<&[u8; 16]>) -> bool {
+        if self.allow_unknown_senders {
+            return true;
+        }
+        match (&self.token_hash, token) {
+            (Some(stored), Some(token)) => {
+                let presented: [u8; 32] = Sha256::digest(token).into();
+                bool::from(presented.ct_eq(stored))
+            }
+            _ => false,
+        }
+    }
+}
+
 impl AccountRecord {
     fn device(&self, device: DeviceId) -> Option<&DeviceRecord> {
         self.devices.iter().find(|d| d.id == device.0)
@@ -86,6 +120,9 @@ struct Tables<'txn> {
     mailbox: Table<'txn, (Tag, u64), &'static [u8]>,
     expiry: Table<'txn, (u64, Tag, u64), ()>,
     invites: Table<'txn, [u8; 32], ()>,
+    delivery_access: Table<'txn, Tag, &'static [u8]>,
+    retract: Table<'txn, (Tag, Tag, u64), ()>,
+    retract_entries: Table<'txn, (Tag, u64), Tag>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -96,6 +133,9 @@ impl<'txn> Tables<'txn> {
             mailbox: txn.open_table(MAILBOX)?,
             expiry: txn.open_table(EXPIRY)?,
             invites: txn.open_table(INVITES)?,
+            delivery_access: txn.open_table(DELIVERY_ACCESS)?,
+            retract: txn.open_table(RETRACT)?,
+            retract_entries: txn.open_table(RETRACT_ENTRIES)?,
         })
     }
 }
@@ -160,6 +200,30 @@ impl RedbStore {
 
     fn device_tag(&self, address: &DeviceAddress) -> Tag {
         self.keys.tag(b"device", &address.to_bytes())
+    }
+
+    /// The blinded key of a retraction tag.
+    fn retract_blind(&self, retract_tag: &[u8; 32]) -> Tag {
+        self.keys.tag(b"retract", retract_tag)
+    }
+
+    fn load_delivery_access(
+        &self,
+        table: &Table<'_, Tag, &'static [u8]>,
+        tag: &Tag,
+    ) -> Result<DeliveryAccess, StoreError> {
+        let corrupt = || StoreError::Corrupt {
+            table: "delivery_access",
+        };
+        let Some(sealed) = table.get(tag)?.map(|v| v.value().to_vec()) else {
+            return Ok(DeliveryAccess::default());
+        };
+        let plain = self
+            .keys
+            .directory()
+            .open(&row_aad("delivery_access", &[tag]), &sealed)
+            .map_err(|_| corrupt())?;
+        postcard::from_bytes(&plain).map_err(|_| corrupt())
     }
 
     fn seal_account(&self, tag: &Tag, record: &AccountRecord) -> Result<Vec<u8>, StoreError> {
@@ -266,16 +330,37 @@ impl RedbStore {
         })
     }
 
-    /// Deletes a device's mailbox and its expiry entries.
+    /// Deletes one mailbox entry with its expiry and retraction index entries. Returns
+    /// whether the envelope was there.
+    fn remove_envelope(t: &mut Tables<'_>, tag: Tag, sequence: u64) -> Result<bool, StoreError> {
+        let removed = match t.mailbox.remove((tag, sequence))? {
+            Some(value) => {
+                let expires_at = read_u64(value.value(), 0).unwrap_or(0);
+                drop(value);
+                t.expiry.remove((expires_at, tag, sequence))?;
+                true
+            }
+            None => false,
+        };
+        let blind = t
+            .retract_entries
+            .remove((tag, sequence))?
+            .map(|v| v.value());
+        if let Some(blind) = blind {
+            t.retract.remove((blind, tag, sequence))?;
+        }
+        Ok(removed)
+    }
+
+    /// Deletes a device's mailbox and its index entries.
     fn purge_mailbox(tables: &mut Tables<'_>, tag: Tag) -> Result<(), StoreError> {
         let mut doomed = Vec::new();
         for entry in tables.mailbox.range((tag, 0)..=(tag, u64::MAX))? {
-            let (k, v) = entry?;
-            doomed.push((k.value().1, read_u64(v.value(), 0).unwrap_or(0)));
+            let (k, _) = entry?;
+            doomed.push(k.value().1);
         }
-        for (sequence, expires_at) in doomed {
-            tables.mailbox.remove((tag, sequence))?;
-            tables.expiry.remove((expires_at, tag, sequence))?;
+        for sequence in doomed {
+            Self::remove_envelope(tables, tag, sequence)?;
         }
         Ok(())
     }
@@ -451,17 +536,61 @@ impl RedbStore {
                 received_at,
                 expires_at,
             } => self.enqueue(t, &envelopes, received_at, expires_at),
+            Write::SealedEnqueue {
+                envelopes,
+                received_at,
+                expires_at,
+            } => self.sealed_enqueue(t, envelopes, received_at, expires_at),
+            Write::SetDeliveryAccess {
+                account,
+                token_hash,
+                allow_unknown_senders,
+            } => {
+                let tag = self.account_tag(&account);
+                if t.accounts.get(&tag)?.is_none() {
+                    return Ok(Err(Refusal::UnknownAccount));
+                }
+                let record = DeliveryAccess {
+                    token_hash,
+                    allow_unknown_senders,
+                };
+                let plain = postcard::to_allocvec(&record).map_err(|_| StoreError::Corrupt {
+                    table: "delivery_access",
+                })?;
+                let sealed = self
+                    .keys
+                    .directory()
+                    .seal(&row_aad("delivery_access", &[&tag]), &plain);
+                t.delivery_access.insert(&tag, sealed.as_slice())?;
+                Ok(Ok(Outcome::DeliveryAccessSet))
+            }
+            Write::Retract { tags } => {
+                let mut count = 0u32;
+                for retract_tag in tags {
+                    let blind = self.retract_blind(&retract_tag);
+                    let mut doomed = Vec::new();
+                    for entry in t
+                        .retract
+                        .range((blind, [0; 16], 0)..=(blind, [0xff; 16], u64::MAX))?
+                    {
+                        let (key, _) = entry?;
+                        let (_, device, sequence) = key.value();
+                        doomed.push((device, sequence));
+                    }
+                    for (device, sequence) in doomed {
+                        if Self::remove_envelope(t, device, sequence)? {
+                            count = count.saturating_add(1);
+                        }
+                    }
+                }
+                Ok(Ok(Outcome::Retracted { count }))
+            }
             Write::Ack { address, ids } => {
                 let tag = self.device_tag(&address);
                 let mut unknown = 0;
                 for id in ids {
-                    match t.mailbox.remove((tag, id.0))? {
-                        Some(value) => {
-                            let expires_at = read_u64(value.value(), 0).unwrap_or(0);
-                            drop(value);
-                            t.expiry.remove((expires_at, tag, id.0))?;
-                        }
-                        None => unknown += 1,
+                    if !Self::remove_envelope(t, tag, id.0)? {
+                        unknown += 1;
                     }
                 }
                 Ok(Ok(Outcome::Acked { unknown }))
@@ -477,7 +606,7 @@ impl RedbStore {
                 }
                 for (expires_at, tag, sequence) in &doomed {
                     t.expiry.remove((*expires_at, *tag, *sequence))?;
-                    t.mailbox.remove((*tag, *sequence))?;
+                    Self::remove_envelope(t, *tag, *sequence)?;
                 }
                 Ok(Ok(Outcome::Expired {
                     envelopes: doomed.len() as u64,
@@ -489,6 +618,49 @@ impl RedbStore {
                 Ok(Ok(Outcome::InviteAdded))
             }
         }
+    }
+
+    /// Checks each sealed envelope's access and device list, then enqueues them all through
+    /// the same path as an authenticated send.
+    fn sealed_enqueue(
+        &self,
+        t: &mut Tables<'_>,
+        envelopes: Vec<SealedEnvelope>,
+        received_at: u64,
+        expires_at: u64,
+    ) -> Result<WriteResult, StoreError> {
+        let mut outgoing = Vec::with_capacity(envelopes.len());
+        for envelope in envelopes {
+            let tag = self.account_tag(&envelope.account);
+            // An unknown account and a refused token give the same answer, checked before
+            // the device list, so that a sender without access learns nothing.
+            let Some(record) = self.load_account(&t.accounts, &tag)? else {
+                return Ok(Err(Refusal::DeliveryRefused));
+            };
+            let access = self.load_delivery_access(&t.delivery_access, &tag)?;
+            if !access.admits(envelope.access.as_ref()) {
+                return Ok(Err(Refusal::DeliveryRefused));
+            }
+            let mut requested: Vec<u32> = envelope.devices.iter().map(|d| d.0).collect();
+            requested.sort_unstable();
+            let mut current: Vec<u32> = record.devices.iter().map(|d| d.id).collect();
+            current.sort_unstable();
+            // Equal sorted lists: no device missing, none extra, none twice.
+            if requested != current {
+                return Ok(Err(Refusal::DeviceListChanged));
+            }
+            let account = envelope.account;
+            outgoing.push(OutgoingEnvelope {
+                recipients: envelope
+                    .devices
+                    .iter()
+                    .map(|&device| DeviceAddress { account, device })
+                    .collect(),
+                payload: envelope.payload,
+                retract_tag: envelope.retract_tag,
+            });
+        }
+        self.enqueue(t, &outgoing, received_at, expires_at)
     }
 
     fn enqueue(
@@ -521,6 +693,7 @@ impl RedbStore {
         let mut sequence = self.next_sequence.load(Ordering::Relaxed);
         for envelope in envelopes {
             let distinct: BTreeSet<&DeviceAddress> = envelope.recipients.iter().collect();
+            let blind = envelope.retract_tag.as_ref().map(|r| self.retract_blind(r));
             for recipient in distinct {
                 let tag = self.device_tag(recipient);
                 let value = seal_envelope(
@@ -533,6 +706,10 @@ impl RedbStore {
                 );
                 t.mailbox.insert((tag, sequence), value.as_slice())?;
                 t.expiry.insert((expires_at, tag, sequence), ())?;
+                if let Some(blind) = blind {
+                    t.retract.insert((blind, tag, sequence), ())?;
+                    t.retract_entries.insert((tag, sequence), blind)?;
+                }
                 woken.insert(*recipient);
                 sequence += 1;
             }
@@ -565,7 +742,9 @@ impl Store for RedbStore {
     fn apply(&self, writes: Vec<Write>) -> Result<Vec<WriteResult>, StoreError> {
         // Day keys are made durable before the transaction that seals under them.
         for write in &writes {
-            if let Write::Enqueue { expires_at, .. } = write {
+            if let Write::Enqueue { expires_at, .. } | Write::SealedEnqueue { expires_at, .. } =
+                write
+            {
                 self.keys.day_or_create(expiry_day(*expires_at))?;
             }
         }
@@ -658,6 +837,20 @@ impl Store for RedbStore {
         Ok(out)
     }
 
+    fn account(&self, account: &AccountId) -> Result<Option<AccountView>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let accounts = txn.open_table(ACCOUNTS)?;
+        let record = self.load_account(&accounts, &self.account_tag(account))?;
+        Ok(record.map(|r| {
+            let mut devices: Vec<DeviceId> = r.devices.iter().map(|d| DeviceId(d.id)).collect();
+            devices.sort_unstable();
+            AccountView {
+                identity_key: r.identity_key,
+                devices,
+            }
+        }))
+    }
+
     fn prekey_counts(&self, address: &DeviceAddress) -> Result<PrekeyCounts, StoreError> {
         let txn = self.db.begin_read()?;
         let prekeys = txn.open_table(PREKEYS)?;
@@ -673,6 +866,8 @@ impl Store for RedbStore {
             prekeys: txn.open_table(PREKEYS)?.len()?,
             invites: txn.open_table(INVITES)?.len()?,
             day_keys: self.keys.days().len() as u64,
+            retract_entries: txn.open_table(RETRACT)?.len()?,
+            delivery_access: txn.open_table(DELIVERY_ACCESS)?.len()?,
         })
     }
 }

@@ -1,6 +1,9 @@
 #![allow(clippy::unwrap_used)]
 
-use hush_protocol::{AccountId, DeviceAddress, DeviceId, EnvelopeId, OutgoingEnvelope};
+use hush_protocol::sealed::retract_tag;
+use hush_protocol::{
+    AccountId, DeviceAddress, DeviceId, EnvelopeId, OutgoingEnvelope, SealedEnvelope,
+};
 
 use super::*;
 use crate::store::{Outcome, Refusal, Store, Write};
@@ -30,9 +33,43 @@ fn enqueue(to: &[DeviceAddress], payload: &[u8], at: u64) -> Write {
         envelopes: vec![OutgoingEnvelope {
             recipients: to.to_vec(),
             payload: payload.to_vec(),
+            retract_tag: None,
         }],
         received_at: at,
         expires_at: at + TTL,
+    }
+}
+
+/// An envelope with the retraction tag of `secret`.
+fn enqueue_retractable(to: &[DeviceAddress], secret: u8, at: u64) -> Write {
+    Write::Enqueue {
+        envelopes: vec![OutgoingEnvelope {
+            recipients: to.to_vec(),
+            payload: vec![secret],
+            retract_tag: Some(retract_tag(&[secret; 32])),
+        }],
+        received_at: at,
+        expires_at: at + TTL,
+    }
+}
+
+fn retract(secrets: &[u8]) -> Write {
+    Write::Retract {
+        tags: secrets.iter().map(|s| retract_tag(&[*s; 32])).collect(),
+    }
+}
+
+fn sealed(to: DeviceAddress, devices: &[u32], access: Option<[u8; 16]>) -> Write {
+    Write::SealedEnqueue {
+        envelopes: vec![SealedEnvelope {
+            account: to.account,
+            devices: devices.iter().copied().map(DeviceId).collect(),
+            access,
+            retract_tag: None,
+            payload: b"sealed".to_vec(),
+        }],
+        received_at: NOW,
+        expires_at: NOW + TTL,
     }
 }
 
@@ -178,4 +215,161 @@ fn a_corrupted_value_is_skipped_not_delivered() {
         "the damaged envelope is skipped, the next one still comes"
     );
     assert_eq!(delivered[0].payload, b"after");
+}
+
+#[test]
+fn retraction_deletes_every_copy_and_its_index_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    let bob = register(&store, 2);
+    let carol = register(&store, 3);
+    store
+        .apply(vec![
+            enqueue_retractable(&[bob, carol], 1, NOW),
+            enqueue_retractable(&[bob], 2, NOW),
+            enqueue(&[bob], b"plain", NOW),
+        ])
+        .unwrap();
+    assert_eq!(store.stats().unwrap().retract_entries, 3);
+    assert_eq!(
+        store.apply(vec![retract(&[1, 9])]).unwrap(),
+        vec![Ok(Outcome::Retracted { count: 2 })]
+    );
+    let left: Vec<Vec<u8>> = store
+        .backlog(&bob, None, NOW, 10)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.payload)
+        .collect();
+    assert_eq!(left, vec![vec![2], b"plain".to_vec()]);
+    assert!(store.backlog(&carol, None, NOW, 10).unwrap().is_empty());
+    let stats = store.stats().unwrap();
+    assert_eq!(
+        (stats.envelopes, stats.expiry_entries, stats.retract_entries),
+        (2, 2, 1)
+    );
+    assert_eq!(
+        store.apply(vec![retract(&[1])]).unwrap(),
+        vec![Ok(Outcome::Retracted { count: 0 })],
+        "a second retraction finds nothing"
+    );
+}
+
+#[test]
+fn the_retract_index_goes_with_acked_expired_and_removed_envelopes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    let bob = register(&store, 2);
+
+    // Ack.
+    store
+        .apply(vec![enqueue_retractable(&[bob], 1, NOW)])
+        .unwrap();
+    let id = store.backlog(&bob, None, NOW, 10).unwrap()[0].id;
+    store
+        .apply(vec![Write::Ack {
+            address: bob,
+            ids: vec![id],
+        }])
+        .unwrap();
+    assert_eq!(store.stats().unwrap().retract_entries, 0);
+    assert_eq!(
+        store.apply(vec![retract(&[1])]).unwrap(),
+        vec![Ok(Outcome::Retracted { count: 0 })]
+    );
+
+    // Expiry.
+    store
+        .apply(vec![enqueue_retractable(&[bob], 2, NOW - TTL)])
+        .unwrap();
+    assert_eq!(store.stats().unwrap().retract_entries, 1);
+    store.apply(vec![Write::Expire { now: NOW }]).unwrap();
+    assert_eq!(store.stats().unwrap().retract_entries, 0);
+
+    // Device removal.
+    let added = store
+        .apply(vec![Write::AddDevice {
+            account: bob.account,
+            device_key: [42; 32],
+            max_devices: 5,
+        }])
+        .unwrap();
+    let Ok(Outcome::DeviceAdded(device)) = added[0] else {
+        panic!("{added:?}")
+    };
+    let bob2 = DeviceAddress {
+        account: bob.account,
+        device,
+    };
+    store
+        .apply(vec![enqueue_retractable(&[bob, bob2], 3, NOW)])
+        .unwrap();
+    assert_eq!(store.stats().unwrap().retract_entries, 2);
+    store
+        .apply(vec![Write::RemoveDevice { address: bob2 }])
+        .unwrap();
+    let stats = store.stats().unwrap();
+    assert_eq!((stats.envelopes, stats.retract_entries), (1, 1));
+    let txn = store.db.begin_read().unwrap();
+    assert_eq!(txn.open_table(RETRACT_ENTRIES).unwrap().len().unwrap(), 1);
+}
+
+#[test]
+fn sealed_envelopes_need_access_and_the_exact_device_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    let bob = register(&store, 2);
+    let ghost = DeviceAddress {
+        account: AccountId([9; 16]),
+        device: DeviceId::PRIMARY,
+    };
+    let token = [7u8; 16];
+    let hash: [u8; 32] = Sha256::digest(token).into();
+
+    // A new account accepts nothing sealed; an unknown account looks the same.
+    let refused = store
+        .apply(vec![
+            sealed(bob, &[1], None),
+            sealed(bob, &[1], Some(token)),
+            sealed(ghost, &[1], Some(token)),
+        ])
+        .unwrap();
+    assert!(refused.iter().all(|r| *r == Err(Refusal::DeliveryRefused)));
+
+    store
+        .apply(vec![Write::SetDeliveryAccess {
+            account: bob.account,
+            token_hash: Some(hash),
+            allow_unknown_senders: false,
+        }])
+        .unwrap();
+    let results = store
+        .apply(vec![
+            sealed(bob, &[1], Some([8; 16])),
+            sealed(bob, &[1], None),
+            sealed(bob, &[1, 1], Some(token)),
+            sealed(bob, &[1, 2], Some(token)),
+            sealed(bob, &[1], Some(token)),
+        ])
+        .unwrap();
+    assert_eq!(results[0], Err(Refusal::DeliveryRefused));
+    assert_eq!(results[1], Err(Refusal::DeliveryRefused));
+    assert_eq!(results[2], Err(Refusal::DeviceListChanged));
+    assert_eq!(results[3], Err(Refusal::DeviceListChanged));
+    assert!(matches!(results[4], Ok(Outcome::Enqueued { .. })));
+    assert_eq!(store.stats().unwrap().envelopes, 1);
+
+    store
+        .apply(vec![Write::SetDeliveryAccess {
+            account: bob.account,
+            token_hash: None,
+            allow_unknown_senders: true,
+        }])
+        .unwrap();
+    assert!(matches!(
+        store.apply(vec![sealed(bob, &[1], None)]).unwrap()[0],
+        Ok(Outcome::Enqueued { .. })
+    ));
+    let stats = store.stats().unwrap();
+    assert_eq!((stats.envelopes, stats.delivery_access), (2, 1));
 }
