@@ -35,6 +35,7 @@ mod pqxdh;
 mod prekeys;
 pub mod ratchet;
 mod safety;
+pub mod sealed;
 mod session;
 mod tls;
 #[cfg(test)]

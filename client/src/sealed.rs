@@ -1,0 +1,299 @@
+//! Sealed sender: the envelope the relay carries names only the recipient device; who sent
+//! it travels inside, encrypted to the recipient's identity key (P5).
+//!
+//! ```text
+//! sealed:   0x01 | ephemeral key E (32) | encrypted sender identity (65 + 16) | encrypted content
+//!
+//! (chain, k1) = HKDF(salt = "hush-sealed-v1", ikm = DH(e, IK_R), info = E || IK_R)
+//! encrypted sender identity = AEAD(k1, IK_S, aad = E)
+//! k2 = HKDF(salt = chain, ikm = DH(IK_S, IK_R), info = encrypted sender identity)
+//! encrypted content = AEAD(k2, content, aad = E || encrypted sender identity)
+//! content:  certificate length (u16 BE) | sender certificate (postcard)
+//!           | recipient device id (u32 BE) | end-to-end message
+//! ```
+//!
+//! The first layer hides the sender's identity key from anyone but the recipient; the
+//! second proves the sender holds it (only the holders of IK_S or IK_R can compute
+//! DH(IK_S, IK_R)). The relay-signed certificate inside must name that same identity key,
+//! must not be expired, and names the account and device to answer.
+
+use hush_protocol::sealed::{CertificateError, SenderCertificate, SenderCertificateBody};
+use rand_core::CryptoRngCore;
+use subtle::ConstantTimeEq;
+use x25519_dalek::PublicKey;
+use zeroize::Zeroizing;
+
+use crate::error::CryptoError;
+use crate::kdf;
+use crate::keys::{EcKeyPair, IdentityKey, IdentityKeyPair, IDENTITY_KEY_LEN};
+use crate::message::Reader;
+
+const VERSION: u8 = 1;
+const SALT: &[u8] = b"hush-sealed-v1";
+const STATIC_LABEL: &[u8] = b"hush-sealed-static-v1";
+const CONTENT_LABEL: &[u8] = b"hush-sealed-content-v1";
+const TAG_LEN: usize = 16;
+const ENCRYPTED_STATIC_LEN: usize = IDENTITY_KEY_LEN + TAG_LEN;
+
+/// What opening a sealed envelope yields.
+#[derive(Debug)]
+pub struct Unsealed {
+    /// The sender, as the relay certified it.
+    pub sender: SenderCertificateBody,
+    /// The sender's identity key (equal to the certificate's).
+    pub sender_identity: IdentityKey,
+    /// The end-to-end message inside.
+    pub message: Vec<u8>,
+}
+
+/// Seals `message` for one device of the account whose identity is `recipient`.
+pub fn seal(
+    sender: &IdentityKeyPair,
+    certificate: &SenderCertificate,
+    recipient: &IdentityKey,
+    recipient_device: u32,
+    message: &[u8],
+    rng: &mut impl CryptoRngCore,
+) -> Result<Vec<u8>, CryptoError> {
+    let ephemeral = EcKeyPair::generate(rng);
+    let (chain, static_key) = first_layer(
+        &kdf::dh(ephemeral.secret(), recipient.agreement())?.to_bytes(),
+        ephemeral.public(),
+        recipient,
+    );
+    let encrypted_static = kdf::seal_once(
+        &static_key,
+        STATIC_LABEL,
+        &sender.public().to_bytes(),
+        ephemeral.public().as_bytes(),
+    );
+    let content_key = second_layer(
+        &chain,
+        &kdf::dh(sender.agreement(), recipient.agreement())?.to_bytes(),
+        &encrypted_static,
+    );
+    let certificate =
+        postcard::to_allocvec(certificate).map_err(|_| CryptoError::InvalidMessage)?;
+    let certificate_len =
+        u16::try_from(certificate.len()).map_err(|_| CryptoError::InvalidMessage)?;
+    let mut content = Zeroizing::new(Vec::with_capacity(6 + certificate.len() + message.len()));
+    content.extend_from_slice(&certificate_len.to_be_bytes());
+    content.extend_from_slice(&certificate);
+    content.extend_from_slice(&recipient_device.to_be_bytes());
+    content.extend_from_slice(message);
+
+    let mut aad = Vec::with_capacity(32 + ENCRYPTED_STATIC_LEN);
+    aad.extend_from_slice(ephemeral.public().as_bytes());
+    aad.extend_from_slice(&encrypted_static);
+    let encrypted_content = kdf::seal_once(&content_key, CONTENT_LABEL, &content, &aad);
+
+    let mut out = Vec::with_capacity(1 + aad.len() + encrypted_content.len());
+    out.push(VERSION);
+    out.extend_from_slice(&aad);
+    out.extend_from_slice(&encrypted_content);
+    Ok(out)
+}
+
+/// Opens a sealed envelope addressed to `our_device`, checking the sender certificate
+/// against the relay's key at time `now`.
+pub fn open(
+    ours: &IdentityKeyPair,
+    our_device: u32,
+    relay_key: &[u8; 32],
+    sealed: &[u8],
+    now: u64,
+) -> Result<Unsealed, CryptoError> {
+    let mut reader = Reader(sealed);
+    let version = reader.byte()?;
+    if version != VERSION {
+        return Err(CryptoError::UnsupportedVersion(version));
+    }
+    let aad = sealed
+        .get(1..1 + 32 + ENCRYPTED_STATIC_LEN)
+        .ok_or(CryptoError::InvalidMessage)?;
+    let mut ephemeral = [0u8; 32];
+    ephemeral.copy_from_slice(reader.take(32)?);
+    let ephemeral = PublicKey::from(ephemeral);
+    let encrypted_static = reader.take(ENCRYPTED_STATIC_LEN)?;
+    let encrypted_content = reader.0;
+
+    let (chain, static_key) = first_layer(
+        &kdf::dh(ours.agreement(), &ephemeral)?.to_bytes(),
+        &ephemeral,
+        ours.public(),
+    );
+    let sender_identity = kdf::open_once(
+        &static_key,
+        STATIC_LABEL,
+        encrypted_static,
+        ephemeral.as_bytes(),
+    )?;
+    let sender_identity = IdentityKey::from_bytes(&sender_identity)?;
+    let content_key = second_layer(
+        &chain,
+        &kdf::dh(ours.agreement(), sender_identity.agreement())?.to_bytes(),
+        encrypted_static,
+    );
+    let content = kdf::open_once(&content_key, CONTENT_LABEL, encrypted_content, aad)?;
+
+    let mut reader = Reader(&content);
+    let certificate_len = usize::from(u16::from_be_bytes([reader.byte()?, reader.byte()?]));
+    let certificate: SenderCertificate = postcard::from_bytes(reader.take(certificate_len)?)
+        .map_err(|_| CryptoError::InvalidCertificate("malformed"))?;
+    let sender = certificate
+        .verify(relay_key, now)
+        .map_err(|error| match error {
+            CertificateError::Expired => CryptoError::InvalidCertificate("expired"),
+            CertificateError::BadSignature => CryptoError::InvalidCertificate("bad signature"),
+            CertificateError::Malformed => CryptoError::InvalidCertificate("malformed"),
+        })?;
+    if !bool::from(sender.identity_key.ct_eq(&sender_identity.to_bytes())) {
+        return Err(CryptoError::InvalidCertificate(
+            "certificate names another identity",
+        ));
+    }
+    if reader.u32()? != our_device {
+        return Err(CryptoError::WrongRecipient);
+    }
+    Ok(Unsealed {
+        sender,
+        sender_identity,
+        message: reader.0.to_vec(),
+    })
+}
+
+fn first_layer(
+    shared: &[u8; 32],
+    ephemeral: &PublicKey,
+    recipient: &IdentityKey,
+) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
+    let mut info = [0u8; 32 + IDENTITY_KEY_LEN];
+    info[..32].copy_from_slice(ephemeral.as_bytes());
+    info[32..].copy_from_slice(&recipient.to_bytes());
+    let out = kdf::hkdf::<64>(SALT, shared, &info);
+    let mut chain = Zeroizing::new([0u8; 32]);
+    chain.copy_from_slice(&out[..32]);
+    let mut key = Zeroizing::new([0u8; 32]);
+    key.copy_from_slice(&out[32..]);
+    (chain, key)
+}
+
+fn second_layer(
+    chain: &[u8; 32],
+    shared: &[u8; 32],
+    encrypted_static: &[u8],
+) -> Zeroizing<[u8; 32]> {
+    kdf::hkdf::<32>(chain, shared, encrypted_static)
+}
+
+#[cfg(test)]
+mod tests {
+    use ed25519_dalek::{Signer, SigningKey};
+    use hush_protocol::{AccountId, DeviceId};
+    use rand_chacha::rand_core::SeedableRng;
+    use rand_chacha::ChaCha20Rng;
+
+    use super::*;
+
+    struct World {
+        rng: ChaCha20Rng,
+        relay: SigningKey,
+        alice: IdentityKeyPair,
+        bob: IdentityKeyPair,
+    }
+
+    fn world() -> World {
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        let relay = SigningKey::generate(&mut rng);
+        let alice = IdentityKeyPair::generate_with(&mut rng);
+        let bob = IdentityKeyPair::generate_with(&mut rng);
+        World {
+            rng,
+            relay,
+            alice,
+            bob,
+        }
+    }
+
+    fn certificate(
+        signer: &SigningKey,
+        identity: &IdentityKey,
+        expires_at: u64,
+    ) -> SenderCertificate {
+        let body = SenderCertificateBody {
+            account: AccountId([0xA1; 16]),
+            device: DeviceId(2),
+            identity_key: identity.to_bytes().to_vec(),
+            expires_at,
+        };
+        SenderCertificate::issue(&body, |transcript| signer.sign(transcript).to_bytes())
+    }
+
+    #[test]
+    fn sealed_message_opens_with_the_certified_sender() {
+        let mut w = world();
+        let cert = certificate(&w.relay, w.alice.public(), 1_000);
+        let sealed = seal(&w.alice, &cert, w.bob.public(), 3, b"inner", &mut w.rng).unwrap();
+        let relay_key = w.relay.verifying_key().to_bytes();
+        let opened = open(&w.bob, 3, &relay_key, &sealed, 999).unwrap();
+        assert_eq!(opened.message, b"inner");
+        assert_eq!(opened.sender.account, AccountId([0xA1; 16]));
+        assert_eq!(opened.sender.device, DeviceId(2));
+        assert_eq!(&opened.sender_identity, w.alice.public());
+        // The sender's identity is nowhere in clear.
+        let identity = w.alice.public().to_bytes();
+        assert!(!sealed
+            .windows(identity.len())
+            .any(|window| window == identity));
+    }
+
+    #[test]
+    fn expired_forged_mismatched_and_misdirected_envelopes_are_refused() {
+        let mut w = world();
+        let relay_key = w.relay.verifying_key().to_bytes();
+        let cert = certificate(&w.relay, w.alice.public(), 1_000);
+        let sealed = seal(&w.alice, &cert, w.bob.public(), 3, b"x", &mut w.rng).unwrap();
+        assert_eq!(
+            open(&w.bob, 3, &relay_key, &sealed, 1_000).unwrap_err(),
+            CryptoError::InvalidCertificate("expired")
+        );
+        assert_eq!(
+            open(&w.bob, 4, &relay_key, &sealed, 10).unwrap_err(),
+            CryptoError::WrongRecipient
+        );
+
+        // A certificate signed by someone other than the relay.
+        let forger = SigningKey::generate(&mut w.rng);
+        let forged = certificate(&forger, w.alice.public(), 1_000);
+        let sealed = seal(&w.alice, &forged, w.bob.public(), 3, b"x", &mut w.rng).unwrap();
+        assert_eq!(
+            open(&w.bob, 3, &relay_key, &sealed, 10).unwrap_err(),
+            CryptoError::InvalidCertificate("bad signature")
+        );
+
+        // Mallory holds a genuine certificate for Alice but not Alice's key.
+        let mallory = IdentityKeyPair::generate_with(&mut w.rng);
+        let stolen = certificate(&w.relay, w.alice.public(), 1_000);
+        let sealed = seal(&mallory, &stolen, w.bob.public(), 3, b"x", &mut w.rng).unwrap();
+        assert_eq!(
+            open(&w.bob, 3, &relay_key, &sealed, 10).unwrap_err(),
+            CryptoError::InvalidCertificate("certificate names another identity")
+        );
+
+        // Not for us at all, tampered, truncated.
+        let sealed = seal(&w.alice, &cert, w.bob.public(), 3, b"x", &mut w.rng).unwrap();
+        assert_eq!(
+            open(&w.alice, 3, &relay_key, &sealed, 10).unwrap_err(),
+            CryptoError::DecryptionFailed
+        );
+        let mut tampered = sealed.clone();
+        *tampered.last_mut().unwrap() ^= 1;
+        assert_eq!(
+            open(&w.bob, 3, &relay_key, &tampered, 10).unwrap_err(),
+            CryptoError::DecryptionFailed
+        );
+        for cut in [0, 1, 20, 33, 100, sealed.len() - 1] {
+            assert!(open(&w.bob, 3, &relay_key, &sealed[..cut], 10).is_err());
+        }
+    }
+}
