@@ -126,13 +126,15 @@ pub fn retract_tag(secret: &[u8; 32]) -> [u8; 32] {
     hash.finalize().into()
 }
 
-/// An envelope sent without naming its sender: it names the recipient account and the
-/// exact set of that account's devices. `Debug` leaves out the token and the tag.
+/// An envelope sent without naming its sender: it names the recipient account and some of
+/// its devices. The envelopes of one `SealedSend` to an account must together name each of
+/// its current devices exactly once. `Debug` leaves out the token and the tag.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedEnvelope {
     /// The recipient account.
     pub account: AccountId,
-    /// Every current device of the account, each once; the relay refuses a stale list.
+    /// Devices of the account this payload goes to. Across the request's envelopes to the
+    /// account, every current device exactly once; the relay refuses a stale list.
     pub devices: Vec<DeviceId>,
     /// The recipient's delivery token, if the sender knows it.
     pub access: Option<[u8; 16]>,

@@ -620,8 +620,10 @@ impl RedbStore {
         }
     }
 
-    /// Checks each sealed envelope's access and device list, then enqueues them all through
-    /// the same path as an authenticated send.
+    /// Checks each sealed envelope's access, and that the envelopes to each account cover
+    /// its device list exactly (pairwise ciphertexts are one envelope per device; a group
+    /// ciphertext may name several), then enqueues them all through the same path as an
+    /// authenticated send.
     fn sealed_enqueue(
         &self,
         t: &mut Tables<'_>,
@@ -629,37 +631,52 @@ impl RedbStore {
         received_at: u64,
         expires_at: u64,
     ) -> Result<WriteResult, StoreError> {
-        let mut outgoing = Vec::with_capacity(envelopes.len());
-        for envelope in envelopes {
-            let tag = self.account_tag(&envelope.account);
-            // An unknown account and a refused token give the same answer, checked before
-            // the device list, so that a sender without access learns nothing.
-            let Some(record) = self.load_account(&t.accounts, &tag)? else {
-                return Ok(Err(Refusal::DeliveryRefused));
+        let mut requested: HashMap<AccountId, (AccountRecord, Vec<u32>)> = HashMap::new();
+        for envelope in &envelopes {
+            let entry = match requested.entry(envelope.account) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    let tag = self.account_tag(&envelope.account);
+                    // An unknown account and a refused token give the same answer, checked
+                    // before the device list, so that a sender without access learns
+                    // nothing.
+                    let Some(record) = self.load_account(&t.accounts, &tag)? else {
+                        return Ok(Err(Refusal::DeliveryRefused));
+                    };
+                    entry.insert((record, Vec::new()))
+                }
             };
+            let tag = self.account_tag(&envelope.account);
             let access = self.load_delivery_access(&t.delivery_access, &tag)?;
             if !access.admits(envelope.access.as_ref()) {
                 return Ok(Err(Refusal::DeliveryRefused));
             }
-            let mut requested: Vec<u32> = envelope.devices.iter().map(|d| d.0).collect();
-            requested.sort_unstable();
+            entry.1.extend(envelope.devices.iter().map(|d| d.0));
+        }
+        for (record, devices) in requested.values_mut() {
+            devices.sort_unstable();
             let mut current: Vec<u32> = record.devices.iter().map(|d| d.id).collect();
             current.sort_unstable();
             // Equal sorted lists: no device missing, none extra, none twice.
-            if requested != current {
+            if *devices != current {
                 return Ok(Err(Refusal::DeviceListChanged));
             }
-            let account = envelope.account;
-            outgoing.push(OutgoingEnvelope {
-                recipients: envelope
-                    .devices
-                    .iter()
-                    .map(|&device| DeviceAddress { account, device })
-                    .collect(),
-                payload: envelope.payload,
-                retract_tag: envelope.retract_tag,
-            });
         }
+        let outgoing: Vec<OutgoingEnvelope> = envelopes
+            .into_iter()
+            .map(|envelope| {
+                let account = envelope.account;
+                OutgoingEnvelope {
+                    recipients: envelope
+                        .devices
+                        .iter()
+                        .map(|&device| DeviceAddress { account, device })
+                        .collect(),
+                    payload: envelope.payload,
+                    retract_tag: envelope.retract_tag,
+                }
+            })
+            .collect();
         self.enqueue(t, &outgoing, received_at, expires_at)
     }
 

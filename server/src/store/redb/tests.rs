@@ -373,3 +373,54 @@ fn sealed_envelopes_need_access_and_the_exact_device_list() {
     let stats = store.stats().unwrap();
     assert_eq!((stats.envelopes, stats.delivery_access), (2, 1));
 }
+
+#[test]
+fn per_device_sealed_envelopes_must_cover_the_device_list_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    let bob = register(&store, 2);
+    store
+        .apply(vec![
+            Write::AddDevice {
+                account: bob.account,
+                device_key: [0x22; 32],
+                max_devices: 5,
+            },
+            Write::SetDeliveryAccess {
+                account: bob.account,
+                token_hash: None,
+                allow_unknown_senders: true,
+            },
+        ])
+        .unwrap();
+    let pairwise = |devices: &[&[u32]]| {
+        let envelopes = devices
+            .iter()
+            .map(|ids| SealedEnvelope {
+                account: bob.account,
+                devices: ids.iter().copied().map(DeviceId).collect(),
+                access: None,
+                retract_tag: None,
+                payload: b"one per device".to_vec(),
+            })
+            .collect();
+        Write::SealedEnqueue {
+            envelopes,
+            received_at: NOW,
+            expires_at: NOW + TTL,
+        }
+    };
+    let results = store
+        .apply(vec![
+            pairwise(&[&[1]]),
+            pairwise(&[&[1], &[1]]),
+            pairwise(&[&[1], &[2], &[2]]),
+            pairwise(&[&[2], &[1]]),
+        ])
+        .unwrap();
+    assert_eq!(results[0], Err(Refusal::DeviceListChanged));
+    assert_eq!(results[1], Err(Refusal::DeviceListChanged));
+    assert_eq!(results[2], Err(Refusal::DeviceListChanged));
+    assert!(matches!(results[3], Ok(Outcome::Enqueued { .. })));
+    assert_eq!(store.stats().unwrap().envelopes, 2);
+}
