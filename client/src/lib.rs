@@ -31,12 +31,17 @@ mod kdf;
 mod keys;
 pub mod message;
 pub mod padding;
+// Used by the `Client` handle, which lands next.
+#[allow(dead_code)]
+mod pickle;
 mod pqxdh;
 mod prekeys;
 pub mod ratchet;
 mod safety;
 pub mod sealed;
 mod session;
+#[allow(dead_code)]
+mod store;
 mod tls;
 #[cfg(test)]
 mod vectors;
@@ -49,3 +54,4 @@ pub use pqxdh::PeerBundle;
 pub use prekeys::{PrekeySet, UsedPrekeys};
 pub use safety::SafetyNumber;
 pub use session::Session;
+pub use store::{salt_for, PassphraseCost, StorageKey, StoreError};

@@ -1,0 +1,300 @@
+//! Serialized forms of secret state, for the encrypted local store only (vodozemac calls
+//! these pickles). They zeroize on drop; nothing else serializes a secret.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use crate::error::CryptoError;
+use crate::keys::{EcKeyPair, IdentityKey, KemPrekey, OneTimePrekey, SignedPrekey};
+use crate::prekeys::PrekeySet;
+use crate::ratchet::{Chain, Ratchet, SkippedKey};
+use crate::session::{PendingPrekey, Session};
+
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+struct ChainPickle {
+    key: [u8; 32],
+    index: u32,
+}
+
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+struct SkippedPickle {
+    ratchet_key: [u8; 32],
+    counter: u32,
+    key: [u8; 32],
+    stored_at: u64,
+}
+
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+struct PendingPickle {
+    identity: Vec<u8>,
+    signed_prekey_id: u32,
+    one_time_prekey_id: Option<u32>,
+    kem_prekey_id: u32,
+    kem_ciphertext: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+struct SessionPickle {
+    root_key: [u8; 32],
+    our_ratchet_key: [u8; 32],
+    their_ratchet_key: Option<[u8; 32]>,
+    sending: Option<ChainPickle>,
+    receiving: Option<ChainPickle>,
+    previous_sending_length: u32,
+    skipped: Vec<SkippedPickle>,
+    previous_their_keys: Vec<[u8; 32]>,
+    associated_data: Vec<u8>,
+    remote_identity: Vec<u8>,
+    base_key: [u8; 32],
+    pending: Option<PendingPickle>,
+}
+
+fn chain_pickle(chain: &Chain) -> ChainPickle {
+    ChainPickle {
+        key: *chain.key,
+        index: chain.index,
+    }
+}
+
+fn chain_unpickle(pickle: &ChainPickle) -> Chain {
+    Chain {
+        key: Zeroizing::new(pickle.key),
+        index: pickle.index,
+    }
+}
+
+/// A session as bytes (postcard), for sealing into the local store.
+pub(crate) fn pickle_session(session: &Session) -> Zeroizing<Vec<u8>> {
+    let ratchet = &session.ratchet;
+    let pickle = SessionPickle {
+        root_key: *ratchet.root_key,
+        our_ratchet_key: ratchet.our_ratchet_key.secret().to_bytes(),
+        their_ratchet_key: ratchet.their_ratchet_key.map(|key| key.to_bytes()),
+        sending: ratchet.sending.as_ref().map(chain_pickle),
+        receiving: ratchet.receiving.as_ref().map(chain_pickle),
+        previous_sending_length: ratchet.previous_sending_length,
+        skipped: ratchet
+            .skipped
+            .iter()
+            .map(|((ratchet_key, counter), skipped)| SkippedPickle {
+                ratchet_key: *ratchet_key,
+                counter: *counter,
+                key: *skipped.key,
+                stored_at: skipped.stored_at,
+            })
+            .collect(),
+        previous_their_keys: ratchet.previous_their_keys.iter().copied().collect(),
+        associated_data: ratchet.associated_data.clone(),
+        remote_identity: session.remote_identity.to_bytes().to_vec(),
+        base_key: session.base_key,
+        pending: session.pending.as_ref().map(|pending| PendingPickle {
+            identity: pending.identity.to_bytes().to_vec(),
+            signed_prekey_id: pending.signed_prekey_id,
+            one_time_prekey_id: pending.one_time_prekey_id,
+            kem_prekey_id: pending.kem_prekey_id,
+            kem_ciphertext: pending.kem_ciphertext.clone(),
+        }),
+    };
+    Zeroizing::new(postcard::to_allocvec(&pickle).unwrap_or_default())
+}
+
+/// The reverse of [`pickle_session`].
+pub(crate) fn unpickle_session(bytes: &[u8]) -> Result<Session, CryptoError> {
+    let pickle: SessionPickle =
+        postcard::from_bytes(bytes).map_err(|_| CryptoError::InvalidMessage)?;
+    let ratchet = Ratchet {
+        root_key: Zeroizing::new(pickle.root_key),
+        our_ratchet_key: EcKeyPair::from_secret(StaticSecret::from(pickle.our_ratchet_key)),
+        their_ratchet_key: pickle.their_ratchet_key.map(PublicKey::from),
+        sending: pickle.sending.as_ref().map(chain_unpickle),
+        receiving: pickle.receiving.as_ref().map(chain_unpickle),
+        previous_sending_length: pickle.previous_sending_length,
+        skipped: pickle
+            .skipped
+            .iter()
+            .map(|s| {
+                (
+                    (s.ratchet_key, s.counter),
+                    SkippedKey {
+                        key: Zeroizing::new(s.key),
+                        stored_at: s.stored_at,
+                    },
+                )
+            })
+            .collect::<BTreeMap<_, _>>(),
+        previous_their_keys: pickle
+            .previous_their_keys
+            .iter()
+            .copied()
+            .collect::<VecDeque<_>>(),
+        associated_data: pickle.associated_data.clone(),
+    };
+    let pending = match &pickle.pending {
+        None => None,
+        Some(p) => Some(PendingPrekey {
+            identity: IdentityKey::from_bytes(&p.identity)?,
+            signed_prekey_id: p.signed_prekey_id,
+            one_time_prekey_id: p.one_time_prekey_id,
+            kem_prekey_id: p.kem_prekey_id,
+            kem_ciphertext: p.kem_ciphertext.clone(),
+        }),
+    };
+    Ok(Session {
+        ratchet,
+        remote_identity: IdentityKey::from_bytes(&pickle.remote_identity)?,
+        base_key: pickle.base_key,
+        pending,
+    })
+}
+
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+struct SignedPickle {
+    id: u32,
+    secret: [u8; 32],
+    signature: Vec<u8>,
+    created_at: u64,
+}
+
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+struct KemPickle {
+    id: u32,
+    seed: Vec<u8>,
+    signature: Vec<u8>,
+    last_resort: bool,
+}
+
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+struct PrekeysPickle {
+    signed: Vec<SignedPickle>,
+    one_time: Vec<(u32, [u8; 32])>,
+    kem: Vec<KemPickle>,
+    next_id: u32,
+}
+
+/// A device's prekeys as bytes.
+pub(crate) fn pickle_prekeys(prekeys: &PrekeySet) -> Zeroizing<Vec<u8>> {
+    let pickle = PrekeysPickle {
+        signed: prekeys
+            .signed
+            .iter()
+            .map(|key| SignedPickle {
+                id: key.id,
+                secret: key.key.secret().to_bytes(),
+                signature: key.signature.to_vec(),
+                created_at: key.created_at,
+            })
+            .collect(),
+        one_time: prekeys
+            .one_time
+            .values()
+            .map(|key| (key.id, key.key.secret().to_bytes()))
+            .collect(),
+        kem: prekeys
+            .kem
+            .values()
+            .map(|key| KemPickle {
+                id: key.id,
+                seed: key.seed.to_vec(),
+                signature: key.signature.to_vec(),
+                last_resort: key.last_resort,
+            })
+            .collect(),
+        next_id: prekeys.next_id,
+    };
+    Zeroizing::new(postcard::to_allocvec(&pickle).unwrap_or_default())
+}
+
+/// The reverse of [`pickle_prekeys`].
+pub(crate) fn unpickle_prekeys(bytes: &[u8]) -> Result<PrekeySet, CryptoError> {
+    let pickle: PrekeysPickle =
+        postcard::from_bytes(bytes).map_err(|_| CryptoError::InvalidMessage)?;
+    let signature = |bytes: &[u8]| -> Result<[u8; 64], CryptoError> {
+        bytes.try_into().map_err(|_| CryptoError::InvalidMessage)
+    };
+    let mut set = PrekeySet {
+        next_id: pickle.next_id,
+        ..PrekeySet::default()
+    };
+    for key in &pickle.signed {
+        set.signed.push(SignedPrekey {
+            id: key.id,
+            key: EcKeyPair::from_secret(StaticSecret::from(key.secret)),
+            signature: signature(&key.signature)?,
+            created_at: key.created_at,
+        });
+    }
+    for (id, secret) in &pickle.one_time {
+        set.one_time.insert(
+            *id,
+            OneTimePrekey {
+                id: *id,
+                key: EcKeyPair::from_secret(StaticSecret::from(*secret)),
+            },
+        );
+    }
+    for key in &pickle.kem {
+        let seed: [u8; 64] = key
+            .seed
+            .as_slice()
+            .try_into()
+            .map_err(|_| CryptoError::InvalidMessage)?;
+        set.kem.insert(
+            key.id,
+            KemPrekey {
+                id: key.id,
+                seed: Zeroizing::new(seed),
+                signature: signature(&key.signature)?,
+                last_resort: key.last_resort,
+            },
+        );
+    }
+    Ok(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use rand_chacha::rand_core::SeedableRng;
+    use rand_chacha::ChaCha20Rng;
+
+    use super::*;
+    use crate::keys::IdentityKeyPair;
+    use crate::message::CiphertextMessage;
+    use crate::pqxdh::PeerBundle;
+
+    #[test]
+    fn pickled_sessions_and_prekeys_carry_on_where_they_left_off() {
+        let mut rng = ChaCha20Rng::seed_from_u64(21);
+        let alice = IdentityKeyPair::generate_with(&mut rng);
+        let bob = IdentityKeyPair::generate_with(&mut rng);
+        let mut prekeys = PrekeySet::default();
+        let upload = prekeys.rotate(&bob, 0, &mut rng);
+        let fresh = prekeys.replenish(&bob, 2, &mut rng);
+        let prekeys = unpickle_prekeys(&pickle_prekeys(&prekeys)).unwrap();
+        let bundle = hush_protocol::DeviceBundle {
+            device: hush_protocol::DeviceId(1),
+            device_key: [0; 32],
+            signed_prekey: upload.signed_prekey,
+            one_time: Some(fresh.one_time[1].clone()),
+            kem: Some(fresh.kem_one_time[1].clone()),
+            kem_is_last_resort: false,
+        };
+        let peer = PeerBundle::verify(&bob.public().to_bytes(), &bundle).unwrap();
+        let mut a = Session::initiate(&alice, &peer, &mut rng).unwrap();
+        let _lost = a.encrypt(b"lost for now").unwrap();
+        let CiphertextMessage::Prekey(first) = a.encrypt(b"one").unwrap() else {
+            panic!("prekey message expected")
+        };
+        let mut a = unpickle_session(&pickle_session(&a)).unwrap();
+        let (b, _, _) = Session::accept(&bob, &prekeys, &first, 0, &mut rng).unwrap();
+        let mut b = unpickle_session(&pickle_session(&b)).unwrap();
+        assert_eq!(b.ratchet.skipped_keys(), 1);
+        let reply = b.encrypt(b"two").unwrap();
+        assert_eq!(a.decrypt(&reply, 0, &mut rng).unwrap().as_slice(), b"two");
+        let mut a = unpickle_session(&pickle_session(&a)).unwrap();
+        let three = a.encrypt(b"three").unwrap();
+        assert_eq!(b.decrypt(&three, 0, &mut rng).unwrap().as_slice(), b"three");
+    }
+}
