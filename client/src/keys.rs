@@ -65,6 +65,11 @@ impl DeviceKey {
     pub(crate) fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.0.sign(message).to_bytes()
     }
+
+    /// The 32 secret bytes, for the encrypted local store.
+    pub(crate) fn to_secret_bytes(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.0.to_bytes())
+    }
 }
 
 /// An account's public identity: an Ed25519 key that signs prekeys and an X25519 key that
@@ -172,6 +177,26 @@ impl IdentityKeyPair {
 
     pub(crate) fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.signing.sign(message).to_bytes()
+    }
+
+    /// The 64 secret bytes, for the encrypted local store and device linking only.
+    pub(crate) fn to_secret_bytes(&self) -> Zeroizing<[u8; 64]> {
+        let mut out = Zeroizing::new([0u8; 64]);
+        out[..32].copy_from_slice(&self.signing.to_bytes());
+        out[32..].copy_from_slice(self.agreement.as_bytes());
+        out
+    }
+
+    /// The reverse of [`IdentityKeyPair::to_secret_bytes`].
+    pub(crate) fn from_secret_bytes(bytes: &[u8; 64]) -> Self {
+        let mut signing = Zeroizing::new([0u8; 32]);
+        signing.copy_from_slice(&bytes[..32]);
+        let mut agreement = Zeroizing::new([0u8; 32]);
+        agreement.copy_from_slice(&bytes[32..]);
+        Self::from_parts(
+            SigningKey::from_bytes(&signing),
+            StaticSecret::from(*agreement),
+        )
     }
 }
 

@@ -25,14 +25,14 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod client;
 mod connection;
+mod content;
 mod error;
 mod kdf;
 mod keys;
 pub mod message;
 pub mod padding;
-// Used by the `Client` handle, which lands next.
-#[allow(dead_code)]
 mod pickle;
 mod pqxdh;
 mod prekeys;
@@ -40,13 +40,14 @@ pub mod ratchet;
 mod safety;
 pub mod sealed;
 mod session;
-#[allow(dead_code)]
 mod store;
 mod tls;
 #[cfg(test)]
 mod vectors;
 
+pub use client::{Client, ClientConfig, ClientError, ClientEvent, Settings, StoredMessage};
 pub use connection::{ConnectOptions, Connection, Connector, Envelope, Event, RawStream, Trust};
+pub use content::{Body, MessageId, ReceiptKind};
 pub use error::{ConnectionError, CryptoError};
 pub use hush_protocol as protocol;
 pub use keys::{DeviceKey, IdentityKey, IdentityKeyPair, KemPrekey, OneTimePrekey, SignedPrekey};

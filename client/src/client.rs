@@ -1,0 +1,1285 @@
+//! The `Client` handle: the one object an app holds. It owns the keys, the encrypted local
+//! store and two relay connections (an authenticated one that receives, and an anonymous
+//! one for sealed sends, on a socket of its own so the relay cannot tie them together),
+//! and turns what arrives into [`ClientEvent`]s.
+//!
+//! Crash safety: an envelope is acknowledged to the relay only after the session state
+//! that decrypted it and the message it carried are committed to the local store in one
+//! transaction; a crash before that means the relay delivers it again and the old session
+//! state opens it again.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hush_protocol::sealed::{retract_tag, SealedEnvelope, SenderCertificate};
+use hush_protocol::{AccountId, DeviceAddress, DeviceId, ErrorCode, OutgoingEnvelope};
+use rand_core::{OsRng, RngCore};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Mutex};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use crate::connection::{ConnectOptions, Connection, Envelope, Event};
+use crate::content::{Body, Content, MessageId, ReceiptKind};
+use crate::error::{ConnectionError, CryptoError};
+use crate::keys::{DeviceKey, IdentityKey, IdentityKeyPair};
+use crate::message::CiphertextMessage;
+use crate::pqxdh::PeerBundle;
+use crate::prekeys::PrekeySet;
+use crate::safety::SafetyNumber;
+use crate::session::Session;
+use crate::store::{Change, LocalStore, StorageKey, StoreError, Table};
+use crate::{kdf, pickle, sealed};
+
+/// One-time prekeys of each kind kept on the relay.
+const PREKEY_BATCH: u32 = 100;
+/// Refresh the sender certificate when less than this is left of it.
+const CERTIFICATE_MARGIN_SECS: u64 = 3600;
+/// Events buffered for the app; when it stops reading, the client stops acknowledging and
+/// the relay holds the rest.
+const EVENT_BUFFER: usize = 256;
+const ACCOUNT_KEY: &[u8] = b"account";
+const PREKEYS_KEY: &[u8] = b"prekeys";
+const SETTINGS_KEY: &[u8] = b"settings";
+const CONTACT_CARD_PREFIX: &str = "hush-contact:1:";
+
+/// Something went wrong in the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Talking to the relay failed.
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
+    /// An end-to-end operation failed.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// There is no account in this data directory (use `Client::create`).
+    #[error("no account in this data directory")]
+    NoAccount,
+    /// The account is not a contact (add it from its contact card first).
+    #[error("unknown contact")]
+    UnknownContact,
+    /// The recipient does not accept sealed messages from us (no or wrong profile key).
+    #[error("the recipient does not accept messages from this sender")]
+    NotAccepted,
+    /// A contact card or link code did not parse.
+    #[error("invalid {0}")]
+    InvalidCode(&'static str),
+    /// The recipient's devices kept changing while we sent.
+    #[error("the recipient's device list kept changing")]
+    DeviceListUnstable,
+}
+
+/// Where the client keeps its state and which relay it talks to.
+pub struct ClientConfig {
+    /// The relay.
+    pub relay: ConnectOptions,
+    /// The directory of the encrypted local store.
+    pub data_dir: PathBuf,
+    /// The key of the local store.
+    pub storage_key: StorageKey,
+}
+
+/// The user's privacy choices (P7). Receipts and typing are end-to-end messages; switched
+/// off, they are simply not sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(clippy::struct_excessive_bools)] // Independent switches the user sets one by one.
+pub struct Settings {
+    /// Send delivery receipts.
+    pub delivery_receipts: bool,
+    /// Send read receipts.
+    pub read_receipts: bool,
+    /// Send typing indicators.
+    pub typing_indicators: bool,
+    /// Accept sealed messages from senders who do not know our profile key.
+    pub allow_unknown_senders: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            delivery_receipts: true,
+            read_receipts: true,
+            typing_indicators: true,
+            allow_unknown_senders: false,
+        }
+    }
+}
+
+/// A message kept in the local store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// Its id.
+    pub id: MessageId,
+    /// The other party of the conversation.
+    pub conversation: AccountId,
+    /// Sent by this account (from this or another of its devices).
+    pub outgoing: bool,
+    /// Sender's clock.
+    pub sent_at: u64,
+    /// When it disappears (seconds since the epoch), if a timer was set.
+    pub expires_at: Option<u64>,
+    /// What it says.
+    pub body: Body,
+}
+
+/// What the client tells the app.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// A message from a contact (stored before this event).
+    Message {
+        /// Sender account.
+        from: AccountId,
+        /// Sender device.
+        device: DeviceId,
+        /// The message.
+        message: StoredMessage,
+    },
+    /// A message this account sent from another of its devices.
+    SentElsewhere {
+        /// The message.
+        message: StoredMessage,
+    },
+    /// Receipts from a contact.
+    Receipt {
+        /// Who.
+        from: AccountId,
+        /// Which.
+        kind: ReceiptKind,
+        /// For which of our messages.
+        ids: Vec<MessageId>,
+    },
+    /// A contact started or stopped typing.
+    Typing {
+        /// Who.
+        from: AccountId,
+        /// Started or stopped.
+        started: bool,
+    },
+    /// A contact deleted one of their messages for everyone.
+    Deleted {
+        /// Who.
+        from: AccountId,
+        /// Which.
+        id: MessageId,
+    },
+    /// A contact changed the conversation's disappearing timer.
+    TimerChanged {
+        /// Who.
+        from: AccountId,
+        /// The new timer.
+        expires_in: Option<u32>,
+    },
+    /// A contact's identity key changed: compare safety numbers again.
+    IdentityChanged {
+        /// Whose.
+        account: AccountId,
+    },
+    /// An envelope could not be opened (tampered, forged, not for this device…); it was
+    /// dropped.
+    Undecryptable {
+        /// Why.
+        error: CryptoError,
+    },
+    /// The relay connection ended.
+    Disconnected(Option<ErrorCode>),
+}
+
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+struct AccountRecord {
+    identity: Vec<u8>,
+    device_key: [u8; 32],
+    account: [u8; 16],
+    device: u32,
+    profile_key: [u8; 32],
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct Contact {
+    account: [u8; 16],
+    identity: Option<Vec<u8>>,
+    profile_key: Option<[u8; 32]>,
+    devices: Vec<u32>,
+    expires_in: Option<u32>,
+}
+
+impl Contact {
+    fn new(account: AccountId) -> Self {
+        Contact {
+            account: account.0,
+            identity: None,
+            profile_key: None,
+            devices: Vec::new(),
+            expires_in: None,
+        }
+    }
+}
+
+struct State {
+    identity: IdentityKeyPair,
+    address: DeviceAddress,
+    profile_key: Zeroizing<[u8; 32]>,
+    prekeys: PrekeySet,
+    sessions: HashMap<DeviceAddress, Session>,
+    contacts: HashMap<AccountId, Contact>,
+    settings: Settings,
+    certificate: Option<(SenderCertificate, u64)>,
+}
+
+struct Inner {
+    store: LocalStore,
+    connection: Connection,
+    anonymous: Connection,
+    relay_key: [u8; 32],
+    state: Mutex<State>,
+    events: mpsc::Sender<ClientEvent>,
+}
+
+/// The client: one per device.
+pub struct Client {
+    inner: Arc<Inner>,
+    events: Mutex<mpsc::Receiver<ClientEvent>>,
+    receiver: tokio::task::JoinHandle<()>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The delivery token that holders of `profile_key` present to send sealed messages.
+pub(crate) fn delivery_token(profile_key: &[u8; 32]) -> [u8; 16] {
+    *kdf::hkdf::<16>(&[], profile_key, b"hush-delivery-token-v1")
+}
+
+fn session_key(address: &DeviceAddress) -> [u8; 20] {
+    address.to_bytes()
+}
+
+fn encode(value: &impl Serialize) -> Zeroizing<Vec<u8>> {
+    Zeroizing::new(postcard::to_allocvec(value).unwrap_or_default())
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ClientError> {
+    postcard::from_bytes(bytes).map_err(|_| ClientError::Store(StoreError::Corrupt))
+}
+
+impl Client {
+    /// Creates an account on the relay and a new local store for it.
+    pub async fn create(
+        config: ClientConfig,
+        invite: Option<&[u8]>,
+    ) -> Result<Client, ClientError> {
+        let store = LocalStore::open(&config.data_dir, &config.storage_key)?;
+        let identity = IdentityKeyPair::generate();
+        let device_key = DeviceKey::generate();
+        let connection = Connection::connect(&config.relay).await?;
+        let address = connection
+            .register(&identity.public().to_bytes(), &device_key, invite)
+            .await?;
+        let mut profile_key = [0u8; 32];
+        OsRng.fill_bytes(&mut profile_key);
+        let record = AccountRecord {
+            identity: identity.to_secret_bytes().to_vec(),
+            device_key: *device_key.to_secret_bytes(),
+            account: address.account.0,
+            device: address.device.0,
+            profile_key,
+        };
+        let settings = Settings::default();
+        connection
+            .set_delivery_access(
+                Some(delivery_token(&profile_key)),
+                settings.allow_unknown_senders,
+            )
+            .await?;
+        store.commit(vec![
+            store.put(Table::State, ACCOUNT_KEY, encode(&record)),
+            store.put(Table::State, SETTINGS_KEY, encode(&settings)),
+        ])?;
+        Self::start(config, store, connection, true).await
+    }
+
+    /// Opens the account kept in the data directory and connects.
+    pub async fn open(config: ClientConfig) -> Result<Client, ClientError> {
+        let store = LocalStore::open(&config.data_dir, &config.storage_key)?;
+        let connection = Connection::connect(&config.relay).await?;
+        Self::start(config, store, connection, false).await
+    }
+
+    async fn start(
+        config: ClientConfig,
+        store: LocalStore,
+        connection: Connection,
+        authenticated: bool,
+    ) -> Result<Client, ClientError> {
+        let record: AccountRecord = decode(
+            &store
+                .get(Table::State, ACCOUNT_KEY)?
+                .ok_or(ClientError::NoAccount)?,
+        )?;
+        let identity_bytes: &[u8; 64] = record
+            .identity
+            .as_slice()
+            .try_into()
+            .map_err(|_| ClientError::Store(StoreError::Corrupt))?;
+        let identity = IdentityKeyPair::from_secret_bytes(identity_bytes);
+        let device_key = DeviceKey::from_secret_bytes(&record.device_key);
+        let address = DeviceAddress {
+            account: AccountId(record.account),
+            device: DeviceId(record.device),
+        };
+        if !authenticated {
+            connection.authenticate(address, &device_key).await?;
+        }
+        let settings = match store.get(Table::State, SETTINGS_KEY)? {
+            Some(bytes) => decode(&bytes)?,
+            None => Settings::default(),
+        };
+        let mut prekeys = match store.get(Table::State, PREKEYS_KEY)? {
+            Some(bytes) => pickle::unpickle_prekeys(&bytes)?,
+            None => PrekeySet::default(),
+        };
+        let mut contacts = HashMap::new();
+        for bytes in store.values(Table::Contacts)? {
+            let contact: Contact = decode(&bytes)?;
+            contacts.insert(AccountId(contact.account), contact);
+        }
+
+        // Prekeys: rotate when due, top up one-time keys, and tell the relay.
+        let now = now();
+        let mut upload = hush_protocol::UploadPrekeys::default();
+        if prekeys.needs_rotation(now) {
+            upload = prekeys.rotate(&identity, now, &mut OsRng);
+        }
+        prekeys.forget_rotated(now);
+        let (one_time, _) = prekeys.one_time_counts();
+        if one_time == 0 {
+            let fresh = prekeys.replenish(&identity, PREKEY_BATCH, &mut OsRng);
+            upload.one_time = fresh.one_time;
+            upload.kem_one_time = fresh.kem_one_time;
+        }
+        store.commit(vec![store.put(
+            Table::State,
+            PREKEYS_KEY,
+            pickle::pickle_prekeys(&prekeys),
+        )])?;
+        if upload != hush_protocol::UploadPrekeys::default() {
+            connection.upload_prekeys(upload).await?;
+        }
+        let (certificate, relay_key) = connection.sender_certificate().await?;
+        let expires = certificate
+            .verify(&relay_key, now)
+            .map_or(0, |b| b.expires_at);
+
+        let anonymous = Connection::connect(&config.relay).await?;
+        let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
+        let inner = Arc::new(Inner {
+            store,
+            connection,
+            anonymous,
+            relay_key,
+            state: Mutex::new(State {
+                identity,
+                address,
+                profile_key: Zeroizing::new(record.profile_key),
+                prekeys,
+                sessions: HashMap::new(),
+                contacts,
+                settings,
+                certificate: Some((certificate, expires)),
+            }),
+            events: events_tx,
+        });
+        let receiver = tokio::spawn(receive_loop(inner.clone()));
+        Ok(Client {
+            inner,
+            events: Mutex::new(events_rx),
+            receiver,
+        })
+    }
+
+    /// This device's address.
+    pub async fn address(&self) -> DeviceAddress {
+        self.inner.state.lock().await.address
+    }
+
+    /// The next event; `None` once the client is closed.
+    pub async fn next_event(&self) -> Option<ClientEvent> {
+        self.events.lock().await.recv().await
+    }
+
+    /// A string to hand to people who may message us (as a QR code or link): our account
+    /// and profile key, from which they derive our delivery token.
+    pub async fn contact_card(&self) -> String {
+        let state = self.inner.state.lock().await;
+        let mut bytes = Vec::with_capacity(48);
+        bytes.extend_from_slice(&state.address.account.0);
+        bytes.extend_from_slice(state.profile_key.as_ref());
+        format!("{CONTACT_CARD_PREFIX}{}", hex_encode(&bytes))
+    }
+
+    /// Adds a contact from its contact card.
+    pub async fn add_contact(&self, card: &str) -> Result<AccountId, ClientError> {
+        let bytes = card
+            .strip_prefix(CONTACT_CARD_PREFIX)
+            .and_then(hex_decode)
+            .filter(|bytes| bytes.len() == 48)
+            .ok_or(ClientError::InvalidCode("contact card"))?;
+        let mut account = [0u8; 16];
+        account.copy_from_slice(&bytes[..16]);
+        let mut profile_key = [0u8; 32];
+        profile_key.copy_from_slice(&bytes[16..]);
+        let account = AccountId(account);
+        let mut state = self.inner.state.lock().await;
+        let mut contact = state
+            .contacts
+            .get(&account)
+            .cloned()
+            .unwrap_or_else(|| Contact::new(account));
+        contact.profile_key = Some(profile_key);
+        self.inner.store.commit(vec![self.inner.store.put(
+            Table::Contacts,
+            &account.0,
+            encode(&contact),
+        )])?;
+        state.contacts.insert(account, contact);
+        Ok(account)
+    }
+
+    /// The safety number with a contact whose identity we know.
+    pub async fn safety_number(&self, contact: AccountId) -> Result<SafetyNumber, ClientError> {
+        let state = self.inner.state.lock().await;
+        let identity = state
+            .contacts
+            .get(&contact)
+            .and_then(|c| c.identity.as_ref())
+            .ok_or(ClientError::UnknownContact)?;
+        let theirs = IdentityKey::from_bytes(identity)?;
+        Ok(SafetyNumber::new(
+            state.identity.public(),
+            &state.address.account.0,
+            &theirs,
+            &contact.0,
+        ))
+    }
+
+    /// Current settings.
+    pub async fn settings(&self) -> Settings {
+        self.inner.state.lock().await.settings
+    }
+
+    /// Changes the settings (and tells the relay if unknown senders are now allowed or not).
+    pub async fn set_settings(&self, settings: Settings) -> Result<(), ClientError> {
+        let mut state = self.inner.state.lock().await;
+        if settings.allow_unknown_senders != state.settings.allow_unknown_senders {
+            self.inner
+                .connection
+                .set_delivery_access(
+                    Some(delivery_token(&state.profile_key)),
+                    settings.allow_unknown_senders,
+                )
+                .await?;
+        }
+        self.inner.store.commit(vec![self.inner.store.put(
+            Table::State,
+            SETTINGS_KEY,
+            encode(&settings),
+        )])?;
+        state.settings = settings;
+        Ok(())
+    }
+
+    /// Sends a text message.
+    pub async fn send_text(&self, to: AccountId, text: &str) -> Result<MessageId, ClientError> {
+        self.send(to, Body::Text { text: text.into() }).await
+    }
+
+    /// Sends any body to a contact (and a copy to our other devices).
+    pub async fn send(&self, to: AccountId, body: Body) -> Result<MessageId, ClientError> {
+        let mut state = self.inner.state.lock().await;
+        let id = MessageId(random());
+        let expires_in = state.contacts.get(&to).and_then(|c| c.expires_in);
+        let content = Content {
+            id,
+            sent_at: now(),
+            expires_in,
+            profile_key: Some(*state.profile_key),
+            sent_to: None,
+            body: body.clone(),
+        };
+        let retract = retract_secret(&state.identity, &id);
+        self.inner
+            .send_to_contact(&mut state, to, &content, Some(retract_tag(&retract)))
+            .await?;
+        let mut changes = Vec::new();
+        if body.is_message() {
+            let message = StoredMessage {
+                id,
+                conversation: to,
+                outgoing: true,
+                sent_at: content.sent_at,
+                expires_at: expires_in.map(|secs| content.sent_at + u64::from(secs)),
+                body: body.clone(),
+            };
+            changes.push(
+                self.inner
+                    .store
+                    .put(Table::Messages, &id.0, encode(&message)),
+            );
+        }
+        if let Body::Timer { expires_in } = body {
+            if let Some(contact) = state.contacts.get_mut(&to) {
+                contact.expires_in = expires_in;
+                changes.push(
+                    self.inner
+                        .store
+                        .put(Table::Contacts, &to.0, encode(contact)),
+                );
+            }
+        }
+        self.inner.store.commit(changes)?;
+        let copy = Content {
+            sent_to: Some(to.0),
+            ..content
+        };
+        self.inner.send_to_own_devices(&mut state, &copy).await?;
+        Ok(id)
+    }
+
+    /// Marks messages from a contact as read: sends a read receipt if the user allows it.
+    pub async fn mark_read(&self, from: AccountId, ids: Vec<MessageId>) -> Result<(), ClientError> {
+        if !self.settings().await.read_receipts {
+            return Ok(());
+        }
+        self.send(
+            from,
+            Body::Receipt {
+                kind: ReceiptKind::Read,
+                ids,
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Tells a contact we started or stopped typing, if the user allows it.
+    pub async fn typing(&self, to: AccountId, started: bool) -> Result<(), ClientError> {
+        if !self.settings().await.typing_indicators {
+            return Ok(());
+        }
+        self.send(to, Body::Typing { started }).await.map(|_| ())
+    }
+
+    /// Sets the disappearing-message timer of a conversation, for both sides.
+    pub async fn set_timer(
+        &self,
+        to: AccountId,
+        expires_in: Option<u32>,
+    ) -> Result<(), ClientError> {
+        self.send(to, Body::Timer { expires_in }).await.map(|_| ())
+    }
+
+    /// Deletes one of our messages for everyone: an end-to-end control message for the
+    /// devices that have it, and a retraction that drops it from the relay's mailboxes
+    /// where it is still undelivered. Returns how many undelivered copies the relay
+    /// dropped.
+    pub async fn delete_for_everyone(
+        &self,
+        to: AccountId,
+        id: MessageId,
+    ) -> Result<u32, ClientError> {
+        let secret = retract_secret(&self.inner.state.lock().await.identity, &id);
+        let dropped = self.inner.anonymous.retract(&[*secret]).await?;
+        self.send(to, Body::Delete { target: id }).await?;
+        self.inner
+            .store
+            .commit(vec![self.inner.store.delete(Table::Messages, &id.0)])?;
+        Ok(dropped)
+    }
+
+    /// The messages kept for a conversation, oldest first.
+    pub async fn messages(
+        &self,
+        conversation: AccountId,
+    ) -> Result<Vec<StoredMessage>, ClientError> {
+        let _state = self.inner.state.lock().await;
+        let mut out = Vec::new();
+        for bytes in self.inner.store.values(Table::Messages)? {
+            let message: StoredMessage = decode(&bytes)?;
+            if message.conversation == conversation {
+                out.push(message);
+            }
+        }
+        out.sort_by_key(|m| m.sent_at);
+        Ok(out)
+    }
+
+    /// Deletes messages whose disappearing timer ran out by `now`; returns how many.
+    pub async fn purge_expired(&self, now: u64) -> Result<usize, ClientError> {
+        let _state = self.inner.state.lock().await;
+        let mut changes = Vec::new();
+        for bytes in self.inner.store.values(Table::Messages)? {
+            let message: StoredMessage = decode(&bytes)?;
+            if message.expires_at.is_some_and(|at| at <= now) {
+                changes.push(self.inner.store.delete(Table::Messages, &message.id.0));
+            }
+        }
+        let count = changes.len();
+        self.inner.store.commit(changes)?;
+        Ok(count)
+    }
+
+    /// Removes another device of this account; it stops receiving at once.
+    pub async fn remove_device(&self, device: DeviceId) -> Result<(), ClientError> {
+        let mut state = self.inner.state.lock().await;
+        self.inner.connection.remove_device(device).await?;
+        let address = DeviceAddress {
+            account: state.address.account,
+            device,
+        };
+        state.sessions.remove(&address);
+        self.inner.store.commit(vec![self
+            .inner
+            .store
+            .delete(Table::Sessions, &session_key(&address))])?;
+        Ok(())
+    }
+
+    /// Closes both connections and stops receiving.
+    pub fn close(&self) {
+        self.receiver.abort();
+        self.inner.connection.close();
+        self.inner.anonymous.close();
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    OsRng.fill_bytes(&mut out);
+    out
+}
+
+/// The secret whose hash tags every copy of message `id` on the relay. Derived from the
+/// identity (shared by our devices) so any of them can retract it.
+fn retract_secret(identity: &IdentityKeyPair, id: &MessageId) -> Zeroizing<[u8; 32]> {
+    kdf::hkdf::<32>(
+        &id.0,
+        identity.to_secret_bytes().as_ref(),
+        b"hush-retract-secret-v1",
+    )
+}
+
+pub(crate) fn hex_encode(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}
+
+pub(crate) fn hex_decode(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 || !text.is_ascii() {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        .collect()
+}
+
+impl Inner {
+    /// The sender certificate, refreshed when it is about to expire.
+    async fn certificate(&self, state: &mut State) -> Result<SenderCertificate, ClientError> {
+        let now = now();
+        if let Some((certificate, expires)) = &state.certificate {
+            if *expires > now + CERTIFICATE_MARGIN_SECS {
+                return Ok(certificate.clone());
+            }
+        }
+        let (certificate, relay_key) = self.connection.sender_certificate().await?;
+        let expires = certificate
+            .verify(&relay_key, now)
+            .map_or(0, |b| b.expires_at);
+        state.certificate = Some((certificate.clone(), expires));
+        Ok(certificate)
+    }
+
+    /// Makes sure we hold a session with each of `devices` of `account`, fetching prekey
+    /// bundles for the missing ones. Raises `IdentityChanged` if the account's identity
+    /// is not the one we knew.
+    async fn ensure_sessions(
+        &self,
+        state: &mut State,
+        account: AccountId,
+        devices: &[DeviceId],
+    ) -> Result<(), ClientError> {
+        for &device in devices {
+            let address = DeviceAddress { account, device };
+            if state.sessions.contains_key(&address) {
+                continue;
+            }
+            if let Some(bytes) = self.store.get(Table::Sessions, &session_key(&address))? {
+                state
+                    .sessions
+                    .insert(address, pickle::unpickle_session(&bytes)?);
+                continue;
+            }
+            let bundles = self.connection.fetch_prekeys(account, Some(device)).await?;
+            let Some(bundle) = bundles.devices.first() else {
+                continue;
+            };
+            let peer = PeerBundle::verify(&bundles.identity_key, bundle)?;
+            self.note_identity(state, account, &peer.identity().to_bytes())
+                .await?;
+            let session = Session::initiate(&state.identity, &peer, &mut OsRng)?;
+            state.sessions.insert(address, session);
+        }
+        Ok(())
+    }
+
+    /// Records the identity key seen for `account`; a change raises an event.
+    async fn note_identity(
+        &self,
+        state: &mut State,
+        account: AccountId,
+        identity: &[u8],
+    ) -> Result<(), ClientError> {
+        if account == state.address.account {
+            return Ok(());
+        }
+        let contact = state
+            .contacts
+            .entry(account)
+            .or_insert_with(|| Contact::new(account));
+        let changed = contact
+            .identity
+            .as_deref()
+            .is_some_and(|known| known != identity);
+        if contact.identity.as_deref() != Some(identity) {
+            contact.identity = Some(identity.to_vec());
+            self.store.commit(vec![self.store.put(
+                Table::Contacts,
+                &account.0,
+                encode(contact),
+            )])?;
+            // Sessions with the old identity are worthless now.
+            if changed {
+                let stale: Vec<_> = state
+                    .sessions
+                    .keys()
+                    .filter(|a| a.account == account)
+                    .copied()
+                    .collect();
+                for address in stale {
+                    state.sessions.remove(&address);
+                }
+                let _ = self
+                    .events
+                    .send(ClientEvent::IdentityChanged { account })
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Encrypts `content` for every device of `to` and sends it sealed.
+    async fn send_to_contact(
+        &self,
+        state: &mut State,
+        to: AccountId,
+        content: &Content,
+        retract: Option<[u8; 32]>,
+    ) -> Result<(), ClientError> {
+        let contact = state
+            .contacts
+            .get(&to)
+            .cloned()
+            .ok_or(ClientError::UnknownContact)?;
+        let access = contact.profile_key.as_ref().map(delivery_token);
+        let mut devices: Vec<DeviceId> = contact.devices.iter().copied().map(DeviceId).collect();
+        let plaintext = content.encode();
+        for _attempt in 0..3 {
+            if devices.is_empty() {
+                devices = self.connection.list_devices(to).await?;
+            }
+            self.ensure_sessions(state, to, &devices).await?;
+            let certificate = self.certificate(state).await?;
+            let identity = state
+                .contacts
+                .get(&to)
+                .and_then(|c| c.identity.clone())
+                .ok_or(ClientError::UnknownContact)?;
+            let recipient_identity = IdentityKey::from_bytes(&identity)?;
+            let mut envelopes = Vec::with_capacity(devices.len());
+            let mut changes = Vec::with_capacity(devices.len());
+            for &device in &devices {
+                let address = DeviceAddress {
+                    account: to,
+                    device,
+                };
+                let Some(session) = state.sessions.get_mut(&address) else {
+                    continue;
+                };
+                let message = session.encrypt(&plaintext)?.to_bytes();
+                changes.push(self.store.put(
+                    Table::Sessions,
+                    &session_key(&address),
+                    pickle::pickle_session(session),
+                ));
+                let payload = sealed::seal(
+                    &state.identity,
+                    &certificate,
+                    &recipient_identity,
+                    device.0,
+                    &message,
+                    &mut OsRng,
+                )?;
+                envelopes.push(SealedEnvelope {
+                    account: to,
+                    devices: vec![device],
+                    access,
+                    retract_tag: retract,
+                    payload,
+                });
+            }
+            // The ratchet moved: keep that before anything leaves the device.
+            self.store.commit(changes)?;
+            match self.anonymous.sealed_send(envelopes).await {
+                Ok(()) => {
+                    if let Some(contact) = state.contacts.get_mut(&to) {
+                        let list: Vec<u32> = devices.iter().map(|d| d.0).collect();
+                        if contact.devices != list {
+                            contact.devices = list;
+                            self.store.commit(vec![self.store.put(
+                                Table::Contacts,
+                                &to.0,
+                                encode(contact),
+                            )])?;
+                        }
+                    }
+                    return Ok(());
+                }
+                Err(ConnectionError::Refused(ErrorCode::DeviceListChanged)) => {
+                    // A device came or went: drop sessions of devices no longer there.
+                    devices = self.connection.list_devices(to).await?;
+                    let stale: Vec<_> = state
+                        .sessions
+                        .keys()
+                        .filter(|a| a.account == to && !devices.contains(&a.device))
+                        .copied()
+                        .collect();
+                    let mut changes = Vec::new();
+                    for address in stale {
+                        state.sessions.remove(&address);
+                        changes.push(self.store.delete(Table::Sessions, &session_key(&address)));
+                    }
+                    self.store.commit(changes)?;
+                }
+                Err(ConnectionError::Refused(ErrorCode::DeliveryRefused)) => {
+                    return Err(ClientError::NotAccepted)
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(ClientError::DeviceListUnstable)
+    }
+
+    /// Sends a copy of `content` to this account's other devices (authenticated: the relay
+    /// knows we talk to ourselves anyway).
+    async fn send_to_own_devices(
+        &self,
+        state: &mut State,
+        content: &Content,
+    ) -> Result<(), ClientError> {
+        let own = state.address;
+        let devices: Vec<DeviceId> = self
+            .connection
+            .list_devices(own.account)
+            .await?
+            .into_iter()
+            .filter(|d| *d != own.device)
+            .collect();
+        if devices.is_empty() {
+            return Ok(());
+        }
+        self.ensure_sessions(state, own.account, &devices).await?;
+        let certificate = self.certificate(state).await?;
+        let plaintext = content.encode();
+        let identity = *state.identity.public();
+        let mut envelopes = Vec::new();
+        let mut changes = Vec::new();
+        for device in devices {
+            let address = DeviceAddress {
+                account: own.account,
+                device,
+            };
+            let Some(session) = state.sessions.get_mut(&address) else {
+                continue;
+            };
+            let message = session.encrypt(&plaintext)?.to_bytes();
+            changes.push(self.store.put(
+                Table::Sessions,
+                &session_key(&address),
+                pickle::pickle_session(session),
+            ));
+            let payload = sealed::seal(
+                &state.identity,
+                &certificate,
+                &identity,
+                device.0,
+                &message,
+                &mut OsRng,
+            )?;
+            envelopes.push(OutgoingEnvelope {
+                recipients: vec![address],
+                payload,
+                retract_tag: None,
+            });
+        }
+        self.store.commit(changes)?;
+        if !envelopes.is_empty() {
+            self.connection.send(envelopes).await?;
+        }
+        Ok(())
+    }
+
+    /// Opens one envelope, commits what it changed, and reports it. Returns the event to
+    /// emit and, for a message, who should get a delivery receipt.
+    async fn handle(
+        &self,
+        envelope: &Envelope,
+    ) -> Result<(Option<ClientEvent>, Option<(AccountId, MessageId)>), ClientError> {
+        let mut guard = self.state.lock().await;
+        let state = &mut *guard;
+        let now = now();
+        let unsealed = sealed::open(
+            &state.identity,
+            state.address.device.0,
+            &self.relay_key,
+            &envelope.payload,
+            now,
+        )?;
+        let from = DeviceAddress {
+            account: unsealed.sender.account,
+            device: unsealed.sender.device,
+        };
+        let message = CiphertextMessage::from_bytes(&unsealed.message)?;
+        let identity = unsealed.sender_identity.to_bytes();
+        let mut changes = Vec::new();
+
+        if let std::collections::hash_map::Entry::Vacant(slot) = state.sessions.entry(from) {
+            if let Some(bytes) = self.store.get(Table::Sessions, &session_key(&from))? {
+                slot.insert(pickle::unpickle_session(&bytes)?);
+            }
+        }
+        let (plaintext, used) = match &message {
+            CiphertextMessage::Prekey(prekey)
+                if !state
+                    .sessions
+                    .get(&from)
+                    .is_some_and(|s| s.continues(prekey)) =>
+            {
+                if prekey.identity != unsealed.sender_identity {
+                    return Err(CryptoError::InvalidCertificate(
+                        "certificate names another identity",
+                    )
+                    .into());
+                }
+                let (session, plaintext, used) =
+                    Session::accept(&state.identity, &state.prekeys, prekey, now, &mut OsRng)?;
+                self.note_identity(state, from.account, &identity).await?;
+                state.sessions.insert(from, session);
+                (plaintext, Some(used))
+            }
+            _ => {
+                let session = state
+                    .sessions
+                    .get_mut(&from)
+                    .ok_or(CryptoError::DecryptionFailed)?;
+                if session.remote_identity() != &unsealed.sender_identity {
+                    return Err(CryptoError::InvalidCertificate(
+                        "certificate names another identity",
+                    )
+                    .into());
+                }
+                (session.decrypt(&message, now, &mut OsRng)?, None)
+            }
+        };
+        let content = match Content::decode(&plaintext) {
+            Ok(content) => content,
+            Err(error) => {
+                // The ratchet moved; keep that even though the content is garbage.
+                self.persist_session(state, &from, used, changes)?;
+                return Err(error.into());
+            }
+        };
+        if let Some(session) = state.sessions.get(&from) {
+            changes.push(self.store.put(
+                Table::Sessions,
+                &session_key(&from),
+                pickle::pickle_session(session),
+            ));
+        }
+        if let Some(used) = used {
+            state.prekeys.consume(used);
+            changes.push(self.store.put(
+                Table::State,
+                PREKEYS_KEY,
+                pickle::pickle_prekeys(&state.prekeys),
+            ));
+        }
+
+        let own = from.account == state.address.account;
+        let (event, receipt) = if own {
+            self.own_copy(state, content, &mut changes)
+        } else {
+            self.contact_content(state, from, content, &mut changes)
+        };
+        if let Err(error) = self.store.commit(changes) {
+            // Memory ran ahead of the disk: forget the session so it reloads from disk and
+            // the relay's redelivery opens the envelope again.
+            state.sessions.remove(&from);
+            return Err(error.into());
+        }
+        Ok((event, receipt))
+    }
+
+    fn persist_session(
+        &self,
+        state: &mut State,
+        from: &DeviceAddress,
+        used: Option<crate::prekeys::UsedPrekeys>,
+        mut changes: Vec<Change>,
+    ) -> Result<(), ClientError> {
+        if let Some(session) = state.sessions.get(from) {
+            changes.push(self.store.put(
+                Table::Sessions,
+                &session_key(from),
+                pickle::pickle_session(session),
+            ));
+        }
+        if let Some(used) = used {
+            state.prekeys.consume(used);
+            changes.push(self.store.put(
+                Table::State,
+                PREKEYS_KEY,
+                pickle::pickle_prekeys(&state.prekeys),
+            ));
+        }
+        self.store.commit(changes).map_err(Into::into)
+    }
+
+    /// A copy of something we sent from another device.
+    fn own_copy(
+        &self,
+        _state: &mut State,
+        content: Content,
+        changes: &mut Vec<Change>,
+    ) -> (Option<ClientEvent>, Option<(AccountId, MessageId)>) {
+        let Some(conversation) = content.sent_to.map(AccountId) else {
+            return (None, None);
+        };
+        if !content.body.is_message() {
+            return (None, None);
+        }
+        let message = StoredMessage {
+            id: content.id,
+            conversation,
+            outgoing: true,
+            sent_at: content.sent_at,
+            expires_at: content
+                .expires_in
+                .map(|secs| content.sent_at + u64::from(secs)),
+            body: content.body,
+        };
+        changes.push(
+            self.store
+                .put(Table::Messages, &message.id.0, encode(&message)),
+        );
+        (Some(ClientEvent::SentElsewhere { message }), None)
+    }
+
+    /// Something a contact sent.
+    fn contact_content(
+        &self,
+        state: &mut State,
+        from: DeviceAddress,
+        content: Content,
+        changes: &mut Vec<Change>,
+    ) -> (Option<ClientEvent>, Option<(AccountId, MessageId)>) {
+        let account = from.account;
+        let contact = state
+            .contacts
+            .entry(account)
+            .or_insert_with(|| Contact::new(account));
+        let mut contact_changed = false;
+        if content.profile_key.is_some() && contact.profile_key != content.profile_key {
+            contact.profile_key = content.profile_key;
+            contact_changed = true;
+        }
+        if !contact.devices.contains(&from.device.0) {
+            contact.devices.push(from.device.0);
+            contact.devices.sort_unstable();
+            contact_changed = true;
+        }
+        let result = match content.body {
+            Body::Receipt { kind, ids } => (
+                Some(ClientEvent::Receipt {
+                    from: account,
+                    kind,
+                    ids,
+                }),
+                None,
+            ),
+            Body::Typing { started } => (
+                Some(ClientEvent::Typing {
+                    from: account,
+                    started,
+                }),
+                None,
+            ),
+            Body::Delete { target } => {
+                changes.push(self.store.delete(Table::Messages, &target.0));
+                (
+                    Some(ClientEvent::Deleted {
+                        from: account,
+                        id: target,
+                    }),
+                    None,
+                )
+            }
+            Body::Timer { expires_in } => {
+                contact.expires_in = expires_in;
+                contact_changed = true;
+                (
+                    Some(ClientEvent::TimerChanged {
+                        from: account,
+                        expires_in,
+                    }),
+                    None,
+                )
+            }
+            body @ (Body::Text { .. } | Body::Structured { .. }) => {
+                let received = now();
+                let message = StoredMessage {
+                    id: content.id,
+                    conversation: account,
+                    outgoing: false,
+                    sent_at: content.sent_at,
+                    // A disappearing message's clock starts when it arrives.
+                    expires_at: content.expires_in.map(|secs| received + u64::from(secs)),
+                    body,
+                };
+                changes.push(
+                    self.store
+                        .put(Table::Messages, &message.id.0, encode(&message)),
+                );
+                let receipt = state
+                    .settings
+                    .delivery_receipts
+                    .then_some((account, message.id));
+                (
+                    Some(ClientEvent::Message {
+                        from: account,
+                        device: from.device,
+                        message,
+                    }),
+                    receipt,
+                )
+            }
+        };
+        if contact_changed {
+            if let Some(contact) = state.contacts.get(&account) {
+                changes.push(self.store.put(Table::Contacts, &account.0, encode(contact)));
+            }
+        }
+        result
+    }
+
+    async fn top_up_prekeys(&self) -> Result<(), ClientError> {
+        let mut state = self.state.lock().await;
+        let state = &mut *state;
+        let upload = state
+            .prekeys
+            .replenish(&state.identity, PREKEY_BATCH, &mut OsRng);
+        self.store.commit(vec![self.store.put(
+            Table::State,
+            PREKEYS_KEY,
+            pickle::pickle_prekeys(&state.prekeys),
+        )])?;
+        self.connection.upload_prekeys(upload).await?;
+        Ok(())
+    }
+}
+
+/// Reads what the relay pushes, one envelope at a time, and acknowledges each only after
+/// it is handled.
+async fn receive_loop(inner: Arc<Inner>) {
+    while let Some(event) = inner.connection.next_event().await {
+        match event {
+            Event::Envelope(envelope) => {
+                let (event, receipt) = match inner.handle(&envelope).await {
+                    Ok(outcome) => outcome,
+                    Err(ClientError::Crypto(error)) => {
+                        (Some(ClientEvent::Undecryptable { error }), None)
+                    }
+                    Err(error) => {
+                        // Local trouble (store, connection): leave the envelope on the
+                        // relay; it comes again on the next connection.
+                        tracing::warn!(%error, "could not handle an envelope");
+                        continue;
+                    }
+                };
+                if let Some(event) = event {
+                    if inner.events.send(event).await.is_err() {
+                        return;
+                    }
+                }
+                if inner.connection.ack(&[envelope.id]).await.is_err() {
+                    continue;
+                }
+                if let Some((to, id)) = receipt {
+                    let mut state = inner.state.lock().await;
+                    let content = Content {
+                        id: MessageId(random()),
+                        sent_at: now(),
+                        expires_in: None,
+                        profile_key: Some(*state.profile_key),
+                        sent_to: None,
+                        body: Body::Receipt {
+                            kind: ReceiptKind::Delivered,
+                            ids: vec![id],
+                        },
+                    };
+                    if let Err(error) = inner.send_to_contact(&mut state, to, &content, None).await
+                    {
+                        tracing::debug!(%error, "delivery receipt not sent");
+                    }
+                }
+            }
+            Event::LowPrekeys { .. } => {
+                if let Err(error) = inner.top_up_prekeys().await {
+                    tracing::warn!(%error, "could not upload prekeys");
+                }
+            }
+            Event::Drained | Event::Provisioning(_) => {}
+            Event::Closed(code) => {
+                let _ = inner.events.send(ClientEvent::Disconnected(code)).await;
+                return;
+            }
+        }
+    }
+}

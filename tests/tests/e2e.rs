@@ -1,0 +1,278 @@
+//! End-to-end encryption over a real relay: full clients (PQXDH, Double Ratchet, sealed
+//! sender, encrypted local stores) talking through QUIC on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+
+use hush_client::{
+    Body, Client, ClientConfig, ClientError, ClientEvent, MessageId, ReceiptKind, Settings,
+    StorageKey,
+};
+use hush_tests::{contains, read_tree, TestRelay, WAIT};
+use tempfile::TempDir;
+
+struct User {
+    dir: TempDir,
+    key: [u8; 32],
+}
+
+impl User {
+    fn new(seed: u8) -> Self {
+        User {
+            dir: tempfile::tempdir().unwrap(),
+            key: [seed; 32],
+        }
+    }
+
+    fn config(&self, relay: &TestRelay) -> ClientConfig {
+        ClientConfig {
+            relay: relay.options(),
+            data_dir: self.dir.path().to_owned(),
+            storage_key: StorageKey::from_bytes(self.key),
+        }
+    }
+
+    async fn create(&self, relay: &TestRelay) -> Client {
+        Client::create(self.config(relay), None).await.unwrap()
+    }
+
+    async fn open(&self, relay: &TestRelay) -> Client {
+        Client::open(self.config(relay)).await.unwrap()
+    }
+}
+
+async fn next(client: &Client) -> ClientEvent {
+    tokio::time::timeout(WAIT, client.next_event())
+        .await
+        .expect("an event in time")
+        .expect("client open")
+}
+
+/// The next event that is not a receipt or typing indicator.
+async fn next_message(client: &Client) -> ClientEvent {
+    loop {
+        match next(client).await {
+            ClientEvent::Receipt { .. } | ClientEvent::Typing { .. } => {}
+            other => return other,
+        }
+    }
+}
+
+fn text(event: &ClientEvent) -> (&str, MessageId) {
+    match event {
+        ClientEvent::Message { message, .. } => match &message.body {
+            Body::Text { text } => (text, message.id),
+            other => panic!("expected text, got {other:?}"),
+        },
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+fn scan(dir: &Path, needles: &[(&str, Vec<u8>)]) {
+    for (path, bytes) in read_tree(dir) {
+        for (what, needle) in needles {
+            assert!(
+                !contains(&bytes, needle),
+                "{what} found in {}",
+                path.display()
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn alice_and_bob_talk_sealed_and_the_relay_sees_no_plaintext_or_sender() {
+    let relay = TestRelay::start().await;
+    let (alice_user, bob_user) = (User::new(1), User::new(2));
+    let alice = alice_user.create(&relay).await;
+    let bob = bob_user.create(&relay).await;
+    let bob_account = alice.add_contact(&bob.contact_card().await).await.unwrap();
+    let alice_account = alice.address().await.account;
+    drop(bob);
+
+    // Bob is offline: the message waits on the relay, sealed.
+    let canary = "the canary sings at midnight";
+    alice.send_text(bob_account, canary).await.unwrap();
+    scan(
+        relay.data_dir(),
+        &[
+            ("plaintext", canary.as_bytes().to_vec()),
+            ("sender account", alice_account.0.to_vec()),
+            ("sender account (hex)", alice_account.to_hex().into_bytes()),
+        ],
+    );
+
+    let bob = bob_user.open(&relay).await;
+    let event = next_message(&bob).await;
+    assert_eq!(text(&event).0, canary);
+    let ClientEvent::Message { from, .. } = &event else {
+        unreachable!()
+    };
+    assert_eq!(*from, alice_account);
+    // Alice gets Bob's delivery receipt.
+    let (_, id) = text(&event);
+    match next(&alice).await {
+        ClientEvent::Receipt { from, kind, ids } => {
+            assert_eq!(from, bob_account);
+            assert_eq!(kind, ReceiptKind::Delivered);
+            assert_eq!(ids, vec![id]);
+        }
+        other => panic!("expected a receipt, got {other:?}"),
+    }
+
+    // Bob learned Alice's profile key from her message and answers, sealed.
+    bob.send_text(alice_account, "hello alice").await.unwrap();
+    assert_eq!(text(&next_message(&alice).await).0, "hello alice");
+    for i in 0..5 {
+        alice
+            .send_text(bob_account, &format!("ping {i}"))
+            .await
+            .unwrap();
+        assert_eq!(text(&next_message(&bob).await).0, format!("ping {i}"));
+        bob.send_text(alice_account, &format!("pong {i}"))
+            .await
+            .unwrap();
+        assert_eq!(text(&next_message(&alice).await).0, format!("pong {i}"));
+    }
+
+    // Both sides see the same safety number.
+    let at_alice = alice.safety_number(bob_account).await.unwrap();
+    let at_bob = bob.safety_number(alice_account).await.unwrap();
+    assert_eq!(at_alice.displayable(), at_bob.displayable());
+    assert!(at_alice.matches_qr(&at_bob.qr_payload()).unwrap());
+
+    // The message history is kept, encrypted, in each local store.
+    let history = bob.messages(alice_account).await.unwrap();
+    assert_eq!(
+        history.len(),
+        12,
+        "the canary, one hello, five pings and five pongs"
+    );
+    scan(
+        bob_user.dir.path(),
+        &[
+            ("plaintext", canary.as_bytes().to_vec()),
+            ("contact account", alice_account.0.to_vec()),
+        ],
+    );
+}
+
+#[tokio::test]
+async fn delete_for_everyone_removes_an_undelivered_message_from_the_relay() {
+    let relay = TestRelay::start().await;
+    let (alice_user, bob_user) = (User::new(3), User::new(4));
+    let alice = alice_user.create(&relay).await;
+    let bob = bob_user.create(&relay).await;
+    let bob_account = alice.add_contact(&bob.contact_card().await).await.unwrap();
+    drop(bob);
+
+    let regret = alice
+        .send_text(bob_account, "I should not have said this")
+        .await
+        .unwrap();
+    assert_eq!(
+        alice
+            .delete_for_everyone(bob_account, regret)
+            .await
+            .unwrap(),
+        1
+    );
+    alice.send_text(bob_account, "never mind").await.unwrap();
+
+    let bob = bob_user.open(&relay).await;
+    match next_message(&bob).await {
+        ClientEvent::Deleted { id, .. } => assert_eq!(id, regret),
+        other => panic!("expected the delete control message, got {other:?}"),
+    }
+    assert_eq!(text(&next_message(&bob).await).0, "never mind");
+    let history = bob.messages(alice.address().await.account).await.unwrap();
+    assert_eq!(history.len(), 1);
+}
+
+#[tokio::test]
+async fn receipts_and_typing_are_the_users_choice() {
+    let relay = TestRelay::start().await;
+    let (alice_user, bob_user) = (User::new(5), User::new(6));
+    let alice = alice_user.create(&relay).await;
+    let bob = bob_user.create(&relay).await;
+    let bob_account = alice.add_contact(&bob.contact_card().await).await.unwrap();
+    let alice_account = alice.address().await.account;
+    bob.set_settings(Settings {
+        delivery_receipts: false,
+        read_receipts: false,
+        typing_indicators: false,
+        ..Settings::default()
+    })
+    .await
+    .unwrap();
+
+    let first = alice.send_text(bob_account, "receipts?").await.unwrap();
+    let (_, id) = text(&next_message(&bob).await);
+    assert_eq!(id, first);
+    bob.mark_read(alice_account, vec![id]).await.unwrap();
+    bob.typing(alice_account, true).await.unwrap();
+    // Bob now writes for real; the first thing Alice sees is that message, no receipt or
+    // typing indicator before it.
+    bob.send_text(alice_account, "no receipts here")
+        .await
+        .unwrap();
+    assert_eq!(text(&next(&alice).await).0, "no receipts here");
+
+    // Alice's side sends them; Bob sees them.
+    alice.typing(bob_account, true).await.unwrap();
+    assert_eq!(
+        next(&bob).await,
+        ClientEvent::Typing {
+            from: alice_account,
+            started: true
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_profile_key_is_refused_by_the_relay() {
+    let relay = TestRelay::start().await;
+    let (alice_user, bob_user) = (User::new(7), User::new(8));
+    let alice = alice_user.create(&relay).await;
+    let bob = bob_user.create(&relay).await;
+    let card = bob.contact_card().await;
+    // Same account, another profile key: the delivery token is wrong.
+    let forged = format!("{}{}", &card[..card.len() - 64], "00".repeat(32));
+    let bob_account = alice.add_contact(&forged).await.unwrap();
+    let error = alice.send_text(bob_account, "let me in").await.unwrap_err();
+    assert!(matches!(error, ClientError::NotAccepted), "{error:?}");
+    assert!(matches!(
+        alice.add_contact("hush-contact:1:zz").await,
+        Err(ClientError::InvalidCode(_))
+    ));
+}
+
+#[tokio::test]
+async fn disappearing_messages_are_purged_when_their_timer_runs_out() {
+    let relay = TestRelay::start().await;
+    let (alice_user, bob_user) = (User::new(9), User::new(10));
+    let alice = alice_user.create(&relay).await;
+    let bob = bob_user.create(&relay).await;
+    let bob_account = alice.add_contact(&bob.contact_card().await).await.unwrap();
+    let alice_account = alice.address().await.account;
+    alice.set_timer(bob_account, Some(60)).await.unwrap();
+    assert_eq!(
+        next_message(&bob).await,
+        ClientEvent::TimerChanged {
+            from: alice_account,
+            expires_in: Some(60)
+        }
+    );
+    alice
+        .send_text(bob_account, "gone in a minute")
+        .await
+        .unwrap();
+    let ClientEvent::Message { message, .. } = next_message(&bob).await else {
+        panic!("expected a message")
+    };
+    let expires_at = message.expires_at.expect("a disappearing message");
+    assert_eq!(bob.purge_expired(expires_at - 1).await.unwrap(), 0);
+    assert_eq!(bob.purge_expired(expires_at).await.unwrap(), 1);
+    assert!(bob.messages(alice_account).await.unwrap().is_empty());
+    assert_eq!(alice.purge_expired(expires_at + 60).await.unwrap(), 1);
+}
