@@ -23,12 +23,13 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 use crate::connection::{ConnectOptions, Connection, Envelope, Event};
 use crate::content::{Body, Content, MessageId, ReceiptKind};
 use crate::error::{ConnectionError, CryptoError};
-use crate::keys::{DeviceKey, IdentityKey, IdentityKeyPair};
+use crate::keys::{DeviceKey, EcKeyPair, IdentityKey, IdentityKeyPair};
+use crate::link::{self, LinkCode, LinkedContact, ProvisionBundle};
 use crate::message::CiphertextMessage;
 use crate::pqxdh::PeerBundle;
 use crate::prekeys::PrekeySet;
 use crate::safety::SafetyNumber;
-use crate::session::Session;
+use crate::session::{Session, SessionSet};
 use crate::store::{Change, LocalStore, StorageKey, StoreError, Table};
 use crate::{kdf, pickle, sealed};
 
@@ -223,7 +224,7 @@ struct State {
     address: DeviceAddress,
     profile_key: Zeroizing<[u8; 32]>,
     prekeys: PrekeySet,
-    sessions: HashMap<DeviceAddress, Session>,
+    sessions: HashMap<DeviceAddress, SessionSet>,
     contacts: HashMap<AccountId, Contact>,
     settings: Settings,
     certificate: Option<(SenderCertificate, u64)>,
@@ -650,6 +651,35 @@ impl Client {
         Ok(())
     }
 
+    /// Links a new device from the code it shows: adds its key to the account and sends it
+    /// the account's keys, profile key and contacts through its provisioning mailbox.
+    pub async fn link_device(&self, code: &str) -> Result<DeviceId, ClientError> {
+        let code = LinkCode::decode(code).ok_or(ClientError::InvalidCode("link code"))?;
+        let state = self.inner.state.lock().await;
+        let device = self.inner.connection.add_device(code.device_key).await?;
+        let bundle = ProvisionBundle {
+            identity: state.identity.to_secret_bytes().to_vec(),
+            account: state.address.account.0,
+            device: device.0,
+            profile_key: *state.profile_key,
+            contacts: state
+                .contacts
+                .values()
+                .map(|c| LinkedContact {
+                    account: c.account,
+                    identity: c.identity.clone(),
+                    profile_key: c.profile_key,
+                })
+                .collect(),
+        };
+        let payload = link::seal_bundle(&bundle, &code.ephemeral, &mut OsRng)?;
+        self.inner
+            .connection
+            .provision(code.mailbox, payload)
+            .await?;
+        Ok(device)
+    }
+
     /// Closes both connections and stops receiving.
     pub fn close(&self) {
         self.receiver.abort();
@@ -661,6 +691,80 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// A device waiting to be linked to an account: show [`LinkRequest::code`] to a device of
+/// the account (as a QR code), then [`LinkRequest::finish`].
+pub struct LinkRequest {
+    connection: Connection,
+    mailbox: [u8; 16],
+    ephemeral: EcKeyPair,
+    device_key: DeviceKey,
+    config: ClientConfig,
+}
+
+impl LinkRequest {
+    /// Opens a provisioning mailbox on the relay.
+    pub async fn start(config: ClientConfig) -> Result<LinkRequest, ClientError> {
+        let connection = Connection::connect(&config.relay).await?;
+        let mailbox = connection.open_provisioning().await?;
+        Ok(LinkRequest {
+            connection,
+            mailbox,
+            ephemeral: EcKeyPair::generate(&mut OsRng),
+            device_key: DeviceKey::generate(),
+            config,
+        })
+    }
+
+    /// The code to show.
+    pub fn code(&self) -> String {
+        LinkCode {
+            mailbox: self.mailbox,
+            ephemeral: *self.ephemeral.public(),
+            device_key: self.device_key.public_key(),
+        }
+        .encode()
+    }
+
+    /// Waits for the account's keys, stores them, and opens the client as the new device.
+    pub async fn finish(self) -> Result<Client, ClientError> {
+        let payload = loop {
+            match self.connection.next_event().await {
+                Some(Event::Provisioning(payload)) => break payload,
+                Some(Event::Closed(code)) => return Err(ConnectionError::Closed(code).into()),
+                None => return Err(ConnectionError::Closed(None).into()),
+                Some(_) => {}
+            }
+        };
+        self.connection.close();
+        let bundle = link::open_bundle(&self.ephemeral, &payload)?;
+        let store = LocalStore::open(&self.config.data_dir, &self.config.storage_key)?;
+        let record = AccountRecord {
+            identity: bundle.identity.clone(),
+            device_key: *self.device_key.to_secret_bytes(),
+            account: bundle.account,
+            device: bundle.device,
+            profile_key: bundle.profile_key,
+        };
+        let mut changes = vec![
+            store.put(Table::State, ACCOUNT_KEY, encode(&record)),
+            store.put(Table::State, SETTINGS_KEY, encode(&Settings::default())),
+        ];
+        for linked in &bundle.contacts {
+            let contact = Contact {
+                account: linked.account,
+                identity: linked.identity.clone(),
+                profile_key: linked.profile_key,
+                devices: Vec::new(),
+                expires_in: None,
+            };
+            changes.push(store.put(Table::Contacts, &linked.account, encode(&contact)));
+        }
+        store.commit(changes)?;
+        drop(store);
+        Client::open(self.config).await
     }
 }
 
@@ -734,7 +838,7 @@ impl Inner {
             if let Some(bytes) = self.store.get(Table::Sessions, &session_key(&address))? {
                 state
                     .sessions
-                    .insert(address, pickle::unpickle_session(&bytes)?);
+                    .insert(address, pickle::unpickle_session_set(&bytes)?);
                 continue;
             }
             let bundles = self.connection.fetch_prekeys(account, Some(device)).await?;
@@ -745,7 +849,7 @@ impl Inner {
             self.note_identity(state, account, &peer.identity().to_bytes())
                 .await?;
             let session = Session::initiate(&state.identity, &peer, &mut OsRng)?;
-            state.sessions.insert(address, session);
+            state.sessions.insert(address, SessionSet::new(session));
         }
         Ok(())
     }
@@ -830,14 +934,17 @@ impl Inner {
                     account: to,
                     device,
                 };
-                let Some(session) = state.sessions.get_mut(&address) else {
+                let Some(set) = state.sessions.get_mut(&address) else {
+                    continue;
+                };
+                let Some(session) = set.current_mut() else {
                     continue;
                 };
                 let message = session.encrypt(&plaintext)?.to_bytes();
                 changes.push(self.store.put(
                     Table::Sessions,
                     &session_key(&address),
-                    pickle::pickle_session(session),
+                    pickle::pickle_session_set(set),
                 ));
                 let payload = sealed::seal(
                     &state.identity,
@@ -926,14 +1033,17 @@ impl Inner {
                 account: own.account,
                 device,
             };
-            let Some(session) = state.sessions.get_mut(&address) else {
+            let Some(set) = state.sessions.get_mut(&address) else {
+                continue;
+            };
+            let Some(session) = set.current_mut() else {
                 continue;
             };
             let message = session.encrypt(&plaintext)?.to_bytes();
             changes.push(self.store.put(
                 Table::Sessions,
                 &session_key(&address),
-                pickle::pickle_session(session),
+                pickle::pickle_session_set(set),
             ));
             let payload = sealed::seal(
                 &state.identity,
@@ -982,7 +1092,7 @@ impl Inner {
 
         if let std::collections::hash_map::Entry::Vacant(slot) = state.sessions.entry(from) {
             if let Some(bytes) = self.store.get(Table::Sessions, &session_key(&from))? {
-                slot.insert(pickle::unpickle_session(&bytes)?);
+                slot.insert(pickle::unpickle_session_set(&bytes)?);
             }
         }
         let (plaintext, used) = match &message {
@@ -1001,21 +1111,26 @@ impl Inner {
                 let (session, plaintext, used) =
                     Session::accept(&state.identity, &state.prekeys, prekey, now, &mut OsRng)?;
                 self.note_identity(state, from.account, &identity).await?;
-                state.sessions.insert(from, session);
+                match state.sessions.get_mut(&from) {
+                    Some(set) => set.promote_new(session),
+                    None => {
+                        state.sessions.insert(from, SessionSet::new(session));
+                    }
+                }
                 (plaintext, Some(used))
             }
             _ => {
-                let session = state
+                let set = state
                     .sessions
                     .get_mut(&from)
                     .ok_or(CryptoError::DecryptionFailed)?;
-                if session.remote_identity() != &unsealed.sender_identity {
+                if set.remote_identity() != Some(&unsealed.sender_identity) {
                     return Err(CryptoError::InvalidCertificate(
                         "certificate names another identity",
                     )
                     .into());
                 }
-                (session.decrypt(&message, now, &mut OsRng)?, None)
+                (set.decrypt(&message, now, &mut OsRng)?, None)
             }
         };
         let content = match Content::decode(&plaintext) {
@@ -1026,11 +1141,11 @@ impl Inner {
                 return Err(error.into());
             }
         };
-        if let Some(session) = state.sessions.get(&from) {
+        if let Some(set) = state.sessions.get(&from) {
             changes.push(self.store.put(
                 Table::Sessions,
                 &session_key(&from),
-                pickle::pickle_session(session),
+                pickle::pickle_session_set(set),
             ));
         }
         if let Some(used) = used {
@@ -1064,11 +1179,11 @@ impl Inner {
         used: Option<crate::prekeys::UsedPrekeys>,
         mut changes: Vec<Change>,
     ) -> Result<(), ClientError> {
-        if let Some(session) = state.sessions.get(from) {
+        if let Some(set) = state.sessions.get(from) {
             changes.push(self.store.put(
                 Table::Sessions,
                 &session_key(from),
-                pickle::pickle_session(session),
+                pickle::pickle_session_set(set),
             ));
         }
         if let Some(used) = used {

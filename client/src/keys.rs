@@ -330,6 +330,8 @@ impl OneTimePrekey {
 pub struct KemPrekey {
     pub(crate) id: u32,
     pub(crate) seed: Zeroizing<[u8; 64]>,
+    /// The encoded public key, kept so uploads need not re-derive it from the seed.
+    pub(crate) public: Vec<u8>,
     pub(crate) signature: [u8; 64],
     pub(crate) last_resort: bool,
 }
@@ -343,11 +345,12 @@ impl KemPrekey {
     ) -> Self {
         let mut seed = Zeroizing::new([0u8; 64]);
         rng.fill_bytes(seed.as_mut());
-        let encoded = encode_kem(&kem_keys(&seed).1);
-        let signature = identity.sign(&prekey_signature_transcript(id, &encoded));
+        let public = encode_kem(&kem_keys(&seed).1);
+        let signature = identity.sign(&prekey_signature_transcript(id, &public));
         KemPrekey {
             id,
             seed,
+            public,
             signature,
             last_resort,
         }
@@ -357,7 +360,7 @@ impl KemPrekey {
     pub fn to_wire(&self) -> hush_protocol::Prekey {
         hush_protocol::Prekey {
             id: self.id,
-            public_key: encode_kem(&kem_keys(&self.seed).1),
+            public_key: self.public.clone(),
             signature: self.signature.to_vec(),
         }
     }
@@ -388,6 +391,10 @@ fn kem_keys(seed: &[u8; 64]) -> (KemDecapsulationKey, KemEncapsulationKey) {
     let mut z = B32::default();
     z.copy_from_slice(&seed[32..]);
     MlKem768::generate_deterministic(&d, &z)
+}
+
+pub(crate) fn kem_public_from_seed(seed: &[u8; 64]) -> Vec<u8> {
+    encode_kem(&kem_keys(seed).1)
 }
 
 fn encode_kem(key: &KemEncapsulationKey) -> Vec<u8> {

@@ -31,6 +31,7 @@ mod content;
 mod error;
 mod kdf;
 mod keys;
+mod link;
 pub mod message;
 pub mod padding;
 mod pickle;
@@ -45,7 +46,9 @@ mod tls;
 #[cfg(test)]
 mod vectors;
 
-pub use client::{Client, ClientConfig, ClientError, ClientEvent, Settings, StoredMessage};
+pub use client::{
+    Client, ClientConfig, ClientError, ClientEvent, LinkRequest, Settings, StoredMessage,
+};
 pub use connection::{ConnectOptions, Connection, Connector, Envelope, Event, RawStream, Trust};
 pub use content::{Body, MessageId, ReceiptKind};
 pub use error::{ConnectionError, CryptoError};

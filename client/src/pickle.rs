@@ -11,7 +11,7 @@ use crate::error::CryptoError;
 use crate::keys::{EcKeyPair, IdentityKey, KemPrekey, OneTimePrekey, SignedPrekey};
 use crate::prekeys::PrekeySet;
 use crate::ratchet::{Chain, Ratchet, SkippedKey};
-use crate::session::{PendingPrekey, Session};
+use crate::session::{PendingPrekey, Session, SessionSet};
 
 #[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
 struct ChainPickle {
@@ -150,6 +150,26 @@ pub(crate) fn unpickle_session(bytes: &[u8]) -> Result<Session, CryptoError> {
     })
 }
 
+/// The sessions with one device, current first.
+pub(crate) fn pickle_session_set(set: &SessionSet) -> Zeroizing<Vec<u8>> {
+    let pickles: Vec<Zeroizing<Vec<u8>>> = set.sessions.iter().map(pickle_session).collect();
+    let raw: Vec<&[u8]> = pickles.iter().map(|p| p.as_slice()).collect();
+    Zeroizing::new(postcard::to_allocvec(&raw).unwrap_or_default())
+}
+
+/// The reverse of [`pickle_session_set`].
+pub(crate) fn unpickle_session_set(bytes: &[u8]) -> Result<SessionSet, CryptoError> {
+    let raw: Vec<&[u8]> = postcard::from_bytes(bytes).map_err(|_| CryptoError::InvalidMessage)?;
+    let sessions = raw
+        .into_iter()
+        .map(unpickle_session)
+        .collect::<Result<Vec<_>, _>>()?;
+    if sessions.is_empty() {
+        return Err(CryptoError::InvalidMessage);
+    }
+    Ok(SessionSet { sessions })
+}
+
 #[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
 struct SignedPickle {
     id: u32,
@@ -245,6 +265,7 @@ pub(crate) fn unpickle_prekeys(bytes: &[u8]) -> Result<PrekeySet, CryptoError> {
             key.id,
             KemPrekey {
                 id: key.id,
+                public: crate::keys::kem_public_from_seed(&seed),
                 seed: Zeroizing::new(seed),
                 signature: signature(&key.signature)?,
                 last_resort: key.last_resort,

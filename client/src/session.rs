@@ -175,3 +175,66 @@ impl std::fmt::Debug for Session {
         f.write_str("Session(<redacted>)")
     }
 }
+
+/// How many sessions with one device are kept.
+const MAX_SESSIONS_PER_DEVICE: usize = 4;
+
+/// The sessions with one peer device: the current one first, then a few earlier ones.
+/// Earlier ones matter when both sides set up a session at the same moment: each accepts
+/// the other's, and messages keep arriving on either until both settle on one.
+pub(crate) struct SessionSet {
+    pub(crate) sessions: Vec<Session>,
+}
+
+impl SessionSet {
+    pub(crate) fn new(session: Session) -> Self {
+        SessionSet {
+            sessions: vec![session],
+        }
+    }
+
+    /// The session we send with.
+    pub(crate) fn current_mut(&mut self) -> Option<&mut Session> {
+        self.sessions.first_mut()
+    }
+
+    /// The current session's peer identity.
+    pub(crate) fn remote_identity(&self) -> Option<&IdentityKey> {
+        self.sessions.first().map(Session::remote_identity)
+    }
+
+    /// Whether any kept session continues this prekey message's setup.
+    pub(crate) fn continues(&self, message: &PrekeyMessage) -> bool {
+        self.sessions.iter().any(|s| s.continues(message))
+    }
+
+    /// Makes a new session current, keeping a few earlier ones.
+    pub(crate) fn promote_new(&mut self, session: Session) {
+        self.sessions.insert(0, session);
+        self.sessions.truncate(MAX_SESSIONS_PER_DEVICE);
+    }
+
+    /// Decrypts with whichever kept session opens the message, and makes that one current.
+    /// On error every session is unchanged; the error is the current session's.
+    pub(crate) fn decrypt(
+        &mut self,
+        message: &CiphertextMessage,
+        now: u64,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let mut first_error = None;
+        for index in 0..self.sessions.len() {
+            match self.sessions[index].decrypt(message, now, rng) {
+                Ok(plaintext) => {
+                    let session = self.sessions.remove(index);
+                    self.sessions.insert(0, session);
+                    return Ok(plaintext);
+                }
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        Err(first_error.unwrap_or(CryptoError::DecryptionFailed))
+    }
+}

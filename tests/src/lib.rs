@@ -347,3 +347,91 @@ pub fn read_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+/// Full clients for end-to-end tests.
+pub mod users {
+    use std::path::Path;
+
+    use hush_client::{Body, Client, ClientConfig, ClientEvent, MessageId, StorageKey};
+    use tempfile::TempDir;
+
+    use super::{contains, read_tree, TestRelay, WAIT};
+
+    /// A user's device: a data dir and a storage key.
+    pub struct User {
+        /// The local store's directory.
+        pub dir: TempDir,
+        key: [u8; 32],
+    }
+
+    impl User {
+        /// A new device directory with a storage key made from `seed`.
+        pub fn new(seed: u8) -> Self {
+            User {
+                dir: tempfile::tempdir().unwrap(),
+                key: [seed; 32],
+            }
+        }
+
+        /// The client config for `relay`.
+        pub fn config(&self, relay: &TestRelay) -> ClientConfig {
+            ClientConfig {
+                relay: relay.options(),
+                data_dir: self.dir.path().to_owned(),
+                storage_key: StorageKey::from_bytes(self.key),
+            }
+        }
+
+        /// Creates an account.
+        pub async fn create(&self, relay: &TestRelay) -> Client {
+            Client::create(self.config(relay), None).await.unwrap()
+        }
+
+        /// Opens the account kept here.
+        pub async fn open(&self, relay: &TestRelay) -> Client {
+            Client::open(self.config(relay)).await.unwrap()
+        }
+    }
+
+    /// The next event, within [`WAIT`].
+    pub async fn next(client: &Client) -> ClientEvent {
+        tokio::time::timeout(WAIT, client.next_event())
+            .await
+            .expect("an event in time")
+            .expect("client open")
+    }
+
+    /// The next event that is not a receipt or typing indicator.
+    pub async fn next_message(client: &Client) -> ClientEvent {
+        loop {
+            match next(client).await {
+                ClientEvent::Receipt { .. } | ClientEvent::Typing { .. } => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// The text and id of a message event.
+    pub fn text(event: &ClientEvent) -> (&str, MessageId) {
+        match event {
+            ClientEvent::Message { message, .. } => match &message.body {
+                Body::Text { text } => (text, message.id),
+                other => panic!("expected text, got {other:?}"),
+            },
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    /// Asserts that no file under `dir` contains any of `needles`.
+    pub fn scan(dir: &Path, needles: &[(&str, Vec<u8>)]) {
+        for (path, bytes) in read_tree(dir) {
+            for (what, needle) in needles {
+                assert!(
+                    !contains(&bytes, needle),
+                    "{what} found in {}",
+                    path.display()
+                );
+            }
+        }
+    }
+}

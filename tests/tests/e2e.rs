@@ -2,83 +2,9 @@
 //! sender, encrypted local stores) talking through QUIC on loopback.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::Path;
-
-use hush_client::{
-    Body, Client, ClientConfig, ClientError, ClientEvent, MessageId, ReceiptKind, Settings,
-    StorageKey,
-};
-use hush_tests::{contains, read_tree, TestRelay, WAIT};
-use tempfile::TempDir;
-
-struct User {
-    dir: TempDir,
-    key: [u8; 32],
-}
-
-impl User {
-    fn new(seed: u8) -> Self {
-        User {
-            dir: tempfile::tempdir().unwrap(),
-            key: [seed; 32],
-        }
-    }
-
-    fn config(&self, relay: &TestRelay) -> ClientConfig {
-        ClientConfig {
-            relay: relay.options(),
-            data_dir: self.dir.path().to_owned(),
-            storage_key: StorageKey::from_bytes(self.key),
-        }
-    }
-
-    async fn create(&self, relay: &TestRelay) -> Client {
-        Client::create(self.config(relay), None).await.unwrap()
-    }
-
-    async fn open(&self, relay: &TestRelay) -> Client {
-        Client::open(self.config(relay)).await.unwrap()
-    }
-}
-
-async fn next(client: &Client) -> ClientEvent {
-    tokio::time::timeout(WAIT, client.next_event())
-        .await
-        .expect("an event in time")
-        .expect("client open")
-}
-
-/// The next event that is not a receipt or typing indicator.
-async fn next_message(client: &Client) -> ClientEvent {
-    loop {
-        match next(client).await {
-            ClientEvent::Receipt { .. } | ClientEvent::Typing { .. } => {}
-            other => return other,
-        }
-    }
-}
-
-fn text(event: &ClientEvent) -> (&str, MessageId) {
-    match event {
-        ClientEvent::Message { message, .. } => match &message.body {
-            Body::Text { text } => (text, message.id),
-            other => panic!("expected text, got {other:?}"),
-        },
-        other => panic!("expected a message, got {other:?}"),
-    }
-}
-
-fn scan(dir: &Path, needles: &[(&str, Vec<u8>)]) {
-    for (path, bytes) in read_tree(dir) {
-        for (what, needle) in needles {
-            assert!(
-                !contains(&bytes, needle),
-                "{what} found in {}",
-                path.display()
-            );
-        }
-    }
-}
+use hush_client::{ClientError, ClientEvent, ReceiptKind, Settings};
+use hush_tests::users::{next, next_message, scan, text, User};
+use hush_tests::TestRelay;
 
 #[tokio::test]
 async fn alice_and_bob_talk_sealed_and_the_relay_sees_no_plaintext_or_sender() {

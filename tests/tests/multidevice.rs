@@ -1,0 +1,109 @@
+//! Multi-device end to end: device linking through a provisioning code, messages to every
+//! device of the recipient and copies to the sender's own devices, devices going on and
+//! offline, and a removed device that stops receiving.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use hush_client::{Client, ClientEvent, LinkRequest, StoredMessage};
+use hush_tests::users::{next_message, scan, text, User};
+use hush_tests::{TestRelay, WAIT};
+
+async fn link(relay: &TestRelay, primary: &Client, user: &User) -> Client {
+    let request = LinkRequest::start(user.config(relay)).await.unwrap();
+    let code = request.code();
+    let (linked, device) = tokio::join!(
+        tokio::time::timeout(WAIT, request.finish()),
+        primary.link_device(&code)
+    );
+    let linked = linked.expect("linked in time").unwrap();
+    assert_eq!(linked.address().await.device, device.unwrap());
+    linked
+}
+
+async fn sent_elsewhere(client: &Client) -> StoredMessage {
+    match next_message(client).await {
+        ClientEvent::SentElsewhere { message } => message,
+        other => panic!("expected a copy of our own message, got {other:?}"),
+    }
+}
+
+/// No message event (receipts aside) for a while.
+async fn quiet(client: &Client) {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, client.next_event()).await {
+        assert!(
+            matches!(event, ClientEvent::Receipt { .. }),
+            "unexpected {event:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn two_devices_each_exchange_sealed_messages_while_going_on_and_offline() {
+    let relay = TestRelay::start().await;
+    let users: Vec<User> = (20..24).map(User::new).collect();
+    let (alice1_user, alice2_user, bob1_user, bob2_user) =
+        (&users[0], &users[1], &users[2], &users[3]);
+    let alice1 = alice1_user.create(&relay).await;
+    let bob1 = bob1_user.create(&relay).await;
+    let bob_account = alice1
+        .add_contact(&bob1.contact_card().await)
+        .await
+        .unwrap();
+    let alice_account = alice1.address().await.account;
+    let bob2 = link(&relay, &bob1, bob2_user).await;
+    // Alice's second device learns her contacts while linking.
+    let alice2 = link(&relay, &alice1, alice2_user).await;
+
+    // To both of Bob's devices, and a copy to Alice's other device.
+    alice1.send_text(bob_account, "one").await.unwrap();
+    assert_eq!(text(&next_message(&bob1).await).0, "one");
+    assert_eq!(text(&next_message(&bob2).await).0, "one");
+    let copy = sent_elsewhere(&alice2).await;
+    assert_eq!(copy.conversation, bob_account);
+    assert!(copy.outgoing);
+
+    // Bob's second device goes offline; Alice's second device writes.
+    drop(bob2);
+    let canary = "two, while bob2 sleeps";
+    alice2.send_text(bob_account, canary).await.unwrap();
+    assert_eq!(text(&next_message(&bob1).await).0, canary);
+    assert_eq!(sent_elsewhere(&alice1).await.body, copy_body(canary));
+    scan(
+        relay.data_dir(),
+        &[
+            ("plaintext", canary.as_bytes().to_vec()),
+            ("sender account", alice_account.0.to_vec()),
+        ],
+    );
+    let bob2 = bob2_user.open(&relay).await;
+    assert_eq!(text(&next_message(&bob2).await).0, canary);
+
+    // Bob answers from his second device: both of Alice's devices get it, Bob's first
+    // device gets the copy.
+    bob2.send_text(alice_account, "three").await.unwrap();
+    assert_eq!(text(&next_message(&alice1).await).0, "three");
+    assert_eq!(text(&next_message(&alice2).await).0, "three");
+    assert_eq!(sent_elsewhere(&bob1).await.body, copy_body("three"));
+
+    // Bob removes his second device: it stops receiving, and Alice's next send notices the
+    // changed device list and goes to Bob's first device only.
+    let bob2_device = bob2.address().await.device;
+    drop(bob2);
+    bob1.remove_device(bob2_device).await.unwrap();
+    alice1.send_text(bob_account, "four").await.unwrap();
+    assert_eq!(text(&next_message(&bob1).await).0, "four");
+    assert!(
+        hush_client::Client::open(bob2_user.config(&relay))
+            .await
+            .is_err(),
+        "a removed device can no longer authenticate"
+    );
+    assert_eq!(sent_elsewhere(&alice2).await.body, copy_body("four"));
+    quiet(&bob1).await;
+}
+
+fn copy_body(text: &str) -> hush_client::Body {
+    hush_client::Body::Text { text: text.into() }
+}
