@@ -198,6 +198,13 @@ struct AccountRecord {
     profile_key: [u8; 32],
 }
 
+/// A message not yet accepted by the relay.
+#[derive(Serialize, Deserialize)]
+struct PendingMessage {
+    to: [u8; 16],
+    content: Content,
+}
+
 #[derive(Clone, Serialize, Deserialize)]
 struct Contact {
     account: [u8; 16],
@@ -397,11 +404,15 @@ impl Client {
             events: events_tx,
         });
         let receiver = tokio::spawn(receive_loop(inner.clone()));
-        Ok(Client {
+        let client = Client {
             inner,
             events: Mutex::new(events_rx),
             receiver,
-        })
+        };
+        if let Err(error) = client.retry_pending().await {
+            tracing::debug!(%error, "pending messages stay queued");
+        }
+        Ok(client)
     }
 
     /// This device's address.
@@ -513,43 +524,48 @@ impl Client {
             sent_to: None,
             body: body.clone(),
         };
-        let retract = retract_secret(&state.identity, &id);
-        self.inner
-            .send_to_contact(&mut state, to, &content, Some(retract_tag(&retract)))
-            .await?;
-        let mut changes = Vec::new();
-        if body.is_message() {
-            let message = StoredMessage {
-                id,
-                conversation: to,
-                outgoing: true,
-                sent_at: content.sent_at,
-                expires_at: expires_in.map(|secs| content.sent_at + u64::from(secs)),
-                body: body.clone(),
-            };
-            changes.push(
+        // Kept until the relay has it, so a crash or a dropped connection does not lose it:
+        // `retry_pending` (also run when the client opens) sends it again.
+        let pending = PendingMessage { to: to.0, content };
+        self.inner.store.commit(vec![self.inner.store.put(
+            Table::Outbox,
+            &id.0,
+            encode(&pending),
+        )])?;
+        match self.inner.deliver(&mut state, &pending).await {
+            Ok(()) => Ok(id),
+            Err(error @ ClientError::Connection(_)) => Err(error),
+            Err(error) => {
+                // Refused for good (unknown contact, no access): nothing to retry.
                 self.inner
                     .store
-                    .put(Table::Messages, &id.0, encode(&message)),
-            );
-        }
-        if let Body::Timer { expires_in } = body {
-            if let Some(contact) = state.contacts.get_mut(&to) {
-                contact.expires_in = expires_in;
-                changes.push(
-                    self.inner
-                        .store
-                        .put(Table::Contacts, &to.0, encode(contact)),
-                );
+                    .commit(vec![self.inner.store.delete(Table::Outbox, &id.0)])?;
+                Err(error)
             }
         }
-        self.inner.store.commit(changes)?;
-        let copy = Content {
-            sent_to: Some(to.0),
-            ..content
-        };
-        self.inner.send_to_own_devices(&mut state, &copy).await?;
-        Ok(id)
+    }
+
+    /// Sends again whatever an earlier `send` could not hand to the relay; returns how many
+    /// went out. Receivers drop a message id they already have, so a resend after a crash
+    /// that hid a success shows up once.
+    pub async fn retry_pending(&self) -> Result<usize, ClientError> {
+        let mut state = self.inner.state.lock().await;
+        let mut sent = 0;
+        for bytes in self.inner.store.values(Table::Outbox)? {
+            let pending: PendingMessage = decode(&bytes)?;
+            match self.inner.deliver(&mut state, &pending).await {
+                Ok(()) => sent += 1,
+                Err(error @ ClientError::Connection(_)) => return Err(error),
+                Err(error) => {
+                    tracing::debug!(%error, "dropping a pending message the relay refuses");
+                    self.inner.store.commit(vec![self
+                        .inner
+                        .store
+                        .delete(Table::Outbox, &pending.content.id.0)])?;
+                }
+            }
+        }
+        Ok(sent)
     }
 
     /// Marks messages from a contact as read: sends a read receipt if the user allows it.
@@ -861,40 +877,59 @@ impl Inner {
         account: AccountId,
         identity: &[u8],
     ) -> Result<(), ClientError> {
-        if account == state.address.account {
-            return Ok(());
+        if record_identity(&self.store, state, account, identity)? {
+            let _ = self
+                .events
+                .send(ClientEvent::IdentityChanged { account })
+                .await;
         }
-        let contact = state
-            .contacts
-            .entry(account)
-            .or_insert_with(|| Contact::new(account));
-        let changed = contact
-            .identity
-            .as_deref()
-            .is_some_and(|known| known != identity);
-        if contact.identity.as_deref() != Some(identity) {
-            contact.identity = Some(identity.to_vec());
-            self.store.commit(vec![self.store.put(
-                Table::Contacts,
-                &account.0,
-                encode(contact),
-            )])?;
-            // Sessions with the old identity are worthless now.
-            if changed {
-                let stale: Vec<_> = state
-                    .sessions
-                    .keys()
-                    .filter(|a| a.account == account)
-                    .copied()
-                    .collect();
-                for address in stale {
-                    state.sessions.remove(&address);
-                }
-                let _ = self
-                    .events
-                    .send(ClientEvent::IdentityChanged { account })
-                    .await;
+        Ok(())
+    }
+
+    /// Sends a pending message to its contact, then records it as sent (one commit that
+    /// also drops it from the outbox), then copies it to our other devices.
+    async fn deliver(
+        &self,
+        state: &mut State,
+        pending: &PendingMessage,
+    ) -> Result<(), ClientError> {
+        let to = AccountId(pending.to);
+        let content = &pending.content;
+        let retract = retract_secret(&state.identity, &content.id);
+        self.send_to_contact(state, to, content, Some(retract_tag(&retract)))
+            .await?;
+        let mut changes = vec![self.store.delete(Table::Outbox, &content.id.0)];
+        if content.body.is_message() {
+            let message = StoredMessage {
+                id: content.id,
+                conversation: to,
+                outgoing: true,
+                sent_at: content.sent_at,
+                expires_at: content
+                    .expires_in
+                    .map(|secs| content.sent_at + u64::from(secs)),
+                body: content.body.clone(),
+            };
+            changes.push(
+                self.store
+                    .put(Table::Messages, &content.id.0, encode(&message)),
+            );
+        }
+        if let Body::Timer { expires_in } = content.body {
+            if let Some(contact) = state.contacts.get_mut(&to) {
+                contact.expires_in = expires_in;
+                changes.push(self.store.put(Table::Contacts, &to.0, encode(contact)));
             }
+        }
+        self.store.commit(changes)?;
+        let copy = Content {
+            sent_to: Some(to.0),
+            ..content.clone()
+        };
+        // The contact has the message; a failed copy to our other devices is not worth
+        // failing the send for.
+        if let Err(error) = self.send_to_own_devices(state, &copy).await {
+            tracing::debug!(%error, "copy to own devices not sent");
         }
         Ok(())
     }
@@ -1287,6 +1322,15 @@ impl Inner {
                     None,
                 )
             }
+            Body::Text { .. } | Body::Structured { .. }
+                if self
+                    .store
+                    .get(Table::Messages, &content.id.0)
+                    .is_ok_and(|m| m.is_some()) =>
+            {
+                // A resend of a message we already have.
+                (None, None)
+            }
             body @ (Body::Text { .. } | Body::Structured { .. }) => {
                 let received = now();
                 let message = StoredMessage {
@@ -1338,6 +1382,44 @@ impl Inner {
         self.connection.upload_prekeys(upload).await?;
         Ok(())
     }
+}
+
+/// Records the identity key seen for a contact (trust on first use). Returns whether it
+/// replaced a different one: then the sessions with the old identity are dropped and the
+/// app must be told, so the user can compare safety numbers again.
+fn record_identity(
+    store: &LocalStore,
+    state: &mut State,
+    account: AccountId,
+    identity: &[u8],
+) -> Result<bool, ClientError> {
+    if account == state.address.account {
+        return Ok(false);
+    }
+    let contact = state
+        .contacts
+        .entry(account)
+        .or_insert_with(|| Contact::new(account));
+    if contact.identity.as_deref() == Some(identity) {
+        return Ok(false);
+    }
+    let changed = contact.identity.is_some();
+    contact.identity = Some(identity.to_vec());
+    let mut changes = vec![store.put(Table::Contacts, &account.0, encode(contact))];
+    if changed {
+        let stale: Vec<_> = state
+            .sessions
+            .keys()
+            .filter(|a| a.account == account)
+            .copied()
+            .collect();
+        for address in stale {
+            state.sessions.remove(&address);
+            changes.push(store.delete(Table::Sessions, &session_key(&address)));
+        }
+    }
+    store.commit(changes)?;
+    Ok(changed)
 }
 
 /// Reads what the relay pushes, one envelope at a time, and acknowledges each only after
@@ -1396,5 +1478,64 @@ async fn receive_loop(inner: Arc<Inner>) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_changed_identity_is_reported_and_drops_its_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), &StorageKey::from_bytes([1; 32])).unwrap();
+        let mut state = State {
+            identity: IdentityKeyPair::generate(),
+            address: DeviceAddress {
+                account: AccountId([1; 16]),
+                device: DeviceId(1),
+            },
+            profile_key: Zeroizing::new([0; 32]),
+            prekeys: PrekeySet::default(),
+            sessions: HashMap::new(),
+            contacts: HashMap::new(),
+            settings: Settings::default(),
+            certificate: None,
+        };
+        let bob = AccountId([2; 16]);
+        let first = IdentityKeyPair::generate().public().to_bytes();
+        let second = IdentityKeyPair::generate().public().to_bytes();
+        // First sight: recorded, not a change.
+        assert!(!record_identity(&store, &mut state, bob, &first).unwrap());
+        assert!(!record_identity(&store, &mut state, bob, &first).unwrap());
+
+        // A session with Bob's device, as if set up under the first identity.
+        let mut bob_prekeys = PrekeySet::default();
+        let bob_identity = IdentityKeyPair::generate();
+        let upload = bob_prekeys.rotate(&bob_identity, 0, &mut OsRng);
+        let bundle = hush_protocol::DeviceBundle {
+            device: DeviceId(1),
+            device_key: [0; 32],
+            signed_prekey: upload.signed_prekey,
+            one_time: None,
+            kem: upload.kem_last_resort,
+            kem_is_last_resort: true,
+        };
+        let peer = PeerBundle::verify(&bob_identity.public().to_bytes(), &bundle).unwrap();
+        let session = Session::initiate(&state.identity, &peer, &mut OsRng).unwrap();
+        let address = DeviceAddress {
+            account: bob,
+            device: DeviceId(1),
+        };
+        state.sessions.insert(address, SessionSet::new(session));
+
+        assert!(record_identity(&store, &mut state, bob, &second).unwrap());
+        assert!(state.sessions.is_empty());
+        let stored: Contact =
+            decode(&store.get(Table::Contacts, &bob.0).unwrap().unwrap()).unwrap();
+        assert_eq!(stored.identity.as_deref(), Some(&second[..]));
+        // Our own account is never a contact.
+        let own = state.address.account;
+        assert!(!record_identity(&store, &mut state, own, &second).unwrap());
     }
 }

@@ -33,6 +33,8 @@ pub(crate) enum Table {
     Contacts,
     /// Received and sent messages kept for the app.
     Messages,
+    /// Messages the relay has not accepted yet.
+    Outbox,
 }
 
 impl Table {
@@ -46,6 +48,7 @@ impl Table {
             Table::Sessions => "sessions",
             Table::Contacts => "contacts",
             Table::Messages => "messages",
+            Table::Outbox => "outbox",
         }
     }
 

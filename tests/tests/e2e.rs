@@ -202,3 +202,74 @@ async fn disappearing_messages_are_purged_when_their_timer_runs_out() {
     assert!(bob.messages(alice_account).await.unwrap().is_empty());
     assert_eq!(alice.purge_expired(expires_at + 60).await.unwrap(), 1);
 }
+
+#[tokio::test]
+async fn a_message_the_relay_did_not_take_is_sent_when_the_client_opens_again() {
+    let mut relay = TestRelay::start().await;
+    let (alice_user, bob_user) = (User::new(11), User::new(12));
+    let alice = alice_user.create(&relay).await;
+    let bob = bob_user.create(&relay).await;
+    let bob_account = alice.add_contact(&bob.contact_card().await).await.unwrap();
+    drop(bob);
+
+    // The relay goes away under Alice: the send fails, the message stays queued.
+    relay.restart().await;
+    let error = alice.send_text(bob_account, "queued").await.unwrap_err();
+    assert!(matches!(error, ClientError::Connection(_)), "{error:?}");
+    drop(alice);
+
+    let alice = alice_user.open(&relay).await;
+    let bob = bob_user.open(&relay).await;
+    assert_eq!(text(&next_message(&bob).await).0, "queued");
+    assert_eq!(
+        alice.retry_pending().await.unwrap(),
+        0,
+        "nothing left to send"
+    );
+    let history = alice.messages(bob_account).await.unwrap();
+    assert_eq!(history.len(), 1);
+}
+
+#[tokio::test]
+async fn garbage_from_an_unknown_sender_is_reported_and_changes_nothing() {
+    let relay = TestRelay::start().await;
+    let (alice_user, bob_user) = (User::new(13), User::new(14));
+    let alice = alice_user.create(&relay).await;
+    let bob = bob_user.create(&relay).await;
+    bob.set_settings(Settings {
+        allow_unknown_senders: true,
+        ..Settings::default()
+    })
+    .await
+    .unwrap();
+    let bob_address = bob.address().await;
+    let bob_account = alice.add_contact(&bob.contact_card().await).await.unwrap();
+    alice.send_text(bob_account, "before").await.unwrap();
+    assert_eq!(text(&next_message(&bob).await).0, "before");
+
+    // Anyone may now send Bob sealed envelopes; these are not from anyone.
+    let stranger = relay.connect().await;
+    for payload in [vec![], vec![1], vec![0x01; 200], vec![0x02; 2000]] {
+        stranger
+            .sealed_send(vec![hush_client::protocol::sealed::SealedEnvelope {
+                account: bob_address.account,
+                devices: vec![bob_address.device],
+                access: None,
+                retract_tag: None,
+                payload,
+            }])
+            .await
+            .unwrap();
+        assert!(matches!(
+            next_message(&bob).await,
+            ClientEvent::Undecryptable { .. }
+        ));
+    }
+    // Bob's session with Alice is untouched.
+    alice.send_text(bob_account, "after").await.unwrap();
+    assert_eq!(text(&next_message(&bob).await).0, "after");
+    bob.send_text(alice.address().await.account, "still here")
+        .await
+        .unwrap();
+    assert_eq!(text(&next_message(&alice).await).0, "still here");
+}
