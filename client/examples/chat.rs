@@ -44,7 +44,11 @@ fn parse_args() -> Args {
             "--fingerprint" => {
                 let bytes = (0..value.len())
                     .step_by(2)
-                    .map(|i| value.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+                    .map(|i| {
+                        value
+                            .get(i..i + 2)
+                            .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    })
                     .collect::<Option<Vec<u8>>>();
                 fingerprint = bytes.and_then(|b| <[u8; 32]>::try_from(b).ok());
             }
@@ -99,10 +103,17 @@ fn show(event: &ClientEvent, peer: Option<AccountId>) {
         }
         ClientEvent::Receipt { kind, ids, .. } => println!("  ({kind:?} x{})", ids.len()),
         ClientEvent::Typing { from, started } => {
-            println!("  ({} {} typing)", who(from), if *started { "is" } else { "stopped" });
+            println!(
+                "  ({} {} typing)",
+                who(from),
+                if *started { "is" } else { "stopped" }
+            );
         }
         ClientEvent::IdentityChanged { account } => {
-            println!("!! the identity key of {} changed: check /safety", who(account));
+            println!(
+                "!! the identity key of {} changed: check /safety",
+                who(account)
+            );
         }
         ClientEvent::Undecryptable { error } => println!("!! dropped an envelope: {error}"),
         ClientEvent::Disconnected(code) => println!("!! disconnected ({code:?})"),
