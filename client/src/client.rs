@@ -969,26 +969,17 @@ impl Inner {
                     account: to,
                     device,
                 };
-                let Some(set) = state.sessions.get_mut(&address) else {
-                    continue;
-                };
-                let Some(session) = set.current_mut() else {
-                    continue;
-                };
-                let message = session.encrypt(&plaintext)?.to_bytes();
-                changes.push(self.store.put(
-                    Table::Sessions,
-                    &session_key(&address),
-                    pickle::pickle_session_set(set),
-                ));
-                let payload = sealed::seal(
-                    &state.identity,
-                    &certificate,
+                let Some(payload) = self.encrypt_for(
+                    state,
+                    address,
                     &recipient_identity,
-                    device.0,
-                    &message,
-                    &mut OsRng,
-                )?;
+                    &certificate,
+                    &plaintext,
+                    &mut changes,
+                )?
+                else {
+                    continue;
+                };
                 envelopes.push(SealedEnvelope {
                     account: to,
                     devices: vec![device],
@@ -1039,6 +1030,40 @@ impl Inner {
         Err(ClientError::DeviceListUnstable)
     }
 
+    /// Encrypts `plaintext` with the current session for `address` and seals it; the
+    /// session's new state joins `changes`. `None` when there is no session.
+    fn encrypt_for(
+        &self,
+        state: &mut State,
+        address: DeviceAddress,
+        recipient_identity: &IdentityKey,
+        certificate: &SenderCertificate,
+        plaintext: &[u8],
+        changes: &mut Vec<Change>,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        let Some(set) = state.sessions.get_mut(&address) else {
+            return Ok(None);
+        };
+        let Some(session) = set.current_mut() else {
+            return Ok(None);
+        };
+        let message = session.encrypt(plaintext)?.to_bytes();
+        changes.push(self.store.put(
+            Table::Sessions,
+            &session_key(&address),
+            pickle::pickle_session_set(set),
+        ));
+        let payload = sealed::seal(
+            &state.identity,
+            certificate,
+            recipient_identity,
+            address.device.0,
+            &message,
+            &mut OsRng,
+        )?;
+        Ok(Some(payload))
+    }
+
     /// Sends a copy of `content` to this account's other devices (authenticated: the relay
     /// knows we talk to ourselves anyway).
     async fn send_to_own_devices(
@@ -1068,26 +1093,17 @@ impl Inner {
                 account: own.account,
                 device,
             };
-            let Some(set) = state.sessions.get_mut(&address) else {
-                continue;
-            };
-            let Some(session) = set.current_mut() else {
-                continue;
-            };
-            let message = session.encrypt(&plaintext)?.to_bytes();
-            changes.push(self.store.put(
-                Table::Sessions,
-                &session_key(&address),
-                pickle::pickle_session_set(set),
-            ));
-            let payload = sealed::seal(
-                &state.identity,
-                &certificate,
+            let Some(payload) = self.encrypt_for(
+                state,
+                address,
                 &identity,
-                device.0,
-                &message,
-                &mut OsRng,
-            )?;
+                &certificate,
+                &plaintext,
+                &mut changes,
+            )?
+            else {
+                continue;
+            };
             envelopes.push(OutgoingEnvelope {
                 recipients: vec![address],
                 payload,
@@ -1123,7 +1139,6 @@ impl Inner {
         };
         let message = CiphertextMessage::from_bytes(&unsealed.message)?;
         let identity = unsealed.sender_identity.to_bytes();
-        let mut changes = Vec::new();
 
         if let std::collections::hash_map::Entry::Vacant(slot) = state.sessions.entry(from) {
             if let Some(bytes) = self.store.get(Table::Sessions, &session_key(&from))? {
@@ -1168,52 +1183,34 @@ impl Inner {
                 (set.decrypt(&message, now, &mut OsRng)?, None)
             }
         };
+        // The ratchet moved (and prekeys may be used up): that is stored with whatever the
+        // content turns out to be, in one commit.
+        let mut changes = self.session_changes(state, &from, used);
         let content = match Content::decode(&plaintext) {
             Ok(content) => content,
             Err(error) => {
-                // The ratchet moved; keep that even though the content is garbage.
-                self.persist_session(state, &from, used, changes)?;
+                self.commit_or_forget(state, &from, changes)?;
                 return Err(error.into());
             }
         };
-        if let Some(set) = state.sessions.get(&from) {
-            changes.push(self.store.put(
-                Table::Sessions,
-                &session_key(&from),
-                pickle::pickle_session_set(set),
-            ));
-        }
-        if let Some(used) = used {
-            state.prekeys.consume(used);
-            changes.push(self.store.put(
-                Table::State,
-                PREKEYS_KEY,
-                pickle::pickle_prekeys(&state.prekeys),
-            ));
-        }
-
         let own = from.account == state.address.account;
         let (event, receipt) = if own {
-            self.own_copy(state, content, &mut changes)
+            self.own_copy(content, &mut changes)
         } else {
             self.contact_content(state, from, content, &mut changes)
         };
-        if let Err(error) = self.store.commit(changes) {
-            // Memory ran ahead of the disk: forget the session so it reloads from disk and
-            // the relay's redelivery opens the envelope again.
-            state.sessions.remove(&from);
-            return Err(error.into());
-        }
+        self.commit_or_forget(state, &from, changes)?;
         Ok((event, receipt))
     }
 
-    fn persist_session(
+    /// The store changes for the session with `from` and any prekeys it used.
+    fn session_changes(
         &self,
         state: &mut State,
         from: &DeviceAddress,
         used: Option<crate::prekeys::UsedPrekeys>,
-        mut changes: Vec<Change>,
-    ) -> Result<(), ClientError> {
+    ) -> Vec<Change> {
+        let mut changes = Vec::new();
         if let Some(set) = state.sessions.get(from) {
             changes.push(self.store.put(
                 Table::Sessions,
@@ -1229,13 +1226,32 @@ impl Inner {
                 pickle::pickle_prekeys(&state.prekeys),
             ));
         }
-        self.store.commit(changes).map_err(Into::into)
+        changes
+    }
+
+    /// Commits; if that fails, memory ran ahead of the disk: forget the session and reload
+    /// the prekeys, so the relay's redelivery opens the envelope again from the old state.
+    fn commit_or_forget(
+        &self,
+        state: &mut State,
+        from: &DeviceAddress,
+        changes: Vec<Change>,
+    ) -> Result<(), ClientError> {
+        let Err(error) = self.store.commit(changes) else {
+            return Ok(());
+        };
+        state.sessions.remove(from);
+        if let Ok(Some(bytes)) = self.store.get(Table::State, PREKEYS_KEY) {
+            if let Ok(prekeys) = pickle::unpickle_prekeys(&bytes) {
+                state.prekeys = prekeys;
+            }
+        }
+        Err(error.into())
     }
 
     /// A copy of something we sent from another device.
     fn own_copy(
         &self,
-        _state: &mut State,
         content: Content,
         changes: &mut Vec<Change>,
     ) -> (Option<ClientEvent>, Option<(AccountId, MessageId)>) {
