@@ -446,6 +446,39 @@ fn check_prekey(key: &Prekey) -> Result<(), DecodeError> {
     )
 }
 
+/// The limits shared by `Send` and `SealedSend`, over (recipients, payload length) per
+/// envelope.
+fn check_envelopes(
+    envelopes: impl ExactSizeIterator<Item = (usize, usize)>,
+    max_recipients_per_envelope: usize,
+) -> Result<(), DecodeError> {
+    check(envelopes.len() > 0, "envelopes per send")?;
+    check(
+        envelopes.len() <= limits::MAX_ENVELOPES_PER_SEND,
+        "envelopes per send",
+    )?;
+    let mut recipients = 0usize;
+    let mut payload = 0usize;
+    for (count, len) in envelopes {
+        check(count > 0, "recipients per envelope")?;
+        check(
+            count <= max_recipients_per_envelope,
+            "recipients per envelope",
+        )?;
+        check(len <= limits::MAX_ENVELOPE_PAYLOAD, "envelope payload size")?;
+        recipients += count;
+        payload += len;
+    }
+    check(
+        recipients <= limits::MAX_RECIPIENTS_PER_SEND,
+        "recipients per send",
+    )?;
+    check(
+        payload <= limits::MAX_SEND_PAYLOAD_TOTAL,
+        "payload per send",
+    )
+}
+
 impl RequestBody {
     /// Checks the field limits of [`crate::limits`], as the relay will on receipt; clients
     /// call it to refuse an oversized request locally instead of being disconnected.
@@ -475,67 +508,23 @@ impl RequestBody {
                     .chain(u.kem_one_time.iter())
                     .try_for_each(check_prekey)
             }
-            RequestBody::Send(s) => {
-                check(!s.envelopes.is_empty(), "envelopes per send")?;
-                check(
-                    s.envelopes.len() <= limits::MAX_ENVELOPES_PER_SEND,
-                    "envelopes per send",
-                )?;
-                let mut recipients = 0usize;
-                let mut payload = 0usize;
-                for envelope in &s.envelopes {
-                    check(!envelope.recipients.is_empty(), "recipients per envelope")?;
-                    check(
-                        envelope.payload.len() <= limits::MAX_ENVELOPE_PAYLOAD,
-                        "envelope payload size",
-                    )?;
-                    recipients += envelope.recipients.len();
-                    payload += envelope.payload.len();
-                }
-                check(
-                    recipients <= limits::MAX_RECIPIENTS_PER_SEND,
-                    "recipients per send",
-                )?;
-                check(
-                    payload <= limits::MAX_SEND_PAYLOAD_TOTAL,
-                    "payload per send",
-                )
-            }
+            RequestBody::Send(s) => check_envelopes(
+                s.envelopes
+                    .iter()
+                    .map(|e| (e.recipients.len(), e.payload.len())),
+                limits::MAX_RECIPIENTS_PER_SEND,
+            ),
             RequestBody::Ack(a) => {
                 check(!a.ids.is_empty(), "acks per frame")?;
                 check(a.ids.len() <= limits::MAX_ACKS_PER_FRAME, "acks per frame")
             }
-            RequestBody::SealedSend(s) => {
-                check(!s.envelopes.is_empty(), "envelopes per send")?;
-                check(
-                    s.envelopes.len() <= limits::MAX_ENVELOPES_PER_SEND,
-                    "envelopes per send",
-                )?;
-                let mut recipients = 0usize;
-                let mut payload = 0usize;
-                for envelope in &s.envelopes {
-                    check(!envelope.devices.is_empty(), "recipients per envelope")?;
-                    // No account has more devices than a prekey response may carry.
-                    check(
-                        envelope.devices.len() <= limits::MAX_BUNDLES,
-                        "recipients per envelope",
-                    )?;
-                    check(
-                        envelope.payload.len() <= limits::MAX_ENVELOPE_PAYLOAD,
-                        "envelope payload size",
-                    )?;
-                    recipients += envelope.devices.len();
-                    payload += envelope.payload.len();
-                }
-                check(
-                    recipients <= limits::MAX_RECIPIENTS_PER_SEND,
-                    "recipients per send",
-                )?;
-                check(
-                    payload <= limits::MAX_SEND_PAYLOAD_TOTAL,
-                    "payload per send",
-                )
-            }
+            // No account has more devices than a prekey response may carry.
+            RequestBody::SealedSend(s) => check_envelopes(
+                s.envelopes
+                    .iter()
+                    .map(|e| (e.devices.len(), e.payload.len())),
+                limits::MAX_BUNDLES,
+            ),
             RequestBody::Retract(r) => {
                 check(!r.secrets.is_empty(), "retractions per frame")?;
                 check(
