@@ -358,27 +358,17 @@ impl Client {
             contacts.insert(AccountId(contact.account), contact);
         }
 
-        // Prekeys: rotate when due, top up one-time keys, and tell the relay.
         let now = now();
-        let mut upload = hush_protocol::UploadPrekeys::default();
-        if prekeys.needs_rotation(now) {
-            upload = prekeys.rotate(&identity, now, &mut OsRng);
-        }
-        prekeys.forget_rotated(now);
-        let (one_time, _) = prekeys.one_time_counts();
-        if one_time == 0 {
-            let fresh = prekeys.replenish(&identity, PREKEY_BATCH, &mut OsRng);
-            upload.one_time = fresh.one_time;
-            upload.kem_one_time = fresh.kem_one_time;
-        }
-        store.commit(vec![store.put(
-            Table::State,
-            PREKEYS_KEY,
-            pickle::pickle_prekeys(&prekeys),
-        )])?;
-        if upload != hush_protocol::UploadPrekeys::default() {
-            connection.upload_prekeys(upload).await?;
-        }
+        let first_start = prekeys.one_time_counts().0 == 0;
+        maintain_prekeys(
+            &store,
+            &connection,
+            &identity,
+            &mut prekeys,
+            now,
+            first_start,
+        )
+        .await?;
         let (certificate, relay_key) = connection.sender_certificate().await?;
         let expires = certificate
             .verify(&relay_key, now)
@@ -1384,20 +1374,52 @@ impl Inner {
         result
     }
 
-    async fn top_up_prekeys(&self) -> Result<(), ClientError> {
+    async fn maintain_prekeys(&self, replenish: bool) -> Result<(), ClientError> {
         let mut state = self.state.lock().await;
         let state = &mut *state;
-        let upload = state
-            .prekeys
-            .replenish(&state.identity, PREKEY_BATCH, &mut OsRng);
-        self.store.commit(vec![self.store.put(
-            Table::State,
-            PREKEYS_KEY,
-            pickle::pickle_prekeys(&state.prekeys),
-        )])?;
-        self.connection.upload_prekeys(upload).await?;
-        Ok(())
+        maintain_prekeys(
+            &self.store,
+            &self.connection,
+            &state.identity,
+            &mut state.prekeys,
+            now(),
+            replenish,
+        )
+        .await
     }
+}
+
+/// Rotates the signed and last-resort prekeys when due, forgets long-rotated ones, adds a
+/// batch of one-time prekeys if asked, stores the result, then uploads what is new. The
+/// store comes first: a key the relay hands out must never be one we lost.
+async fn maintain_prekeys(
+    store: &LocalStore,
+    connection: &Connection,
+    identity: &IdentityKeyPair,
+    prekeys: &mut PrekeySet,
+    now: u64,
+    replenish: bool,
+) -> Result<(), ClientError> {
+    let mut upload = hush_protocol::UploadPrekeys::default();
+    if prekeys.needs_rotation(now) {
+        upload = prekeys.rotate(identity, now, &mut OsRng);
+    }
+    prekeys.forget_rotated(now);
+    if replenish {
+        let fresh = prekeys.replenish(identity, PREKEY_BATCH, &mut OsRng);
+        upload.one_time = fresh.one_time;
+        upload.kem_one_time = fresh.kem_one_time;
+    }
+    if upload == hush_protocol::UploadPrekeys::default() {
+        return Ok(());
+    }
+    store.commit(vec![store.put(
+        Table::State,
+        PREKEYS_KEY,
+        pickle::pickle_prekeys(prekeys),
+    )])?;
+    connection.upload_prekeys(upload).await?;
+    Ok(())
 }
 
 /// Records the identity key seen for a contact (trust on first use). Returns whether it
@@ -1483,12 +1505,14 @@ async fn receive_loop(inner: Arc<Inner>) {
                     }
                 }
             }
-            Event::LowPrekeys { .. } => {
-                if let Err(error) = inner.top_up_prekeys().await {
+            // Low on one-time keys: a new batch. Drained (once per connection): rotation.
+            Event::LowPrekeys { .. } | Event::Drained => {
+                let replenish = matches!(event, Event::LowPrekeys { .. });
+                if let Err(error) = inner.maintain_prekeys(replenish).await {
                     tracing::warn!(%error, "could not upload prekeys");
                 }
             }
-            Event::Drained | Event::Provisioning(_) => {}
+            Event::Provisioning(_) => {}
             Event::Closed(code) => {
                 let _ = inner.events.send(ClientEvent::Disconnected(code)).await;
                 return;

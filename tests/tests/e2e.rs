@@ -273,3 +273,37 @@ async fn garbage_from_an_unknown_sender_is_reported_and_changes_nothing() {
         .unwrap();
     assert_eq!(text(&next_message(&alice).await).0, "still here");
 }
+
+#[tokio::test]
+async fn a_client_running_low_on_one_time_prekeys_uploads_more() {
+    let relay = TestRelay::start().await;
+    let bob_user = User::new(15);
+    let bob = bob_user.create(&relay).await;
+    let bob_account = bob.address().await.account;
+    let fetcher = relay.register().await;
+    // The client uploads 100; the relay warns it at 10 left.
+    for _ in 0..95 {
+        let bundles = fetcher
+            .connection
+            .fetch_prekeys(bob_account, None)
+            .await
+            .unwrap();
+        assert!(bundles.devices[0].one_time.is_some());
+    }
+    // Bob's client answers the warning with a fresh batch: one-time keys never run out.
+    let deadline = tokio::time::Instant::now() + hush_tests::WAIT;
+    let mut fetched = 0;
+    while fetched < 20 {
+        let bundles = fetcher
+            .connection
+            .fetch_prekeys(bob_account, None)
+            .await
+            .unwrap();
+        if bundles.devices[0].one_time.is_some() {
+            fetched += 1;
+        } else {
+            assert!(tokio::time::Instant::now() < deadline, "no new prekeys");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
