@@ -235,13 +235,14 @@ struct State {
     contacts: HashMap<AccountId, Contact>,
     settings: Settings,
     certificate: Option<(SenderCertificate, u64)>,
+    /// The key that signs sender certificates, as the relay last told us.
+    relay_key: [u8; 32],
 }
 
 struct Inner {
     store: LocalStore,
     connection: Connection,
     anonymous: Connection,
-    relay_key: [u8; 32],
     state: Mutex<State>,
     events: mpsc::Sender<ClientEvent>,
 }
@@ -380,7 +381,6 @@ impl Client {
             store,
             connection,
             anonymous,
-            relay_key,
             state: Mutex::new(State {
                 identity,
                 address,
@@ -390,6 +390,7 @@ impl Client {
                 contacts,
                 settings,
                 certificate: Some((certificate, expires)),
+                relay_key,
             }),
             events: events_tx,
         });
@@ -824,6 +825,7 @@ impl Inner {
             .verify(&relay_key, now)
             .map_or(0, |b| b.expires_at);
         state.certificate = Some((certificate.clone(), expires));
+        state.relay_key = relay_key;
         Ok(certificate)
     }
 
@@ -1116,12 +1118,14 @@ impl Inner {
         let mut guard = self.state.lock().await;
         let state = &mut *guard;
         let now = now();
+        // The certificate must have been valid when the relay took the envelope, not now:
+        // a device that was offline for a day still gets what waited for it.
         let unsealed = sealed::open(
             &state.identity,
             state.address.device.0,
-            &self.relay_key,
+            &state.relay_key,
             &envelope.payload,
-            now,
+            envelope.received_at,
         )?;
         let from = DeviceAddress {
             account: unsealed.sender.account,
@@ -1541,6 +1545,7 @@ mod tests {
             contacts: HashMap::new(),
             settings: Settings::default(),
             certificate: None,
+            relay_key: [0; 32],
         };
         let bob = AccountId([2; 16]);
         let first = IdentityKeyPair::generate().public().to_bytes();

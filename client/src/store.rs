@@ -52,11 +52,12 @@ impl Table {
         }
     }
 
-    const ALL: [Table; 4] = [
+    const ALL: [Table; 5] = [
         Table::State,
         Table::Sessions,
         Table::Contacts,
         Table::Messages,
+        Table::Outbox,
     ];
 }
 

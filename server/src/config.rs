@@ -48,6 +48,10 @@ pub struct Limits {
     pub require_address_validation: bool,
     /// Most provisioning addresses open at once (they live in memory).
     pub max_open_provisioning: usize,
+    /// Most envelopes pushed to one connection and not yet acknowledged; the relay waits
+    /// for acks before it pushes more. Keeps a slow device's backlog in the store, not in
+    /// buffers, and keeps the client's replies from queueing behind a flood of pushes.
+    pub delivery_window: usize,
 }
 
 impl Default for Limits {
@@ -60,6 +64,7 @@ impl Default for Limits {
             stream_receive_window: 2 * 1024 * 1024,
             require_address_validation: true,
             max_open_provisioning: 10_000,
+            delivery_window: 256,
         }
     }
 }
@@ -210,6 +215,11 @@ impl Config {
             self.limits.max_in_flight_requests >= 1,
             "limits.max_in_flight_requests",
             "at least 1",
+        )?;
+        range(
+            (1..=1000).contains(&self.limits.delivery_window),
+            "limits.delivery_window",
+            "1 to 1000 (clients buffer 1,024 pushed frames)",
         )?;
         let largest_frame =
             hush_protocol::limits::frame::UPLOAD_PREKEYS + hush_protocol::HEADER_LEN;

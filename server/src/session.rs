@@ -10,6 +10,7 @@
 //! account, unknown envelope, device limit) are answered with an error response and the
 //! connection carries on, because honest clients meet them too.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,10 +18,10 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use hush_protocol::auth::{auth_transcript, register_transcript, EXPORTER_LABEL, EXPORTER_LEN};
 use hush_protocol::sealed::{retract_tag, SenderCertificateBody};
 use hush_protocol::{
-    encode_frame, AccountId, ClientFrame, DecodeError, Deliver, DeviceAddress, DeviceId, ErrorCode,
-    Fatal, Frame, FrameHeader, HelloOk, LowPrekeys, Provision, ProvisioningMessage, Request,
-    RequestBody, RequestId, Response, ResponseBody, Retract, SealedSend, ServerFrame, HEADER_LEN,
-    SUPPORTED_VERSIONS,
+    encode_frame, AccountId, ClientFrame, DecodeError, Deliver, DeviceAddress, DeviceId,
+    EnvelopeId, ErrorCode, Fatal, Frame, FrameHeader, HelloOk, LowPrekeys, Provision,
+    ProvisioningMessage, Request, RequestBody, RequestId, Response, ResponseBody, Retract,
+    SealedSend, ServerFrame, HEADER_LEN, SUPPORTED_VERSIONS,
 };
 use quinn::{ReadExactError, RecvStream, SendStream, VarInt};
 use rand_core::{OsRng, RngCore};
@@ -129,7 +130,46 @@ fn code_of(code: ErrorCode) -> VarInt {
 struct Attached {
     address: DeviceAddress,
     link: DeviceLink,
+    window: Arc<DeliveryWindow>,
     delivery: JoinHandle<()>,
+}
+
+/// Envelopes pushed on this connection and not yet acknowledged, at most
+/// `limits.delivery_window` of them.
+struct DeliveryWindow {
+    permits: Semaphore,
+    unacked: std::sync::Mutex<HashSet<EnvelopeId>>,
+}
+
+impl DeliveryWindow {
+    fn new(size: usize) -> Self {
+        DeliveryWindow {
+            permits: Semaphore::new(size),
+            unacked: std::sync::Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Waits for room for one more push, then records `id` as in flight.
+    async fn push(&self, id: EnvelopeId) -> bool {
+        match self.permits.acquire().await {
+            Ok(permit) => permit.forget(),
+            Err(_) => return false,
+        }
+        if let Ok(mut unacked) = self.unacked.lock() {
+            unacked.insert(id);
+        }
+        true
+    }
+
+    /// Frees the room of the acknowledged ids that were in flight here (ids from another
+    /// connection, or acked twice, free nothing).
+    fn acked(&self, ids: &[EnvelopeId]) {
+        let freed = match self.unacked.lock() {
+            Ok(mut unacked) => ids.iter().filter(|id| unacked.remove(id)).count(),
+            Err(_) => 0,
+        };
+        self.permits.add_permits(freed);
+    }
 }
 
 struct Session {
@@ -221,10 +261,15 @@ impl Session {
                     expires_at: now.saturating_add(config.message_expiry_secs()),
                 }
             }
-            RequestBody::Ack(ack) => Write::Ack {
-                address,
-                ids: ack.ids,
-            },
+            RequestBody::Ack(ack) => {
+                if let Some(device) = &self.device {
+                    device.window.acked(&ack.ids);
+                }
+                Write::Ack {
+                    address,
+                    ids: ack.ids,
+                }
+            }
             RequestBody::SealedSend(send) => self.sealed_write(send),
             RequestBody::Retract(retract) => retract_write(&retract),
             RequestBody::SetDeliveryAccess(set) => Write::SetDeliveryAccess {
@@ -477,15 +522,20 @@ impl Session {
             .shared
             .hub
             .attach(address, self.number, self.outbox.clone());
+        let window = Arc::new(DeliveryWindow::new(
+            self.shared.config.limits.delivery_window,
+        ));
         let delivery = tokio::spawn(deliver_loop(
             self.shared.clone(),
             address,
             link.clone(),
+            window.clone(),
             self.outbox.clone(),
         ));
         self.device = Some(Attached {
             address,
             link,
+            window,
             delivery,
         });
     }
@@ -620,6 +670,7 @@ async fn deliver_loop(
     shared: Arc<Shared>,
     address: DeviceAddress,
     link: DeviceLink,
+    window: Arc<DeliveryWindow>,
     outbox: mpsc::Sender<Vec<u8>>,
 ) {
     let store = shared.store.clone();
@@ -654,6 +705,9 @@ async fn deliver_loop(
         };
         let more = batch.len() == DELIVERY_BATCH;
         for envelope in batch {
+            if !window.push(envelope.id).await {
+                return;
+            }
             after = Some(envelope.id);
             let frame = ServerFrame::Deliver(Deliver {
                 id: envelope.id,

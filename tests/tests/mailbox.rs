@@ -281,3 +281,30 @@ async fn devices_are_limited_per_account_and_removed_devices_stop_receiving() {
         Err(ConnectionError::Refused(ErrorCode::NotPermitted))
     ));
 }
+
+#[tokio::test]
+async fn a_device_that_does_not_ack_gets_no_more_than_the_delivery_window() {
+    let relay = TestRelay::start_with(|c| c.limits.delivery_window = 4).await;
+    let alice = relay.register().await;
+    let bob = relay.register().await;
+    let (address, key) = (bob.address, bob.key);
+    drop(bob.connection);
+    for i in 0..10u8 {
+        alice.connection.send_to(&[address], vec![i]).await.unwrap();
+    }
+
+    let bob = relay.login(address, &key).await;
+    let mut first = Vec::new();
+    for _ in 0..4 {
+        first.push(next_envelope(&bob).await);
+    }
+    // The window is full: nothing more until Bob acknowledges.
+    assert_no_envelope(&bob, Duration::from_millis(300)).await;
+    bob.ack(&[first[0].id, first[1].id]).await.unwrap();
+    let more = [next_envelope(&bob).await, next_envelope(&bob).await];
+    assert_eq!(more.map(|e| e.payload), [vec![4], vec![5]]);
+    assert_no_envelope(&bob, Duration::from_millis(300)).await;
+    // Acking the same id again frees nothing.
+    assert!(bob.ack(&[first[0].id]).await.is_err());
+    assert_no_envelope(&bob, Duration::from_millis(300)).await;
+}
