@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hush_protocol::sealed::{retract_tag, SealedEnvelope, SenderCertificate};
-use hush_protocol::{AccountId, DeviceAddress, DeviceId, ErrorCode, OutgoingEnvelope};
+use hush_protocol::{AccountId, DeviceAddress, DeviceId, EnvelopeId, ErrorCode, OutgoingEnvelope};
 use rand_core::{OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Mutex};
@@ -198,6 +198,20 @@ struct AccountRecord {
     profile_key: [u8; 32],
 }
 
+/// What handling one envelope produced.
+struct Handled {
+    /// For the app, in order.
+    events: Vec<ClientEvent>,
+    /// A delivery receipt owed to this contact for this message.
+    receipt: Option<(AccountId, MessageId)>,
+}
+
+/// Work the receive loop hands off, so it never waits on a relay request itself.
+enum Work {
+    Receipt(AccountId, MessageId),
+    Prekeys { replenish: bool },
+}
+
 /// A message not yet accepted by the relay.
 #[derive(Serialize, Deserialize)]
 struct PendingMessage {
@@ -237,6 +251,9 @@ struct State {
     certificate: Option<(SenderCertificate, u64)>,
     /// The key that signs sender certificates, as the relay last told us.
     relay_key: [u8; 32],
+    /// Events raised while the state was locked, emitted once it is not: sending into
+    /// the app's bounded channel under the lock could wait on an app that waits on us.
+    pending_events: Vec<ClientEvent>,
 }
 
 struct Inner {
@@ -251,7 +268,8 @@ struct Inner {
 pub struct Client {
     inner: Arc<Inner>,
     events: Mutex<mpsc::Receiver<ClientEvent>>,
-    receiver: tokio::task::JoinHandle<()>,
+    /// The receive loop and its helpers (acks; receipts and prekeys).
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 fn now() -> u64 {
@@ -391,14 +409,21 @@ impl Client {
                 settings,
                 certificate: Some((certificate, expires)),
                 relay_key,
+                pending_events: Vec::new(),
             }),
             events: events_tx,
         });
-        let receiver = tokio::spawn(receive_loop(inner.clone()));
+        let (acks, ack_queue) = mpsc::unbounded_channel();
+        let (work, work_queue) = mpsc::unbounded_channel();
+        let tasks = vec![
+            tokio::spawn(receive_loop(inner.clone(), acks, work)),
+            tokio::spawn(ack_loop(inner.clone(), ack_queue)),
+            tokio::spawn(work_loop(inner.clone(), work_queue)),
+        ];
         let client = Client {
             inner,
             events: Mutex::new(events_rx),
-            receiver,
+            tasks,
         };
         if let Err(error) = client.retry_pending().await {
             tracing::debug!(%error, "pending messages stay queued");
@@ -523,7 +548,11 @@ impl Client {
             &id.0,
             encode(&pending),
         )])?;
-        match self.inner.deliver(&mut state, &pending).await {
+        let result = self.inner.deliver(&mut state, &pending).await;
+        let events = std::mem::take(&mut state.pending_events);
+        drop(state);
+        self.inner.emit_soon(events).await;
+        match result {
             Ok(()) => Ok(id),
             Err(error @ ClientError::Connection(_)) => Err(error),
             Err(error) => {
@@ -689,7 +718,9 @@ impl Client {
 
     /// Closes both connections and stops receiving.
     pub fn close(&self) {
-        self.receiver.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
         self.inner.connection.close();
         self.inner.anonymous.close();
     }
@@ -854,8 +885,7 @@ impl Inner {
                 continue;
             };
             let peer = PeerBundle::verify(&bundles.identity_key, bundle)?;
-            self.note_identity(state, account, &peer.identity().to_bytes())
-                .await?;
+            self.note_identity(state, account, &peer.identity().to_bytes())?;
             let session = Session::initiate(&state.identity, &peer, &mut OsRng)?;
             state.sessions.insert(address, SessionSet::new(session));
         }
@@ -863,17 +893,16 @@ impl Inner {
     }
 
     /// Records the identity key seen for `account`; a change raises an event.
-    async fn note_identity(
+    fn note_identity(
         &self,
         state: &mut State,
         account: AccountId,
         identity: &[u8],
     ) -> Result<(), ClientError> {
         if record_identity(&self.store, state, account, identity)? {
-            let _ = self
-                .events
-                .send(ClientEvent::IdentityChanged { account })
-                .await;
+            state
+                .pending_events
+                .push(ClientEvent::IdentityChanged { account });
         }
         Ok(())
     }
@@ -1111,10 +1140,7 @@ impl Inner {
 
     /// Opens one envelope, commits what it changed, and reports it. Returns the event to
     /// emit and, for a message, who should get a delivery receipt.
-    async fn handle(
-        &self,
-        envelope: &Envelope,
-    ) -> Result<(Option<ClientEvent>, Option<(AccountId, MessageId)>), ClientError> {
+    async fn handle(&self, envelope: &Envelope) -> Result<Handled, ClientError> {
         let mut guard = self.state.lock().await;
         let state = &mut *guard;
         let now = now();
@@ -1154,7 +1180,7 @@ impl Inner {
                 }
                 let (session, plaintext, used) =
                     Session::accept(&state.identity, &state.prekeys, prekey, now, &mut OsRng)?;
-                self.note_identity(state, from.account, &identity).await?;
+                self.note_identity(state, from.account, &identity)?;
                 match state.sessions.get_mut(&from) {
                     Some(set) => set.promote_new(session),
                     None => {
@@ -1194,7 +1220,9 @@ impl Inner {
             self.contact_content(state, from, content, &mut changes)
         };
         self.commit_or_forget(state, &from, changes)?;
-        Ok((event, receipt))
+        let mut events = std::mem::take(&mut state.pending_events);
+        events.extend(event);
+        Ok(Handled { events, receipt })
     }
 
     /// The store changes for the session with `from` and any prekeys it used.
@@ -1378,6 +1406,36 @@ impl Inner {
         result
     }
 
+    /// Emits events raised on the app's side (from `send`) without waiting: the app may be
+    /// the one that reads them. What does not fit now goes out after the next envelope.
+    async fn emit_soon(&self, events: Vec<ClientEvent>) {
+        let mut left = Vec::new();
+        for event in events {
+            if let Err(mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
+                left.push(event);
+            }
+        }
+        if !left.is_empty() {
+            self.state.lock().await.pending_events.extend(left);
+        }
+    }
+
+    async fn send_receipt(&self, to: AccountId, ids: Vec<MessageId>) -> Result<(), ClientError> {
+        let mut state = self.state.lock().await;
+        let content = Content {
+            id: MessageId(random()),
+            sent_at: now(),
+            expires_in: None,
+            profile_key: Some(*state.profile_key),
+            sent_to: None,
+            body: Body::Receipt {
+                kind: ReceiptKind::Delivered,
+                ids,
+            },
+        };
+        self.send_to_contact(&mut state, to, &content, None).await
+    }
+
     async fn maintain_prekeys(&self, replenish: bool) -> Result<(), ClientError> {
         let mut state = self.state.lock().await;
         let state = &mut *state;
@@ -1465,61 +1523,108 @@ fn record_identity(
 }
 
 /// Reads what the relay pushes, one envelope at a time, and acknowledges each only after
-/// it is handled.
-async fn receive_loop(inner: Arc<Inner>) {
+/// it is handled. Acknowledgements, receipts and prekey uploads go to helper tasks: this
+/// loop must keep reading, or the relay's answers to those requests would queue behind
+/// the envelopes it is not reading.
+async fn receive_loop(
+    inner: Arc<Inner>,
+    acks: mpsc::UnboundedSender<EnvelopeId>,
+    work: mpsc::UnboundedSender<Work>,
+) {
     while let Some(event) = inner.connection.next_event().await {
         match event {
             Event::Envelope(envelope) => {
-                let (event, receipt) = match inner.handle(&envelope).await {
-                    Ok(outcome) => outcome,
-                    Err(ClientError::Crypto(error)) => {
-                        (Some(ClientEvent::Undecryptable { error }), None)
-                    }
+                let handled = match inner.handle(&envelope).await {
+                    Ok(handled) => handled,
+                    // Already handled (we crashed or lost the connection before the ack).
+                    Err(ClientError::Crypto(CryptoError::DuplicateMessage)) => Handled {
+                        events: Vec::new(),
+                        receipt: None,
+                    },
+                    Err(ClientError::Crypto(error)) => Handled {
+                        events: vec![ClientEvent::Undecryptable { error }],
+                        receipt: None,
+                    },
                     Err(error) => {
-                        // Local trouble (store, connection): leave the envelope on the
-                        // relay; it comes again on the next connection.
+                        // Local trouble (the store): leave the envelope on the relay; it
+                        // comes again on the next connection.
                         tracing::warn!(%error, "could not handle an envelope");
                         continue;
                     }
                 };
-                if let Some(event) = event {
+                for event in handled.events {
                     if inner.events.send(event).await.is_err() {
                         return;
                     }
                 }
-                if inner.connection.ack(&[envelope.id]).await.is_err() {
-                    continue;
-                }
-                if let Some((to, id)) = receipt {
-                    let mut state = inner.state.lock().await;
-                    let content = Content {
-                        id: MessageId(random()),
-                        sent_at: now(),
-                        expires_in: None,
-                        profile_key: Some(*state.profile_key),
-                        sent_to: None,
-                        body: Body::Receipt {
-                            kind: ReceiptKind::Delivered,
-                            ids: vec![id],
-                        },
-                    };
-                    if let Err(error) = inner.send_to_contact(&mut state, to, &content, None).await
-                    {
-                        tracing::debug!(%error, "delivery receipt not sent");
-                    }
+                let _ = acks.send(envelope.id);
+                if let Some((to, id)) = handled.receipt {
+                    let _ = work.send(Work::Receipt(to, id));
                 }
             }
             // Low on one-time keys: a new batch. Drained (once per connection): rotation.
-            Event::LowPrekeys { .. } | Event::Drained => {
-                let replenish = matches!(event, Event::LowPrekeys { .. });
-                if let Err(error) = inner.maintain_prekeys(replenish).await {
-                    tracing::warn!(%error, "could not upload prekeys");
-                }
+            Event::LowPrekeys { .. } => {
+                let _ = work.send(Work::Prekeys { replenish: true });
+            }
+            Event::Drained => {
+                let _ = work.send(Work::Prekeys { replenish: false });
             }
             Event::Provisioning(_) => {}
             Event::Closed(code) => {
                 let _ = inner.events.send(ClientEvent::Disconnected(code)).await;
                 return;
+            }
+        }
+    }
+}
+
+/// Acknowledges handled envelopes, batching whatever is ready into one request.
+async fn ack_loop(inner: Arc<Inner>, mut queue: mpsc::UnboundedReceiver<EnvelopeId>) {
+    while let Some(first) = queue.recv().await {
+        let mut ids = vec![first];
+        while ids.len() < hush_protocol::limits::MAX_ACKS_PER_FRAME {
+            match queue.try_recv() {
+                Ok(id) => ids.push(id),
+                Err(_) => break,
+            }
+        }
+        // A failed ack only means the relay delivers the envelope again, and the ratchet
+        // then refuses it as a duplicate.
+        if let Err(error) = inner.connection.ack(&ids).await {
+            tracing::debug!(%error, "ack not sent");
+        }
+    }
+}
+
+/// Delivery receipts and prekey maintenance. Receipts wait a random moment (up to a
+/// second) and go out in one message per contact, so their timing says less about the
+/// arrival that caused them.
+async fn work_loop(inner: Arc<Inner>, mut queue: mpsc::UnboundedReceiver<Work>) {
+    while let Some(first) = queue.recv().await {
+        let mut receipts: HashMap<AccountId, Vec<MessageId>> = HashMap::new();
+        let mut next = Some(first);
+        let mut delayed = false;
+        while let Some(work) = next.take() {
+            match work {
+                Work::Receipt(to, id) => {
+                    if !delayed {
+                        delayed = true;
+                        let jitter = u64::from(random::<2>()[0]) * 1000 / 255;
+                        tokio::time::sleep(std::time::Duration::from_millis(jitter)).await;
+                    }
+                    receipts.entry(to).or_default().push(id);
+                }
+                Work::Prekeys { replenish } => {
+                    if let Err(error) = inner.maintain_prekeys(replenish).await {
+                        tracing::warn!(%error, "could not upload prekeys");
+                    }
+                }
+            }
+            next = queue.try_recv().ok();
+        }
+        for (to, ids) in receipts {
+            if let Err(error) = inner.send_receipt(to, ids).await {
+                tracing::debug!(%error, "delivery receipt not sent");
             }
         }
     }
@@ -1546,6 +1651,7 @@ mod tests {
             settings: Settings::default(),
             certificate: None,
             relay_key: [0; 32],
+            pending_events: Vec::new(),
         };
         let bob = AccountId([2; 16]);
         let first = IdentityKeyPair::generate().public().to_bytes();
