@@ -8,7 +8,7 @@
 //! transaction; a crash before that means the relay delivers it again and the old session
 //! state opens it again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -43,6 +43,12 @@ const EVENT_BUFFER: usize = 256;
 const ACCOUNT_KEY: &[u8] = b"account";
 const PREKEYS_KEY: &[u8] = b"prekeys";
 const SETTINGS_KEY: &[u8] = b"settings";
+const SEEN_SETUPS_KEY: &[u8] = b"seen-setups";
+/// How long an accepted setup's base key is remembered: longer than any signed prekey
+/// lives (a week current, two more weeks kept), so a replayed prekey message that used
+/// only the last-resort KEM key can never start a second session.
+const SEEN_SETUPS_SECS: u64 =
+    crate::prekeys::ROTATE_AFTER_SECS + crate::prekeys::KEEP_ROTATED_SECS + 24 * 3600;
 const CONTACT_CARD_PREFIX: &str = "hush-contact:1:";
 
 /// Something went wrong in the client.
@@ -254,6 +260,8 @@ struct State {
     /// Events raised while the state was locked, emitted once it is not: sending into
     /// the app's bounded channel under the lock could wait on an app that waits on us.
     pending_events: Vec<ClientEvent>,
+    /// Base keys of accepted session setups, with when we accepted them.
+    seen_setups: BTreeMap<[u8; 32], u64>,
 }
 
 struct Inner {
@@ -283,8 +291,28 @@ pub(crate) fn delivery_token(profile_key: &[u8; 32]) -> [u8; 16] {
     *kdf::hkdf::<16>(&[], profile_key, b"hush-delivery-token-v1")
 }
 
+/// A stored session set. A record that does not decode is a damaged store, not a bad
+/// message: the envelope must stay on the relay, not be dropped as undecryptable.
+fn load_sessions(bytes: &[u8]) -> Result<SessionSet, ClientError> {
+    pickle::unpickle_session_set(bytes).map_err(|_| ClientError::Store(StoreError::Corrupt))
+}
+
 fn session_key(address: &DeviceAddress) -> [u8; 20] {
     address.to_bytes()
+}
+
+/// Messages are kept per conversation: an id chosen by one contact can never touch a row
+/// of another conversation.
+fn message_key(conversation: AccountId, id: MessageId) -> [u8; 32] {
+    let mut key = [0u8; 32];
+    key[..16].copy_from_slice(&conversation.0);
+    key[16..].copy_from_slice(&id.0);
+    key
+}
+
+/// When a message with a timer disappears; a hostile timestamp saturates, never wraps.
+fn expiry(start: u64, expires_in: Option<u32>) -> Option<u64> {
+    expires_in.map(|secs| start.saturating_add(u64::from(secs)))
 }
 
 fn encode(value: &impl Serialize) -> Zeroizing<Vec<u8>> {
@@ -368,8 +396,12 @@ impl Client {
             None => Settings::default(),
         };
         let mut prekeys = match store.get(Table::State, PREKEYS_KEY)? {
-            Some(bytes) => pickle::unpickle_prekeys(&bytes)?,
+            Some(bytes) => pickle::unpickle_prekeys(&bytes).map_err(|_| StoreError::Corrupt)?,
             None => PrekeySet::default(),
+        };
+        let seen_setups: BTreeMap<[u8; 32], u64> = match store.get(Table::State, SEEN_SETUPS_KEY)? {
+            Some(bytes) => decode(&bytes)?,
+            None => BTreeMap::new(),
         };
         let mut contacts = HashMap::new();
         for bytes in store.values(Table::Contacts)? {
@@ -410,6 +442,7 @@ impl Client {
                 certificate: Some((certificate, expires)),
                 relay_key,
                 pending_events: Vec::new(),
+                seen_setups,
             }),
             events: events_tx,
         });
@@ -633,9 +666,10 @@ impl Client {
         let secret = retract_secret(&self.inner.state.lock().await.identity, &id);
         let dropped = self.inner.anonymous.retract(&[*secret]).await?;
         self.send(to, Body::Delete { target: id }).await?;
-        self.inner
+        self.inner.store.commit(vec![self
+            .inner
             .store
-            .commit(vec![self.inner.store.delete(Table::Messages, &id.0)])?;
+            .delete(Table::Messages, &message_key(to, id))])?;
         Ok(dropped)
     }
 
@@ -663,7 +697,10 @@ impl Client {
         for bytes in self.inner.store.values(Table::Messages)? {
             let message: StoredMessage = decode(&bytes)?;
             if message.expires_at.is_some_and(|at| at <= now) {
-                changes.push(self.inner.store.delete(Table::Messages, &message.id.0));
+                changes.push(self.inner.store.delete(
+                    Table::Messages,
+                    &message_key(message.conversation, message.id),
+                ));
             }
         }
         let count = changes.len();
@@ -875,16 +912,19 @@ impl Inner {
                 continue;
             }
             if let Some(bytes) = self.store.get(Table::Sessions, &session_key(&address))? {
-                state
-                    .sessions
-                    .insert(address, pickle::unpickle_session_set(&bytes)?);
+                state.sessions.insert(address, load_sessions(&bytes)?);
                 continue;
             }
             let bundles = self.connection.fetch_prekeys(account, Some(device)).await?;
-            let Some(bundle) = bundles.devices.first() else {
+            let Some(bundle) = bundles.devices.iter().find(|b| b.device == device) else {
                 continue;
             };
             let peer = PeerBundle::verify(&bundles.identity_key, bundle)?;
+            // Our own devices share our identity; anything else is an impostor the relay
+            // slipped in.
+            if account == state.address.account && peer.identity() != state.identity.public() {
+                return Err(CryptoError::UntrustedIdentity.into());
+            }
             self.note_identity(state, account, &peer.identity().to_bytes())?;
             let session = Session::initiate(&state.identity, &peer, &mut OsRng)?;
             state.sessions.insert(address, SessionSet::new(session));
@@ -926,15 +966,14 @@ impl Inner {
                 conversation: to,
                 outgoing: true,
                 sent_at: content.sent_at,
-                expires_at: content
-                    .expires_in
-                    .map(|secs| content.sent_at + u64::from(secs)),
+                expires_at: expiry(content.sent_at, content.expires_in),
                 body: content.body.clone(),
             };
-            changes.push(
-                self.store
-                    .put(Table::Messages, &content.id.0, encode(&message)),
-            );
+            changes.push(self.store.put(
+                Table::Messages,
+                &message_key(to, content.id),
+                encode(&message),
+            ));
         }
         if let Body::Timer { expires_in } = content.body {
             if let Some(contact) = state.contacts.get_mut(&to) {
@@ -1159,10 +1198,15 @@ impl Inner {
         };
         let message = CiphertextMessage::from_bytes(&unsealed.message)?;
         let identity = unsealed.sender_identity.to_bytes();
+        if from.account == state.address.account
+            && unsealed.sender_identity != *state.identity.public()
+        {
+            return Err(CryptoError::UntrustedIdentity.into());
+        }
 
         if let std::collections::hash_map::Entry::Vacant(slot) = state.sessions.entry(from) {
             if let Some(bytes) = self.store.get(Table::Sessions, &session_key(&from))? {
-                slot.insert(pickle::unpickle_session_set(&bytes)?);
+                slot.insert(load_sessions(&bytes)?);
             }
         }
         let (plaintext, used) = match &message {
@@ -1178,8 +1222,17 @@ impl Inner {
                     )
                     .into());
                 }
+                let base_key = prekey.base_key.to_bytes();
+                if state.seen_setups.contains_key(&base_key) {
+                    // A replay of a setup we accepted and have since moved on from.
+                    return Err(CryptoError::DuplicateMessage.into());
+                }
                 let (session, plaintext, used) =
                     Session::accept(&state.identity, &state.prekeys, prekey, now, &mut OsRng)?;
+                state
+                    .seen_setups
+                    .retain(|_, at| now.saturating_sub(*at) < SEEN_SETUPS_SECS);
+                state.seen_setups.insert(base_key, now);
                 self.note_identity(state, from.account, &identity)?;
                 match state.sessions.get_mut(&from) {
                     Some(set) => set.promote_new(session),
@@ -1247,6 +1300,10 @@ impl Inner {
                 PREKEYS_KEY,
                 pickle::pickle_prekeys(&state.prekeys),
             ));
+            changes.push(
+                self.store
+                    .put(Table::State, SEEN_SETUPS_KEY, encode(&state.seen_setups)),
+            );
         }
         changes
     }
@@ -1268,6 +1325,11 @@ impl Inner {
                 state.prekeys = prekeys;
             }
         }
+        if let Ok(Some(bytes)) = self.store.get(Table::State, SEEN_SETUPS_KEY) {
+            if let Ok(seen) = decode(&bytes) {
+                state.seen_setups = seen;
+            }
+        }
         Err(error.into())
     }
 
@@ -1280,6 +1342,14 @@ impl Inner {
         let Some(conversation) = content.sent_to.map(AccountId) else {
             return (None, None);
         };
+        if let Body::Delete { target } = content.body {
+            // We deleted one of our messages for everyone from another device.
+            changes.push(
+                self.store
+                    .delete(Table::Messages, &message_key(conversation, target)),
+            );
+            return (None, None);
+        }
         if !content.body.is_message() {
             return (None, None);
         }
@@ -1288,15 +1358,14 @@ impl Inner {
             conversation,
             outgoing: true,
             sent_at: content.sent_at,
-            expires_at: content
-                .expires_in
-                .map(|secs| content.sent_at + u64::from(secs)),
+            expires_at: expiry(content.sent_at, content.expires_in),
             body: content.body,
         };
-        changes.push(
-            self.store
-                .put(Table::Messages, &message.id.0, encode(&message)),
-        );
+        changes.push(self.store.put(
+            Table::Messages,
+            &message_key(conversation, message.id),
+            encode(&message),
+        ));
         (Some(ClientEvent::SentElsewhere { message }), None)
     }
 
@@ -1340,14 +1409,31 @@ impl Inner {
                 None,
             ),
             Body::Delete { target } => {
-                changes.push(self.store.delete(Table::Messages, &target.0));
-                (
-                    Some(ClientEvent::Deleted {
-                        from: account,
-                        id: target,
-                    }),
-                    None,
-                )
+                // Only a message this contact sent us: never ours, never another chat's.
+                let key = message_key(account, target);
+                let stored = self
+                    .store
+                    .get(Table::Messages, &key)
+                    .ok()
+                    .flatten()
+                    .and_then(|bytes| decode::<StoredMessage>(&bytes).ok());
+                match stored {
+                    Some(message) if message.outgoing => (None, None),
+                    stored => {
+                        if stored.is_some() {
+                            changes.push(self.store.delete(Table::Messages, &key));
+                        }
+                        // Reported even when the message never arrived (retracted in
+                        // time), so the app can show that something was deleted.
+                        (
+                            Some(ClientEvent::Deleted {
+                                from: account,
+                                id: target,
+                            }),
+                            None,
+                        )
+                    }
+                }
             }
             Body::Timer { expires_in } => {
                 contact.expires_in = expires_in;
@@ -1363,7 +1449,7 @@ impl Inner {
             Body::Text { .. } | Body::Structured { .. }
                 if self
                     .store
-                    .get(Table::Messages, &content.id.0)
+                    .get(Table::Messages, &message_key(account, content.id))
                     .is_ok_and(|m| m.is_some()) =>
             {
                 // A resend of a message we already have.
@@ -1377,13 +1463,14 @@ impl Inner {
                     outgoing: false,
                     sent_at: content.sent_at,
                     // A disappearing message's clock starts when it arrives.
-                    expires_at: content.expires_in.map(|secs| received + u64::from(secs)),
+                    expires_at: expiry(received, content.expires_in),
                     body,
                 };
-                changes.push(
-                    self.store
-                        .put(Table::Messages, &message.id.0, encode(&message)),
-                );
+                changes.push(self.store.put(
+                    Table::Messages,
+                    &message_key(account, message.id),
+                    encode(&message),
+                ));
                 let receipt = state
                     .settings
                     .delivery_receipts
@@ -1652,6 +1739,7 @@ mod tests {
             certificate: None,
             relay_key: [0; 32],
             pending_events: Vec::new(),
+            seen_setups: BTreeMap::new(),
         };
         let bob = AccountId([2; 16]);
         let first = IdentityKeyPair::generate().public().to_bytes();

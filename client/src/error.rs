@@ -85,4 +85,7 @@ pub enum CryptoError {
     /// The message arrived for a device other than this one.
     #[error("message addressed to another device")]
     WrongRecipient,
+    /// A device claims to belong to our own account but does not hold our identity key.
+    #[error("a device of our own account with a foreign identity key")]
+    UntrustedIdentity,
 }

@@ -92,12 +92,17 @@ impl Chain {
         }
     }
 
-    /// Yields the current message key and steps the chain.
-    fn step(&mut self) -> Zeroizing<[u8; 32]> {
+    /// Yields the current message key and steps the chain. A chain ends after 2^32 - 1
+    /// messages; the ratchet steps long before that in any real conversation.
+    fn step(&mut self) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
+        let next = self
+            .index
+            .checked_add(1)
+            .ok_or(CryptoError::InvalidMessage)?;
         let message_key = kdf::hmac(self.key.as_ref(), &[0x01]);
         self.key = kdf::hmac(self.key.as_ref(), &[0x02]);
-        self.index += 1;
-        message_key
+        self.index = next;
+        Ok(message_key)
     }
 }
 
@@ -214,7 +219,7 @@ impl Ratchet {
             previous_chain_length: self.previous_sending_length,
             counter: chain.index,
         };
-        let message_key = chain.step();
+        let message_key = chain.step()?;
         let aad = aad(&self.associated_data, &header);
         Ok((
             header,
@@ -233,13 +238,17 @@ impl Ratchet {
         let aad = aad(&self.associated_data, header);
         let skipped_id = (header.ratchet_key, header.counter);
         if let Some(skipped) = self.skipped.get(&skipped_id) {
+            if now.saturating_sub(skipped.stored_at) >= MAX_SKIPPED_AGE_SECS {
+                // Past its age: as good as dropped, whether or not a prune has run.
+                return Err(CryptoError::DuplicateMessage);
+            }
             let plaintext = kdf::open_once(&skipped.key, MESSAGE_LABEL, ciphertext, &aad)?;
             self.skipped.remove(&skipped_id);
             return Ok(plaintext);
         }
 
         let mut staged = self.stage(header)?;
-        let message_key = staged.receiving.step();
+        let message_key = staged.receiving.step()?;
         let plaintext = kdf::open_once(&message_key, MESSAGE_LABEL, ciphertext, &aad)?;
         self.apply(staged, now, rng)?;
         Ok(plaintext)
@@ -373,7 +382,7 @@ fn skip(
     }
     while chain.index < until {
         let index = chain.index;
-        out.push(((ratchet_key, index), chain.step()));
+        out.push(((ratchet_key, index), chain.step()?));
     }
     Ok(())
 }
@@ -496,6 +505,26 @@ mod tests {
                 .unwrap()
                 .as_slice(),
             b"hello"
+        );
+    }
+
+    #[test]
+    fn a_skipped_key_past_its_age_no_longer_opens() {
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        let (mut alice, mut bob) = pair(&mut rng);
+        let late = alice.encrypt(b"late").unwrap();
+        let now = alice.encrypt(b"now").unwrap();
+        bob.decrypt(&now.0, &now.1, 1_000, &mut rng).unwrap();
+        assert_eq!(
+            bob.decrypt(&late.0, &late.1, 1_000 + MAX_SKIPPED_AGE_SECS, &mut rng)
+                .unwrap_err(),
+            CryptoError::DuplicateMessage
+        );
+        assert_eq!(
+            bob.decrypt(&late.0, &late.1, 1_000 + MAX_SKIPPED_AGE_SECS - 1, &mut rng)
+                .unwrap()
+                .as_slice(),
+            b"late"
         );
     }
 

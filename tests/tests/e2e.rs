@@ -307,3 +307,24 @@ async fn a_client_running_low_on_one_time_prekeys_uploads_more() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_contact_cannot_delete_our_own_messages() {
+    let relay = TestRelay::start().await;
+    let (alice_user, bob_user) = (User::new(16), User::new(17));
+    let alice = alice_user.create(&relay).await;
+    let bob = bob_user.create(&relay).await;
+    let bob_account = alice.add_contact(&bob.contact_card().await).await.unwrap();
+    let alice_account = alice.address().await.account;
+    let mine = alice.send_text(bob_account, "mine to keep").await.unwrap();
+    assert_eq!(text(&next_message(&bob).await).1, mine);
+
+    // Bob asks Alice's client to delete Alice's own message: ignored.
+    bob.send(alice_account, hush_client::Body::Delete { target: mine })
+        .await
+        .unwrap();
+    bob.send_text(alice_account, "marker").await.unwrap();
+    assert_eq!(text(&next_message(&alice).await).0, "marker");
+    let history = alice.messages(bob_account).await.unwrap();
+    assert!(history.iter().any(|m| m.id == mine && m.outgoing));
+}
