@@ -215,7 +215,11 @@ struct Handled {
 /// Work the receive loop hands off, so it never waits on a relay request itself.
 enum Work {
     Receipt(AccountId, MessageId),
-    Prekeys { replenish: bool },
+    /// A copy of a sent message for our other devices.
+    OwnCopy(Box<Content>),
+    Prekeys {
+        replenish: bool,
+    },
 }
 
 /// A message not yet accepted by the relay.
@@ -262,6 +266,9 @@ struct State {
     pending_events: Vec<ClientEvent>,
     /// Base keys of accepted session setups, with when we accepted them.
     seen_setups: BTreeMap<[u8; 32], u64>,
+    /// Our account's other devices, as last learned (asking before every send would tell
+    /// the relay when we send).
+    own_devices: Option<Vec<DeviceId>>,
 }
 
 struct Inner {
@@ -270,6 +277,8 @@ struct Inner {
     anonymous: Connection,
     state: Mutex<State>,
     events: mpsc::Sender<ClientEvent>,
+    /// Receipts, copies for our own devices and prekey upkeep, done by the worker task.
+    work: mpsc::UnboundedSender<Work>,
 }
 
 /// The client: one per device.
@@ -308,6 +317,23 @@ fn message_key(conversation: AccountId, id: MessageId) -> [u8; 32] {
     key[..16].copy_from_slice(&conversation.0);
     key[16..].copy_from_slice(&id.0);
     key
+}
+
+/// A relay refusal of an anonymous request, in the client's terms.
+fn refusal(error: ConnectionError) -> ClientError {
+    match error {
+        ConnectionError::Refused(ErrorCode::DeliveryRefused) => ClientError::NotAccepted,
+        other => other.into(),
+    }
+}
+
+/// The delivery token of a contact whose profile key we know.
+fn contact_token(state: &State, account: AccountId) -> Option<[u8; 16]> {
+    state
+        .contacts
+        .get(&account)
+        .and_then(|c| c.profile_key.as_ref())
+        .map(delivery_token)
 }
 
 /// When a message with a timer disappears; a hostile timestamp saturates, never wraps.
@@ -427,6 +453,7 @@ impl Client {
 
         let anonymous = Connection::connect(&config.relay).await?;
         let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
+        let (work, work_queue) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             store,
             connection,
@@ -443,13 +470,14 @@ impl Client {
                 relay_key,
                 pending_events: Vec::new(),
                 seen_setups,
+                own_devices: None,
             }),
             events: events_tx,
+            work,
         });
         let (acks, ack_queue) = mpsc::unbounded_channel();
-        let (work, work_queue) = mpsc::unbounded_channel();
         let tasks = vec![
-            tokio::spawn(receive_loop(inner.clone(), acks, work)),
+            tokio::spawn(receive_loop(inner.clone(), acks)),
             tokio::spawn(ack_loop(inner.clone(), ack_queue)),
             tokio::spawn(work_loop(inner.clone(), work_queue)),
         ];
@@ -717,6 +745,9 @@ impl Client {
             device,
         };
         state.sessions.remove(&address);
+        if let Some(devices) = state.own_devices.as_mut() {
+            devices.retain(|d| *d != device);
+        }
         self.inner.store.commit(vec![self
             .inner
             .store
@@ -728,7 +759,7 @@ impl Client {
     /// the account's keys, profile key and contacts through its provisioning mailbox.
     pub async fn link_device(&self, code: &str) -> Result<DeviceId, ClientError> {
         let code = LinkCode::decode(code).ok_or(ClientError::InvalidCode("link code"))?;
-        let state = self.inner.state.lock().await;
+        let mut state = self.inner.state.lock().await;
         let device = self.inner.connection.add_device(code.device_key).await?;
         let bundle = ProvisionBundle {
             identity: state.identity.to_secret_bytes().to_vec(),
@@ -750,16 +781,27 @@ impl Client {
             .connection
             .provision(code.mailbox, payload)
             .await?;
+        state.own_devices.get_or_insert_with(Vec::new).push(device);
         Ok(device)
     }
 
-    /// Closes both connections and stops receiving.
+    /// Closes both connections and stops receiving. The local store is released once the
+    /// background tasks have stopped; [`Client::shutdown`] waits for that.
     pub fn close(&self) {
         for task in &self.tasks {
             task.abort();
         }
         self.inner.connection.close();
         self.inner.anonymous.close();
+    }
+
+    /// Closes the client and waits until its local store is released, so the same data
+    /// directory can be opened again at once.
+    pub async fn shutdown(mut self) {
+        self.close();
+        for task in std::mem::take(&mut self.tasks) {
+            let _ = task.await;
+        }
     }
 }
 
@@ -915,7 +957,17 @@ impl Inner {
                 state.sessions.insert(address, load_sessions(&bytes)?);
                 continue;
             }
-            let bundles = self.connection.fetch_prekeys(account, Some(device)).await?;
+            let bundles = if account == state.address.account {
+                self.connection.fetch_prekeys(account, Some(device)).await?
+            } else {
+                // Anonymously, with the contact's token: the relay must not see who is
+                // about to write to whom.
+                let access = contact_token(state, account);
+                self.anonymous
+                    .fetch_prekeys_with(account, Some(device), access)
+                    .await
+                    .map_err(refusal)?
+            };
             let Some(bundle) = bundles.devices.iter().find(|b| b.device == device) else {
                 continue;
             };
@@ -986,11 +1038,9 @@ impl Inner {
             sent_to: Some(to.0),
             ..content.clone()
         };
-        // The contact has the message; a failed copy to our other devices is not worth
-        // failing the send for.
-        if let Err(error) = self.send_to_own_devices(state, &copy).await {
-            tracing::debug!(%error, "copy to own devices not sent");
-        }
+        // The copy for our other devices goes out a moment later from the worker, so the
+        // relay does not see an authenticated send right on the heels of every sealed one.
+        let _ = self.work.send(Work::OwnCopy(Box::new(copy)));
         Ok(())
     }
 
@@ -1012,7 +1062,11 @@ impl Inner {
         let plaintext = content.encode();
         for _attempt in 0..3 {
             if devices.is_empty() {
-                devices = self.connection.list_devices(to).await?;
+                devices = self
+                    .anonymous
+                    .list_devices_with(to, access)
+                    .await
+                    .map_err(refusal)?;
             }
             self.ensure_sessions(state, to, &devices).await?;
             let certificate = self.certificate(state).await?;
@@ -1067,7 +1121,11 @@ impl Inner {
                 }
                 Err(ConnectionError::Refused(ErrorCode::DeviceListChanged)) => {
                     // A device came or went: drop sessions of devices no longer there.
-                    devices = self.connection.list_devices(to).await?;
+                    devices = self
+                        .anonymous
+                        .list_devices_with(to, access)
+                        .await
+                        .map_err(refusal)?;
                     let stale: Vec<_> = state
                         .sessions
                         .keys()
@@ -1081,10 +1139,7 @@ impl Inner {
                     }
                     self.store.commit(changes)?;
                 }
-                Err(ConnectionError::Refused(ErrorCode::DeliveryRefused)) => {
-                    return Err(ClientError::NotAccepted)
-                }
-                Err(error) => return Err(error.into()),
+                Err(error) => return Err(refusal(error)),
             }
         }
         Err(ClientError::DeviceListUnstable)
@@ -1132,47 +1187,61 @@ impl Inner {
         content: &Content,
     ) -> Result<(), ClientError> {
         let own = state.address;
-        let devices: Vec<DeviceId> = self
-            .connection
-            .list_devices(own.account)
-            .await?
-            .into_iter()
-            .filter(|d| *d != own.device)
-            .collect();
-        if devices.is_empty() {
-            return Ok(());
-        }
-        self.ensure_sessions(state, own.account, &devices).await?;
-        let certificate = self.certificate(state).await?;
-        let plaintext = content.encode();
-        let identity = *state.identity.public();
-        let mut envelopes = Vec::new();
-        let mut changes = Vec::new();
-        for device in devices {
-            let address = DeviceAddress {
-                account: own.account,
-                device,
+        for attempt in 0..2 {
+            let devices = match &state.own_devices {
+                Some(devices) if attempt == 0 => devices.clone(),
+                _ => {
+                    let devices: Vec<DeviceId> = self
+                        .connection
+                        .list_devices(own.account)
+                        .await?
+                        .into_iter()
+                        .filter(|d| *d != own.device)
+                        .collect();
+                    state.own_devices = Some(devices.clone());
+                    devices
+                }
             };
-            let Some(payload) = self.encrypt_for(
-                state,
-                address,
-                &identity,
-                &certificate,
-                &plaintext,
-                &mut changes,
-            )?
-            else {
-                continue;
-            };
-            envelopes.push(OutgoingEnvelope {
-                recipients: vec![address],
-                payload,
-                retract_tag: None,
-            });
-        }
-        self.store.commit(changes)?;
-        if !envelopes.is_empty() {
-            self.connection.send(envelopes).await?;
+            if devices.is_empty() {
+                return Ok(());
+            }
+            self.ensure_sessions(state, own.account, &devices).await?;
+            let certificate = self.certificate(state).await?;
+            let plaintext = content.encode();
+            let identity = *state.identity.public();
+            let mut envelopes = Vec::new();
+            let mut changes = Vec::new();
+            for device in devices {
+                let address = DeviceAddress {
+                    account: own.account,
+                    device,
+                };
+                let Some(payload) = self.encrypt_for(
+                    state,
+                    address,
+                    &identity,
+                    &certificate,
+                    &plaintext,
+                    &mut changes,
+                )?
+                else {
+                    continue;
+                };
+                envelopes.push(OutgoingEnvelope {
+                    recipients: vec![address],
+                    payload,
+                    retract_tag: None,
+                });
+            }
+            self.store.commit(changes)?;
+            if envelopes.is_empty() {
+                return Ok(());
+            }
+            match self.connection.send(envelopes).await {
+                // One of our devices is gone: learn the list again and retry once.
+                Err(ConnectionError::Refused(ErrorCode::UnknownRecipient)) if attempt == 0 => {}
+                result => return result.map_err(Into::into),
+            }
         }
         Ok(())
     }
@@ -1267,6 +1336,14 @@ impl Inner {
             }
         };
         let own = from.account == state.address.account;
+        if own {
+            if let Some(devices) = state.own_devices.as_mut() {
+                if !devices.contains(&from.device) {
+                    // Linked from another of our devices.
+                    devices.push(from.device);
+                }
+            }
+        }
         let (event, receipt) = if own {
             self.own_copy(content, &mut changes)
         } else {
@@ -1613,11 +1690,8 @@ fn record_identity(
 /// it is handled. Acknowledgements, receipts and prekey uploads go to helper tasks: this
 /// loop must keep reading, or the relay's answers to those requests would queue behind
 /// the envelopes it is not reading.
-async fn receive_loop(
-    inner: Arc<Inner>,
-    acks: mpsc::UnboundedSender<EnvelopeId>,
-    work: mpsc::UnboundedSender<Work>,
-) {
+async fn receive_loop(inner: Arc<Inner>, acks: mpsc::UnboundedSender<EnvelopeId>) {
+    let work = inner.work.clone();
     while let Some(event) = inner.connection.next_event().await {
         match event {
             Event::Envelope(envelope) => {
@@ -1683,24 +1757,24 @@ async fn ack_loop(inner: Arc<Inner>, mut queue: mpsc::UnboundedReceiver<Envelope
     }
 }
 
-/// Delivery receipts and prekey maintenance. Receipts wait a random moment (up to a
-/// second) and go out in one message per contact, so their timing says less about the
-/// arrival that caused them.
+/// Delivery receipts, copies for our own devices, and prekey maintenance. Receipts and
+/// copies wait a random moment (up to a second) and receipts go out in one message per
+/// contact, so their timing says less about the message that caused them.
 async fn work_loop(inner: Arc<Inner>, mut queue: mpsc::UnboundedReceiver<Work>) {
     while let Some(first) = queue.recv().await {
         let mut receipts: HashMap<AccountId, Vec<MessageId>> = HashMap::new();
+        let mut copies = Vec::new();
         let mut next = Some(first);
         let mut delayed = false;
         while let Some(work) = next.take() {
+            if !delayed && matches!(work, Work::Receipt(..) | Work::OwnCopy(_)) {
+                delayed = true;
+                let jitter = u64::from(random::<1>()[0]) * 1000 / 255;
+                tokio::time::sleep(std::time::Duration::from_millis(jitter)).await;
+            }
             match work {
-                Work::Receipt(to, id) => {
-                    if !delayed {
-                        delayed = true;
-                        let jitter = u64::from(random::<2>()[0]) * 1000 / 255;
-                        tokio::time::sleep(std::time::Duration::from_millis(jitter)).await;
-                    }
-                    receipts.entry(to).or_default().push(id);
-                }
+                Work::Receipt(to, id) => receipts.entry(to).or_default().push(id),
+                Work::OwnCopy(content) => copies.push(content),
                 Work::Prekeys { replenish } => {
                     if let Err(error) = inner.maintain_prekeys(replenish).await {
                         tracing::warn!(%error, "could not upload prekeys");
@@ -1708,6 +1782,12 @@ async fn work_loop(inner: Arc<Inner>, mut queue: mpsc::UnboundedReceiver<Work>) 
                 }
             }
             next = queue.try_recv().ok();
+        }
+        for content in copies {
+            let mut state = inner.state.lock().await;
+            if let Err(error) = inner.send_to_own_devices(&mut state, &content).await {
+                tracing::debug!(%error, "copy to own devices not sent");
+            }
         }
         for (to, ids) in receipts {
             if let Err(error) = inner.send_receipt(to, ids).await {
@@ -1740,6 +1820,7 @@ mod tests {
             relay_key: [0; 32],
             pending_events: Vec::new(),
             seen_setups: BTreeMap::new(),
+            own_devices: None,
         };
         let bob = AccountId([2; 16]);
         let first = IdentityKeyPair::generate().public().to_bytes();

@@ -391,16 +391,30 @@ impl Connection {
         }
     }
 
-    /// Fetches prekey bundles of one device of an account, or of all its devices.
+    /// Fetches prekey bundles of one device of an account, or of all its devices (needs an
+    /// authenticated connection).
     pub async fn fetch_prekeys(
         &self,
         account: AccountId,
         device: Option<DeviceId>,
     ) -> Result<PrekeyBundles, ConnectionError> {
-        match self
-            .request(RequestBody::FetchPrekeys(FetchPrekeys { account, device }))
-            .await?
-        {
+        self.fetch_prekeys_with(account, device, None).await
+    }
+
+    /// [`Connection::fetch_prekeys`] on an anonymous connection, presenting the account's
+    /// delivery token, so the relay cannot tell who sets up a session with whom.
+    pub async fn fetch_prekeys_with(
+        &self,
+        account: AccountId,
+        device: Option<DeviceId>,
+        access: Option<[u8; 16]>,
+    ) -> Result<PrekeyBundles, ConnectionError> {
+        let fetch = FetchPrekeys {
+            account,
+            device,
+            access,
+        };
+        match self.request(RequestBody::FetchPrekeys(fetch)).await? {
             ResponseBody::PrekeyBundles(bundles) => Ok(bundles),
             _ => Err(ConnectionError::UnexpectedResponse),
         }
@@ -471,10 +485,21 @@ impl Connection {
         )
     }
 
-    /// The current devices of an account; consumes no prekeys.
+    /// The current devices of an account; consumes no prekeys (needs an authenticated
+    /// connection).
     pub async fn list_devices(&self, account: AccountId) -> Result<Vec<DeviceId>, ConnectionError> {
+        self.list_devices_with(account, None).await
+    }
+
+    /// [`Connection::list_devices`] on an anonymous connection, presenting the account's
+    /// delivery token.
+    pub async fn list_devices_with(
+        &self,
+        account: AccountId,
+        access: Option<[u8; 16]>,
+    ) -> Result<Vec<DeviceId>, ConnectionError> {
         match self
-            .request(RequestBody::ListDevices(ListDevices { account }))
+            .request(RequestBody::ListDevices(ListDevices { account, access }))
             .await?
         {
             ResponseBody::Devices { devices } => Ok(devices),

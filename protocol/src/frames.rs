@@ -116,13 +116,27 @@ pub struct UploadPrekeys {
     pub kem_last_resort: Option<Prekey>,
 }
 
-/// Fetches prekey bundles for one device of an account, or all of them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Fetches prekey bundles for one device of an account, or all of them. An authenticated
+/// device may fetch any account's; an anonymous connection (a sealed sender that must not
+/// say who it is) presents the account's delivery token. `Debug` leaves out the token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FetchPrekeys {
     /// The account.
     pub account: AccountId,
     /// One device, or `None` for every device.
     pub device: Option<DeviceId>,
+    /// The account's delivery token, on an anonymous connection.
+    pub access: Option<[u8; 16]>,
+}
+
+impl std::fmt::Debug for FetchPrekeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FetchPrekeys")
+            .field("account", &self.account)
+            .field("device", &self.device)
+            .field("access", &self.access.map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// One envelope and the devices it goes to. Pairwise ciphertexts have one recipient; a
@@ -171,11 +185,23 @@ pub struct SealedSend {
     pub envelopes: Vec<SealedEnvelope>,
 }
 
-/// Asks for the current device list of an account.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Asks for the current device list of an account: from an authenticated device, or
+/// anonymously with the account's delivery token. `Debug` leaves out the token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListDevices {
     /// The account.
     pub account: AccountId,
+    /// The account's delivery token, on an anonymous connection.
+    pub access: Option<[u8; 16]>,
+}
+
+impl std::fmt::Debug for ListDevices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListDevices")
+            .field("account", &self.account)
+            .field("access", &self.access.map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// Deletes every still-stored envelope whose retraction tag matches one of these secrets.

@@ -116,12 +116,18 @@ fn request_body() -> impl Strategy<Value = RequestBody> {
                     kem_last_resort,
                 })
             }),
-        (account(), option::of(any::<u32>())).prop_map(|(account, device)| {
-            RequestBody::FetchPrekeys(FetchPrekeys {
-                account,
-                device: device.map(DeviceId),
-            })
-        }),
+        (
+            account(),
+            option::of(any::<u32>()),
+            option::of(any::<[u8; 16]>())
+        )
+            .prop_map(|(account, device, access)| {
+                RequestBody::FetchPrekeys(FetchPrekeys {
+                    account,
+                    device: device.map(DeviceId),
+                    access,
+                })
+            }),
         vec(
             (
                 vec(address(), 1..8),
@@ -151,7 +157,9 @@ fn request_body() -> impl Strategy<Value = RequestBody> {
         ),
         vec(sealed_envelope(), 1..6)
             .prop_map(|envelopes| RequestBody::SealedSend(SealedSend { envelopes })),
-        account().prop_map(|account| RequestBody::ListDevices(ListDevices { account })),
+        (account(), option::of(any::<[u8; 16]>())).prop_map(|(account, access)| {
+            RequestBody::ListDevices(ListDevices { account, access })
+        }),
         vec(any::<[u8; 32]>(), 1..16).prop_map(|secrets| RequestBody::Retract(Retract { secrets })),
         Just(RequestBody::OpenProvisioning),
         (any::<[u8; 16]>(), bytes(4096))

@@ -305,6 +305,27 @@ impl Session {
                 self.submit(id, write).await
             }
             RequestBody::Retract(retract) => self.submit(id, retract_write(&retract)).await,
+            // A sealed sender sets up sessions without saying who it is: with the
+            // recipient's delivery token (or where the recipient admits anyone).
+            RequestBody::FetchPrekeys(fetch) => {
+                if !self.admitted(fetch.account, fetch.access).await? {
+                    self.respond(id, Err(ErrorCode::DeliveryRefused)).await;
+                    return Ok(());
+                }
+                let write = Write::TakePrekeys {
+                    account: fetch.account,
+                    device: fetch.device,
+                    low_threshold: self.shared.config.low_prekey_threshold,
+                };
+                self.submit(id, write).await
+            }
+            RequestBody::ListDevices(list) => {
+                if !self.admitted(list.account, list.access).await? {
+                    self.respond(id, Err(ErrorCode::DeliveryRefused)).await;
+                    return Ok(());
+                }
+                self.list_devices(id, list.account).await
+            }
             RequestBody::OpenProvisioning => {
                 self.open_provisioning(id).await;
                 Ok(())
@@ -355,6 +376,19 @@ impl Session {
             Ok(Err(error)) => {
                 tracing::error!(%error, "reading an account failed");
                 Ok(Err(ErrorCode::StorageFailure))
+            }
+            Err(_) => Err(End::Close(ErrorCode::Internal)),
+        }
+    }
+
+    /// Whether an anonymous caller with `token` may reach `account`.
+    async fn admitted(&self, account: AccountId, token: Option<[u8; 16]>) -> Result<bool, End> {
+        let store = self.shared.store.clone();
+        match tokio::task::spawn_blocking(move || store.admits(&account, token.as_ref())).await {
+            Ok(Ok(admitted)) => Ok(admitted),
+            Ok(Err(error)) => {
+                tracing::error!(%error, "reading delivery access failed");
+                Ok(false)
             }
             Err(_) => Err(End::Close(ErrorCode::Internal)),
         }

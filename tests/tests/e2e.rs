@@ -14,7 +14,7 @@ async fn alice_and_bob_talk_sealed_and_the_relay_sees_no_plaintext_or_sender() {
     let bob = bob_user.create(&relay).await;
     let bob_account = alice.add_contact(&bob.contact_card().await).await.unwrap();
     let alice_account = alice.address().await.account;
-    drop(bob);
+    bob.shutdown().await;
 
     // Bob is offline: the message waits on the relay, sealed.
     let canary = "the canary sings at midnight";
@@ -90,7 +90,7 @@ async fn delete_for_everyone_removes_an_undelivered_message_from_the_relay() {
     let alice = alice_user.create(&relay).await;
     let bob = bob_user.create(&relay).await;
     let bob_account = alice.add_contact(&bob.contact_card().await).await.unwrap();
-    drop(bob);
+    bob.shutdown().await;
 
     let regret = alice
         .send_text(bob_account, "I should not have said this")
@@ -210,13 +210,13 @@ async fn a_message_the_relay_did_not_take_is_sent_when_the_client_opens_again() 
     let alice = alice_user.create(&relay).await;
     let bob = bob_user.create(&relay).await;
     let bob_account = alice.add_contact(&bob.contact_card().await).await.unwrap();
-    drop(bob);
+    bob.shutdown().await;
 
     // The relay goes away under Alice: the send fails, the message stays queued.
     relay.restart().await;
     let error = alice.send_text(bob_account, "queued").await.unwrap_err();
     assert!(matches!(error, ClientError::Connection(_)), "{error:?}");
-    drop(alice);
+    alice.shutdown().await;
 
     let alice = alice_user.open(&relay).await;
     let bob = bob_user.open(&relay).await;

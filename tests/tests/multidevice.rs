@@ -65,7 +65,7 @@ async fn two_devices_each_exchange_sealed_messages_while_going_on_and_offline() 
     assert!(copy.outgoing);
 
     // Bob's second device goes offline; Alice's second device writes.
-    drop(bob2);
+    bob2.shutdown().await;
     let canary = "two, while bob2 sleeps";
     alice2.send_text(bob_account, canary).await.unwrap();
     assert_eq!(text(&next_message(&bob1).await).0, canary);
@@ -90,7 +90,7 @@ async fn two_devices_each_exchange_sealed_messages_while_going_on_and_offline() 
     // Bob removes his second device: it stops receiving, and Alice's next send notices the
     // changed device list and goes to Bob's first device only.
     let bob2_device = bob2.address().await.device;
-    drop(bob2);
+    bob2.shutdown().await;
     bob1.remove_device(bob2_device).await.unwrap();
     alice1.send_text(bob_account, "four").await.unwrap();
     assert_eq!(text(&next_message(&bob1).await).0, "four");

@@ -325,3 +325,49 @@ async fn too_many_retractions_are_refused_locally() {
     ));
     assert_eq!(connection.retract(&secrets[..1]).await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn an_anonymous_sender_looks_up_devices_and_prekeys_with_the_token_only() {
+    let relay = TestRelay::start().await;
+    let bob = relay.register().await;
+    bob.connection
+        .set_delivery_access(Some(TOKEN), false)
+        .await
+        .unwrap();
+    let anonymous = relay.connect().await;
+    let account = bob.address.account;
+
+    assert_eq!(
+        anonymous
+            .list_devices_with(account, Some(TOKEN))
+            .await
+            .unwrap(),
+        vec![DeviceId::PRIMARY]
+    );
+    let bundles = anonymous
+        .fetch_prekeys_with(account, None, Some(TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(bundles.devices.len(), 1);
+
+    // Without the token, with a wrong one, or for an unknown account: the same refusal,
+    // and the connection carries on.
+    for (account, token) in [
+        (account, None),
+        (account, Some([1; 16])),
+        (hush_client::protocol::AccountId([3; 16]), Some(TOKEN)),
+    ] {
+        refused(
+            anonymous.list_devices_with(account, token).await,
+            ErrorCode::DeliveryRefused,
+        );
+        refused(
+            anonymous.fetch_prekeys_with(account, None, token).await,
+            ErrorCode::DeliveryRefused,
+        );
+    }
+    assert!(anonymous
+        .list_devices_with(bob.address.account, Some(TOKEN))
+        .await
+        .is_ok());
+}

@@ -324,6 +324,10 @@ pub trait Store: Send + Sync + 'static {
     /// An account's identity key and device list, if it exists.
     fn account(&self, account: &AccountId) -> Result<Option<AccountView>, StoreError>;
 
+    /// Whether an anonymous sender presenting `token` may reach `account` (false for an
+    /// unknown account, so the two cannot be told apart).
+    fn admits(&self, account: &AccountId, token: Option<&[u8; 16]>) -> Result<bool, StoreError>;
+
     /// One-time prekeys a device has left.
     fn prekey_counts(&self, address: &DeviceAddress) -> Result<PrekeyCounts, StoreError>;
 

@@ -207,9 +207,9 @@ impl RedbStore {
         self.keys.tag(b"retract", retract_tag)
     }
 
-    fn load_delivery_access(
+    fn load_delivery_access<T: ReadableTable<Tag, &'static [u8]>>(
         &self,
-        table: &Table<'_, Tag, &'static [u8]>,
+        table: &T,
         tag: &Tag,
     ) -> Result<DeliveryAccess, StoreError> {
         let corrupt = || StoreError::Corrupt {
@@ -866,6 +866,19 @@ impl Store for RedbStore {
                 devices,
             }
         }))
+    }
+
+    fn admits(&self, account: &AccountId, token: Option<&[u8; 16]>) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        let tag = self.account_tag(account);
+        if self
+            .load_account(&txn.open_table(ACCOUNTS)?, &tag)?
+            .is_none()
+        {
+            return Ok(false);
+        }
+        let access = self.load_delivery_access(&txn.open_table(DELIVERY_ACCESS)?, &tag)?;
+        Ok(access.admits(token))
     }
 
     fn prekey_counts(&self, address: &DeviceAddress) -> Result<PrekeyCounts, StoreError> {
