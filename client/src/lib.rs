@@ -32,6 +32,7 @@ mod error;
 mod kdf;
 mod keys;
 mod link;
+pub mod media;
 pub mod message;
 pub mod padding;
 mod pickle;
