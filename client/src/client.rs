@@ -1470,6 +1470,8 @@ impl Inner {
             contact_changed = true;
         }
         let result = match content.body {
+            // Calls are not wired into the client yet (issue #4): signals are ignored.
+            Body::Call(_) => (None, None),
             Body::Receipt { kind, ids } => (
                 Some(ClientEvent::Receipt {
                     from: account,

@@ -62,6 +62,54 @@ pub enum Body {
         /// Seconds a message lives after it is received; `None` switches it off.
         expires_in: Option<u32>,
     },
+    /// Call signaling (the client's call API sends and handles these).
+    Call(CallSignal),
+}
+
+/// A call's id, chosen by the relay when the caller allocates the call.
+pub type CallId = [u8; 16];
+
+/// Call signaling, end-to-end encrypted like any message: the relay never sees a call key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CallSignal {
+    /// The caller rings every device of the callee.
+    Offer {
+        /// The call.
+        call_id: CallId,
+        /// The media key, fresh for this call.
+        key: crate::media::CallKey,
+        /// The relay allocation that carries the media.
+        allocation: u32,
+        /// The token that lets the callee join the allocation.
+        token: [u8; 16],
+        /// Whether video is offered.
+        video: bool,
+    },
+    /// The callee answered (also copied to the callee's other devices: stop ringing).
+    Answer {
+        /// The call.
+        call_id: CallId,
+    },
+    /// The callee declined (also copied to the callee's other devices).
+    Reject {
+        /// The call.
+        call_id: CallId,
+    },
+    /// The callee is in another call.
+    Busy {
+        /// The call.
+        call_id: CallId,
+    },
+    /// Either side ended an answered call.
+    HangUp {
+        /// The call.
+        call_id: CallId,
+    },
+    /// The caller gave up before an answer (or the ringing timed out).
+    Cancel {
+        /// The call.
+        call_id: CallId,
+    },
 }
 
 impl Body {
