@@ -410,7 +410,7 @@ fn each_kind_has_its_own_limit() {
 
 #[test]
 fn unknown_frame_kind_is_refused() {
-    for kind in [0x00, 0x11, 0x7f, 0x81, 0xff] {
+    for kind in [0x00, 0x14, 0x7f, 0x81, 0xff] {
         let header = [0, 0, 0, 0, kind];
         assert_eq!(
             FrameHeader::parse::<ClientFrame>(header),

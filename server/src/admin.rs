@@ -115,11 +115,11 @@ async fn serve(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
 async fn answer(command: &str, shared: &Shared) -> String {
     let store = shared.store.clone();
     match command {
-        "cdr-report" => match read(store, |s| s.day_stats()).await {
+        "cdr-report" => match read(store, Store::day_stats).await {
             Ok(days) => day_report(&days),
             Err(error) => failure(&error),
         },
-        "retention" => match read(store, |s| s.retention_summary()).await {
+        "retention" => match read(store, Store::retention_summary).await {
             Ok(summary) => retention_report(&shared.config, &summary),
             Err(error) => failure(&error),
         },

@@ -191,12 +191,12 @@ impl Relay {
 
     /// The day-level call statistics.
     pub async fn call_day_stats(&self) -> Result<Vec<DayStats>, StoreError> {
-        self.read(|store| store.day_stats()).await
+        self.read(Store::day_stats).await
     }
 
     /// What is held and when the oldest of it goes.
     pub async fn retention_summary(&self) -> Result<RetentionSummary, StoreError> {
-        self.read(|store| store.retention_summary()).await
+        self.read(Store::retention_summary).await
     }
 
     /// Deletes every call-detail record naming `account` (for account erasure); returns
@@ -412,13 +412,13 @@ async fn expire_calls(shared: &Shared) -> usize {
 async fn sweep_call_records(shared: &Shared) -> Result<u64, CommitError> {
     let mut total = 0;
     loop {
-        let before = shared
+        let until = shared
             .clock
             .now()
             .saturating_sub(shared.config.cdr_retention_secs());
         match shared
             .committer
-            .commit(Write::ExpireCalls { before })
+            .commit(Write::ExpireCalls { until })
             .await?
         {
             Ok(Outcome::CallsDeleted { records }) if records > 0 => {

@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::calls::{CallError, Ended, Party, Route};
+use crate::calls::{Ended, Party, Route};
 use crate::commit::CommitError;
 use crate::mailbox::DeviceLink;
 use crate::metrics::Metrics;
@@ -587,7 +587,7 @@ impl Session {
                     drop(permit);
                 });
             }
-            Err(error @ CallError::Unknown) | Err(error) => {
+            Err(error) => {
                 self.respond(id, Err(error.code())).await;
             }
         }

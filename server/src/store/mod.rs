@@ -122,11 +122,11 @@ pub enum Write {
         /// that day's key, which goes when the day is over.
         delete_at: u64,
     },
-    /// Deletes call-detail records of calls that started before `before`, with their
+    /// Deletes call-detail records of calls that started at or before `until`, with their
     /// account index entries. The day statistics stay.
     ExpireCalls {
         /// Seconds since the epoch.
-        before: u64,
+        until: u64,
     },
     /// Deletes every call-detail record naming `account` (account erasure). The day
     /// statistics stay.

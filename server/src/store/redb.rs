@@ -648,9 +648,9 @@ impl RedbStore {
                 self.record_call(t, &record, delete_at)?;
                 Ok(Ok(Outcome::CallRecorded))
             }
-            Write::ExpireCalls { before } => {
+            Write::ExpireCalls { until } => {
                 let mut doomed = Vec::new();
-                for entry in t.call_records.range(..(before, [0; 16]))? {
+                for entry in t.call_records.range(..=(until, [0xff; 16]))? {
                     let (key, _) = entry?;
                     doomed.push(key.value());
                     if doomed.len() == EXPIRE_BATCH {
