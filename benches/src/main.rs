@@ -407,7 +407,12 @@ async fn receive(
                     flush(&connection, &mut pending);
                 }
             }
-            Some(Event::Drained | Event::LowPrekeys { .. } | Event::Provisioning(_)) => {}
+            Some(
+                Event::Drained
+                | Event::LowPrekeys { .. }
+                | Event::Provisioning(_)
+                | Event::CallEnded { .. },
+            ) => {}
             Some(Event::Closed(_)) | None => break,
         }
         if stop.load(Ordering::Relaxed) && pending.is_empty() {

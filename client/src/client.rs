@@ -1732,7 +1732,9 @@ async fn receive_loop(inner: Arc<Inner>, acks: mpsc::UnboundedSender<EnvelopeId>
             Event::Drained => {
                 let _ = work.send(Work::Prekeys { replenish: false });
             }
-            Event::Provisioning(_) => {}
+            // Calls on the Client handle are a later issue; the transport `Connection`
+            // carries them today.
+            Event::Provisioning(_) | Event::CallEnded { .. } => {}
             Event::Closed(code) => {
                 let _ = inner.events.send(ClientEvent::Disconnected(code)).await;
                 return;

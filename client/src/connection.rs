@@ -8,12 +8,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use hush_protocol::auth::{auth_transcript, register_transcript, EXPORTER_LABEL, EXPORTER_LEN};
+use hush_protocol::media::{encode_media, parse_media};
 use hush_protocol::sealed::{SealedEnvelope, SenderCertificate};
 use hush_protocol::{
-    encode_frame, AccountId, Ack, AddDevice, Authenticate, ClientFrame, DecodeError, DeviceAddress,
-    DeviceId, EnvelopeId, ErrorCode, FetchPrekeys, Frame, FrameHeader, Hello, ListDevices,
-    OutgoingEnvelope, PrekeyBundles, Provision, Register, RemoveDevice, Request, RequestBody,
-    RequestId, ResponseBody, Retract, SealedSend, Send, ServerFrame, SetDeliveryAccess, Signature,
+    encode_frame, AccountId, Ack, AddDevice, AllocateCall, Authenticate, CallOutcome, CallToken,
+    ClientFrame, DecodeError, DeviceAddress, DeviceId, EndCall, EnvelopeId, ErrorCode,
+    FetchPrekeys, Frame, FrameHeader, Hello, JoinCall, ListDevices, OutgoingEnvelope,
+    PrekeyBundles, Provision, Register, RemoveDevice, Request, RequestBody, RequestId,
+    ResponseBody, Retract, SealedSend, Send, ServerFrame, SetDeliveryAccess, Signature,
     UploadPrekeys, HEADER_LEN, SUPPORTED_VERSIONS,
 };
 use quinn::{IdleTimeout, ReadExactError, RecvStream, SendStream, VarInt};
@@ -35,6 +37,8 @@ const WRITE_COALESCE: usize = 64 * 1024;
 /// Keep-alives stop NAT bindings and the relay's idle timer from dropping a quiet device.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 const IDLE_TIMEOUT_MS: u32 = 60_000;
+/// Bytes of media datagrams buffered each way.
+const DATAGRAM_BUFFER: usize = 256 * 1024;
 
 /// How the client decides to trust the relay's certificate.
 #[derive(Clone, Debug)]
@@ -94,6 +98,12 @@ pub enum Event {
     },
     /// The one-shot message sent to this connection's provisioning address.
     Provisioning(Vec<u8>),
+    /// A call allocation this connection is a party of ended, not by its own `end_call`
+    /// (the other party hung up or went away, or a timeout).
+    CallEnded {
+        /// The allocation.
+        allocation: u32,
+    },
     /// The connection is over; the relay's code, if it gave one.
     Closed(Option<ErrorCode>),
 }
@@ -147,7 +157,9 @@ impl Connector {
             .stream_receive_window(VarInt::from_u32(4 * 1024 * 1024))
             .keep_alive_interval(Some(KEEP_ALIVE))
             .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(IDLE_TIMEOUT_MS))))
-            .datagram_receive_buffer_size(None);
+            // Call media: bounded buffers that drop the oldest datagrams when full.
+            .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
+            .datagram_send_buffer_size(DATAGRAM_BUFFER);
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         config.transport_config(Arc::new(transport));
 
@@ -542,6 +554,87 @@ impl Connection {
         )
     }
 
+    /// Asks the relay for a media allocation for a call to `callee`'s account; returns the
+    /// allocation id, the join token (both go to the callee inside the end-to-end call
+    /// offer) and the call id.
+    pub async fn allocate_call(
+        &self,
+        callee: AccountId,
+    ) -> Result<(u32, CallToken, [u8; 16]), ConnectionError> {
+        match self
+            .request(RequestBody::AllocateCall(AllocateCall { callee }))
+            .await?
+        {
+            ResponseBody::CallAllocated {
+                allocation,
+                token,
+                call_id,
+            } => Ok((allocation, token, call_id)),
+            _ => Err(ConnectionError::UnexpectedResponse),
+        }
+    }
+
+    /// Joins a call allocation as a device of the callee account, with the token from the
+    /// caller's offer. Media flows once this returns.
+    pub async fn join_call(
+        &self,
+        allocation: u32,
+        token: CallToken,
+    ) -> Result<(), ConnectionError> {
+        expect(
+            &self
+                .request(RequestBody::JoinCall(JoinCall { allocation, token }))
+                .await?,
+            &ResponseBody::CallJoined,
+        )
+    }
+
+    /// Ends a call allocation this connection is a party of; `outcome` is the caller's
+    /// account of an unanswered call (once answered, the relay records `Answered`).
+    /// Returns once the relay has durably written the call-detail record.
+    pub async fn end_call(
+        &self,
+        allocation: u32,
+        outcome: CallOutcome,
+    ) -> Result<(), ConnectionError> {
+        expect(
+            &self
+                .request(RequestBody::EndCall(EndCall {
+                    allocation,
+                    outcome,
+                }))
+                .await?,
+            &ResponseBody::CallEnded,
+        )
+    }
+
+    /// Sends one (already encrypted) media frame of a call as a QUIC datagram. Never
+    /// waits: a frame over [`hush_protocol::media::MAX_MEDIA_PAYLOAD`] or over what the
+    /// path carries, or on a closed connection, is an error; a full send buffer drops the
+    /// oldest queued datagram.
+    pub fn send_media(&self, allocation: u32, frame: &[u8]) -> Result<(), ConnectionError> {
+        let datagram = encode_media(allocation, frame)?;
+        self.send_raw_datagram(datagram)
+    }
+
+    /// Sends a datagram as it is, without the media size check: for conformance tests
+    /// and tools.
+    pub fn send_raw_datagram(&self, datagram: Vec<u8>) -> Result<(), ConnectionError> {
+        self.quic.send_datagram(datagram.into())?;
+        Ok(())
+    }
+
+    /// The next media datagram: its allocation id and the encrypted frame. Datagrams too
+    /// short to carry an allocation id are skipped; `None` once the connection is closed.
+    pub async fn next_media(&self) -> Option<(u32, Vec<u8>)> {
+        loop {
+            let datagram = self.quic.read_datagram().await.ok()?;
+            if let Ok((allocation, frame)) = parse_media(&datagram) {
+                return Some((allocation, frame.to_vec()));
+            }
+        }
+    }
+
     /// Acknowledges envelopes; the relay deletes them.
     pub async fn ack(&self, ids: &[EnvelopeId]) -> Result<(), ConnectionError> {
         expect(
@@ -656,6 +749,12 @@ async fn read_loop(
             }
             Ok(Some(ServerFrame::ProvisioningMessage(message))) => {
                 let _ = events.send(Event::Provisioning(message.payload)).await;
+            }
+            Ok(Some(ServerFrame::CallEnded(ended))) => {
+                let event = Event::CallEnded {
+                    allocation: ended.allocation,
+                };
+                let _ = events.send(event).await;
             }
             Ok(Some(ServerFrame::Fatal(f))) => fatal = Some(f.code),
             Ok(Some(ServerFrame::HelloOk(_)) | None) | Err(_) => break,

@@ -1,5 +1,6 @@
 //! What can go wrong talking to a relay.
 
+use hush_protocol::media::MediaError;
 use hush_protocol::{DecodeError, ErrorCode, VersionRange};
 
 /// A connection or request failed.
@@ -40,6 +41,12 @@ pub enum ConnectionError {
     /// The request is over a protocol limit and was not sent.
     #[error("request not sent: {0}")]
     TooLarge(DecodeError),
+    /// A media frame is over the media limit and was not sent.
+    #[error("media frame not sent: {0}")]
+    Media(#[from] MediaError),
+    /// QUIC refused the datagram: larger than the path carries, or the connection is gone.
+    #[error("datagram not sent: {0}")]
+    Datagram(#[from] quinn::SendDatagramError),
 }
 
 /// An end-to-end operation failed. Whatever failed left the session it touched exactly as

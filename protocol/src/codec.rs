@@ -151,6 +151,9 @@ mod kind {
     pub const RETRACT: u8 = 0x0e;
     pub const OPEN_PROVISIONING: u8 = 0x0f;
     pub const PROVISION: u8 = 0x10;
+    pub const ALLOCATE_CALL: u8 = 0x11;
+    pub const JOIN_CALL: u8 = 0x12;
+    pub const END_CALL: u8 = 0x13;
 
     pub const HELLO_OK: u8 = 0x81;
     pub const RESPONSE: u8 = 0x82;
@@ -159,6 +162,7 @@ mod kind {
     pub const LOW_PREKEYS: u8 = 0x85;
     pub const FATAL: u8 = 0x86;
     pub const PROVISIONING_MESSAGE: u8 = 0x87;
+    pub const CALL_ENDED: u8 = 0x88;
 }
 
 impl Frame for ClientFrame {
@@ -178,6 +182,7 @@ impl Frame for ClientFrame {
             kind::LIST_DEVICES => limit::LIST_DEVICES,
             kind::RETRACT => limit::RETRACT,
             kind::PROVISION => limit::PROVISION,
+            kind::ALLOCATE_CALL | kind::JOIN_CALL | kind::END_CALL => limit::CALL,
             _ => return None,
         })
     }
@@ -201,6 +206,9 @@ impl Frame for ClientFrame {
                 RequestBody::Retract(_) => kind::RETRACT,
                 RequestBody::OpenProvisioning => kind::OPEN_PROVISIONING,
                 RequestBody::Provision(_) => kind::PROVISION,
+                RequestBody::AllocateCall(_) => kind::ALLOCATE_CALL,
+                RequestBody::JoinCall(_) => kind::JOIN_CALL,
+                RequestBody::EndCall(_) => kind::END_CALL,
             },
         }
     }
@@ -225,6 +233,9 @@ impl Frame for ClientFrame {
             RequestBody::ListDevices(b) => append(&(id, b), out),
             RequestBody::Retract(b) => append(&(id, b), out),
             RequestBody::Provision(b) => append(&(id, b), out),
+            RequestBody::AllocateCall(b) => append(&(id, b), out),
+            RequestBody::JoinCall(b) => append(&(id, b), out),
+            RequestBody::EndCall(b) => append(&(id, b), out),
         }
     }
 
@@ -259,6 +270,9 @@ impl Frame for ClientFrame {
             kind::RETRACT => request(kind, body, RequestBody::Retract),
             kind::OPEN_PROVISIONING => request(kind, body, |()| RequestBody::OpenProvisioning),
             kind::PROVISION => request(kind, body, RequestBody::Provision),
+            kind::ALLOCATE_CALL => request(kind, body, RequestBody::AllocateCall),
+            kind::JOIN_CALL => request(kind, body, RequestBody::JoinCall),
+            kind::END_CALL => request(kind, body, RequestBody::EndCall),
             other => Err(DecodeError::UnknownFrameType(other)),
         }
     }
@@ -270,7 +284,7 @@ impl Frame for ServerFrame {
             kind::HELLO_OK => limit::HELLO_OK,
             kind::RESPONSE => limit::RESPONSE,
             kind::DELIVER => limit::DELIVER,
-            kind::DRAINED | kind::LOW_PREKEYS | kind::FATAL => limit::SMALL,
+            kind::DRAINED | kind::LOW_PREKEYS | kind::FATAL | kind::CALL_ENDED => limit::SMALL,
             kind::PROVISIONING_MESSAGE => limit::PROVISIONING_MESSAGE,
             _ => return None,
         })
@@ -285,6 +299,7 @@ impl Frame for ServerFrame {
             ServerFrame::LowPrekeys(_) => kind::LOW_PREKEYS,
             ServerFrame::Fatal(_) => kind::FATAL,
             ServerFrame::ProvisioningMessage(_) => kind::PROVISIONING_MESSAGE,
+            ServerFrame::CallEnded(_) => kind::CALL_ENDED,
         }
     }
 
@@ -297,6 +312,7 @@ impl Frame for ServerFrame {
             ServerFrame::LowPrekeys(b) => append(b, out),
             ServerFrame::Fatal(b) => append(b, out),
             ServerFrame::ProvisioningMessage(b) => append(b, out),
+            ServerFrame::CallEnded(b) => append(b, out),
         }
     }
 
@@ -312,6 +328,7 @@ impl Frame for ServerFrame {
             kind::LOW_PREKEYS => ServerFrame::LowPrekeys(parse(kind, body)?),
             kind::FATAL => ServerFrame::Fatal(parse(kind, body)?),
             kind::PROVISIONING_MESSAGE => ServerFrame::ProvisioningMessage(parse(kind, body)?),
+            kind::CALL_ENDED => ServerFrame::CallEnded(parse(kind, body)?),
             other => return Err(DecodeError::UnknownFrameType(other)),
         };
         frame.check_limits()?;

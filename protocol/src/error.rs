@@ -155,6 +155,14 @@ error_codes! {
     UnknownProvisioningAddress = 26,
     /// The relay is at a capacity limit; try again later.
     Overloaded = 27,
+    /// No live call allocation with that id and token for this connection: unknown,
+    /// already ended, a wrong token, or not a party. One code, so that allocations cannot
+    /// be probed.
+    UnknownCall = 28,
+    /// The call allocation already has its callee.
+    CallAlreadyJoined = 29,
+    /// The account has as many live call allocations as it may.
+    CallLimitReached = 30,
 }
 
 impl fmt::Debug for ErrorCode {

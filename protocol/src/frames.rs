@@ -249,6 +249,65 @@ impl fmt::Debug for Provision {
     }
 }
 
+/// A call allocation's join token: 16 random bytes the caller passes to the callee inside
+/// the end-to-end signaling. `Debug` prints `<redacted>`.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallToken(pub [u8; 16]);
+
+impl fmt::Debug for CallToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CallToken(<redacted>)")
+    }
+}
+
+/// How a call ended, as the call-detail record keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CallOutcome {
+    /// The callee joined; the call took place.
+    Answered,
+    /// Nobody answered (the caller gave up, or the ring timed out).
+    Missed,
+    /// The callee declined.
+    Rejected,
+    /// The callee was in another call.
+    Busy,
+    /// The call could not be set up (or a connection went away before the answer).
+    Failed,
+}
+
+/// Asks the relay for a media allocation for a call to `callee`'s account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocateCall {
+    /// The account called.
+    pub callee: AccountId,
+}
+
+/// Joins a call allocation as a device of the callee account. `Debug` leaves out the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinCall {
+    /// The allocation, from the caller's signaling.
+    pub allocation: u32,
+    /// Its token, from the caller's signaling.
+    pub token: CallToken,
+}
+
+/// Ends a call allocation this connection is a party of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndCall {
+    /// The allocation.
+    pub allocation: u32,
+    /// The caller's view of how it ended; once the callee has joined the relay records
+    /// `Answered` whatever this says.
+    pub outcome: CallOutcome,
+}
+
+/// Pushed to a party of a call whose allocation ended for any reason but its own `EndCall`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallEnded {
+    /// The allocation that ended.
+    pub allocation: u32,
+}
+
 /// A request; the relay answers each with a [`Response`] carrying the same id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -291,6 +350,12 @@ pub enum RequestBody {
     OpenProvisioning,
     /// See [`Provision`].
     Provision(Provision),
+    /// See [`AllocateCall`].
+    AllocateCall(AllocateCall),
+    /// See [`JoinCall`].
+    JoinCall(JoinCall),
+    /// See [`EndCall`].
+    EndCall(EndCall),
 }
 
 /// Frames a client sends.
@@ -385,6 +450,20 @@ pub enum ResponseBody {
     },
     /// The provisioning message was handed to the waiting connection.
     Provisioned,
+    /// A media allocation for a call; the caller passes `allocation` and `token` to the
+    /// callee end to end.
+    CallAllocated {
+        /// The compact id every media datagram of the call starts with.
+        allocation: u32,
+        /// What the callee presents to join.
+        token: CallToken,
+        /// The call's id, as its call-detail record keeps it.
+        call_id: [u8; 16],
+    },
+    /// This connection is the callee's party of the allocation.
+    CallJoined,
+    /// The allocation has ended and its call-detail record is durably written.
+    CallEnded,
 }
 
 /// The answer to a [`Request`].
@@ -451,6 +530,8 @@ pub enum ServerFrame {
     Fatal(Fatal),
     /// See [`ProvisioningMessage`].
     ProvisioningMessage(ProvisioningMessage),
+    /// See [`CallEnded`].
+    CallEnded(CallEnded),
 }
 
 fn check(ok: bool, what: &'static str) -> Result<(), DecodeError> {
@@ -569,7 +650,10 @@ impl RequestBody {
             | RequestBody::GetSenderCertificate
             | RequestBody::SetDeliveryAccess(_)
             | RequestBody::ListDevices(_)
-            | RequestBody::OpenProvisioning => Ok(()),
+            | RequestBody::OpenProvisioning
+            | RequestBody::AllocateCall(_)
+            | RequestBody::JoinCall(_)
+            | RequestBody::EndCall(_) => Ok(()),
         }
     }
 }

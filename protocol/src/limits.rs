@@ -30,6 +30,11 @@ pub const MAX_PROVISIONING_PAYLOAD: usize = 64 * 1024;
 /// Largest encoded sender certificate body (ids, an identity key, an expiry).
 pub const MAX_SENDER_CERTIFICATE_BODY: usize = 256;
 
+/// Largest media datagram, header included: `allocation (u32 BE) || encrypted frame`.
+/// Sized to fit the QUIC minimum path MTU's datagram room with IPv6 headers to spare
+/// once the path MTU has been discovered; larger datagrams are dropped by the relay.
+pub const MAX_MEDIA_FRAME: usize = 1200;
+
 /// Body limits per frame kind, in bytes. Each is the largest body that the field limits
 /// above allow, rounded up; a peer that announces more is cut off before we read it.
 pub mod frame {
@@ -61,13 +66,15 @@ pub mod frame {
     pub const RETRACT: usize = 9 * 1024;
     /// `Provision`.
     pub const PROVISION: usize = super::MAX_PROVISIONING_PAYLOAD + 64;
+    /// `AllocateCall`, `JoinCall`, `EndCall`.
+    pub const CALL: usize = 64;
     /// `HelloOk`.
     pub const HELLO_OK: usize = 64;
     /// `Response`: a prekey response is the largest.
     pub const RESPONSE: usize = 256 * 1024;
     /// `Deliver`.
     pub const DELIVER: usize = super::MAX_ENVELOPE_PAYLOAD + 64;
-    /// Small pushes: `Drained`, `LowPrekeys`, `Fatal`.
+    /// Small pushes: `Drained`, `LowPrekeys`, `Fatal`, `CallEnded`.
     pub const SMALL: usize = 64;
     /// `ProvisioningMessage`.
     pub const PROVISIONING_MESSAGE: usize = super::MAX_PROVISIONING_PAYLOAD + 16;

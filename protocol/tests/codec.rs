@@ -4,9 +4,10 @@
 use hush_protocol::limits::{self, frame as frame_limit};
 use hush_protocol::sealed::{SealedEnvelope, SenderCertificate};
 use hush_protocol::{
-    encode_frame, AccountId, Ack, AddDevice, Authenticate, ClientFrame, DecodeError, Deliver,
-    DeviceAddress, DeviceBundle, DeviceId, EnvelopeId, ErrorCode, Fatal, FetchPrekeys, Frame,
-    FrameDecoder, FrameHeader, Hello, HelloOk, ListDevices, LowPrekeys, OutgoingEnvelope, Prekey,
+    encode_frame, media, AccountId, Ack, AddDevice, AllocateCall, Authenticate, CallEnded,
+    CallOutcome, CallToken, ClientFrame, DecodeError, Deliver, DeviceAddress, DeviceBundle,
+    DeviceId, EndCall, EnvelopeId, ErrorCode, Fatal, FetchPrekeys, Frame, FrameDecoder,
+    FrameHeader, Hello, HelloOk, JoinCall, ListDevices, LowPrekeys, OutgoingEnvelope, Prekey,
     PrekeyBundles, Provision, ProvisioningMessage, Register, RemoveDevice, Request, RequestBody,
     RequestId, Response, ResponseBody, Retract, SealedSend, Send, ServerFrame, SetDeliveryAccess,
     Signature, UploadPrekeys, VersionRange, HEADER_LEN,
@@ -167,6 +168,29 @@ fn request_body() -> impl Strategy<Value = RequestBody> {
         vec(any::<u64>(), 1..64).prop_map(|ids| RequestBody::Ack(Ack {
             ids: ids.into_iter().map(EnvelopeId).collect()
         })),
+        account().prop_map(|callee| RequestBody::AllocateCall(AllocateCall { callee })),
+        (any::<u32>(), any::<[u8; 16]>()).prop_map(|(allocation, token)| {
+            RequestBody::JoinCall(JoinCall {
+                allocation,
+                token: CallToken(token),
+            })
+        }),
+        (any::<u32>(), call_outcome()).prop_map(|(allocation, outcome)| RequestBody::EndCall(
+            EndCall {
+                allocation,
+                outcome
+            }
+        )),
+    ]
+}
+
+fn call_outcome() -> impl Strategy<Value = CallOutcome> {
+    prop_oneof![
+        Just(CallOutcome::Answered),
+        Just(CallOutcome::Missed),
+        Just(CallOutcome::Rejected),
+        Just(CallOutcome::Busy),
+        Just(CallOutcome::Failed),
     ]
 }
 
@@ -243,6 +267,15 @@ fn response_body() -> impl Strategy<Value = ResponseBody> {
         any::<u32>().prop_map(|count| ResponseBody::Retracted { count }),
         any::<[u8; 16]>().prop_map(|address| ResponseBody::ProvisioningOpened { address }),
         Just(ResponseBody::Provisioned),
+        (any::<u32>(), any::<[u8; 16]>(), any::<[u8; 16]>()).prop_map(
+            |(allocation, token, call_id)| ResponseBody::CallAllocated {
+                allocation,
+                token: CallToken(token),
+                call_id,
+            }
+        ),
+        Just(ResponseBody::CallJoined),
+        Just(ResponseBody::CallEnded),
     ]
 }
 
@@ -280,6 +313,7 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         )),
         bytes(4096)
             .prop_map(|payload| ServerFrame::ProvisioningMessage(ProvisioningMessage { payload })),
+        any::<u32>().prop_map(|allocation| ServerFrame::CallEnded(CallEnded { allocation })),
     ]
 }
 
@@ -310,6 +344,18 @@ proptest! {
     fn server_frames_round_trip(frames in vec(server_frame(), 1..6), chunk in 1usize..512) {
         let wire: Vec<u8> = frames.iter().flat_map(encode_frame).collect();
         prop_assert_eq!(decode_chunked::<ServerFrame>(&wire, chunk)?, frames);
+    }
+
+    #[test]
+    fn media_datagrams_round_trip(allocation in any::<u32>(), frame in bytes(media::MAX_MEDIA_PAYLOAD)) {
+        let datagram = media::encode_media(allocation, &frame).unwrap();
+        prop_assert!(datagram.len() <= limits::MAX_MEDIA_FRAME);
+        prop_assert_eq!(media::parse_media(&datagram), Ok((allocation, frame.as_slice())));
+    }
+
+    #[test]
+    fn media_garbage_never_panics(garbage in bytes(2 * limits::MAX_MEDIA_FRAME)) {
+        let _ = media::parse_media(&garbage);
     }
 
     #[test]
@@ -364,7 +410,7 @@ fn each_kind_has_its_own_limit() {
 
 #[test]
 fn unknown_frame_kind_is_refused() {
-    for kind in [0x00, 0x11, 0x7f, 0x81, 0xff] {
+    for kind in [0x00, 0x14, 0x7f, 0x81, 0xff] {
         let header = [0, 0, 0, 0, kind];
         assert_eq!(
             FrameHeader::parse::<ClientFrame>(header),
@@ -624,4 +670,72 @@ fn hex(bytes: &[u8]) -> String {
         let _ = write!(out, "{b:02x}");
         out
     })
+}
+
+#[test]
+fn call_frames_fit_their_limits_and_keep_tokens_out_of_debug() {
+    let largest = [
+        RequestBody::AllocateCall(AllocateCall {
+            callee: AccountId([0xff; 16]),
+        }),
+        RequestBody::JoinCall(JoinCall {
+            allocation: u32::MAX,
+            token: CallToken([0xee; 16]),
+        }),
+        RequestBody::EndCall(EndCall {
+            allocation: u32::MAX,
+            outcome: CallOutcome::Failed,
+        }),
+    ];
+    for body in largest {
+        let frame = ClientFrame::Request(Request {
+            id: RequestId(u32::MAX),
+            body,
+        });
+        let wire = encode_frame(&frame);
+        assert!(wire.len() - HEADER_LEN <= limits::frame::CALL);
+        assert_eq!(
+            decode_chunked::<ClientFrame>(&wire, 7).unwrap(),
+            vec![frame]
+        );
+    }
+    let allocated = ServerFrame::Response(Response {
+        id: RequestId(u32::MAX),
+        result: Ok(ResponseBody::CallAllocated {
+            allocation: u32::MAX,
+            token: CallToken([0xee; 16]),
+            call_id: [0xdd; 16],
+        }),
+    });
+    let wire = encode_frame(&allocated);
+    assert_eq!(
+        decode_chunked::<ServerFrame>(&wire, 9).unwrap(),
+        vec![allocated.clone()]
+    );
+    let ended = ServerFrame::CallEnded(CallEnded {
+        allocation: u32::MAX,
+    });
+    let wire = encode_frame(&ended);
+    assert!(wire.len() - HEADER_LEN <= limits::frame::SMALL);
+
+    let printed = format!(
+        "{allocated:?} {:?}",
+        JoinCall {
+            allocation: 1,
+            token: CallToken([0xee; 16])
+        }
+    );
+    assert!(
+        !printed.contains("238") && !printed.contains("ee"),
+        "{printed}"
+    );
+
+    // A call request announcing more than its kind allows is cut off from the header.
+    let mut header = [0u8; HEADER_LEN];
+    header[..4].copy_from_slice(&(limits::frame::CALL as u32 + 1).to_be_bytes());
+    header[4] = 0x12;
+    assert!(matches!(
+        FrameHeader::parse::<ClientFrame>(header),
+        Err(DecodeError::FrameTooLarge { .. })
+    ));
 }

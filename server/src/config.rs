@@ -9,6 +9,9 @@ use serde::Deserialize;
 /// P3: undelivered messages live at most this long. Configurable downward only.
 pub const MAX_MESSAGE_EXPIRY_DAYS: u32 = 14;
 
+/// The longest call-detail record retention an operator may configure (ten years).
+pub const MAX_CDR_RETENTION_DAYS: u32 = 3650;
+
 /// Who may register.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -52,6 +55,16 @@ pub struct Limits {
     /// for acks before it pushes more. Keeps a slow device's backlog in the store, not in
     /// buffers, and keeps the client's replies from queueing behind a flood of pushes.
     pub delivery_window: usize,
+    /// Most call allocations live at once (they live in memory).
+    pub max_call_allocations: usize,
+    /// Most live call allocations one account may have made.
+    pub max_calls_per_account: usize,
+    /// Bytes of incoming media datagrams buffered per connection before the oldest are
+    /// dropped.
+    pub datagram_receive_buffer: usize,
+    /// Bytes of outgoing media datagrams buffered per connection before the oldest are
+    /// dropped (forwarding never waits).
+    pub datagram_send_buffer: usize,
 }
 
 impl Default for Limits {
@@ -65,6 +78,10 @@ impl Default for Limits {
             require_address_validation: true,
             max_open_provisioning: 10_000,
             delivery_window: 256,
+            max_call_allocations: 10_000,
+            max_calls_per_account: 4,
+            datagram_receive_buffer: 256 * 1024,
+            datagram_send_buffer: 256 * 1024,
         }
     }
 }
@@ -91,6 +108,13 @@ pub struct Config {
     pub sweep_interval_secs: u64,
     /// How long a sender certificate is valid, in hours (1 to 168).
     pub sender_certificate_hours: u32,
+    /// Days a call-detail record is kept before it is deleted (1 to 3650); the day-level
+    /// counts stay.
+    pub cdr_retention_days: u32,
+    /// A joined call with no media for this long ends (seconds).
+    pub call_media_idle_secs: u64,
+    /// A call nobody joined ends as missed after this long (seconds).
+    pub call_ring_timeout_secs: u64,
     /// Transport and abuse limits.
     pub limits: Limits,
 }
@@ -107,6 +131,9 @@ impl Default for Config {
             low_prekey_threshold: 10,
             sweep_interval_secs: 60,
             sender_certificate_hours: 24,
+            cdr_retention_days: 90,
+            call_media_idle_secs: 30,
+            call_ring_timeout_secs: 90,
             limits: Limits::default(),
         }
     }
@@ -192,6 +219,32 @@ impl Config {
             "between 1 and 168",
         )?;
         range(
+            (1..=MAX_CDR_RETENTION_DAYS).contains(&self.cdr_retention_days),
+            "cdr_retention_days",
+            "between 1 and 3650",
+        )?;
+        range(
+            (1..=3600).contains(&self.call_media_idle_secs),
+            "call_media_idle_secs",
+            "between 1 and 3600",
+        )?;
+        range(
+            (1..=3600).contains(&self.call_ring_timeout_secs),
+            "call_ring_timeout_secs",
+            "between 1 and 3600",
+        )?;
+        range(
+            self.limits.max_call_allocations >= 1 && self.limits.max_calls_per_account >= 1,
+            "limits.max_call_allocations and limits.max_calls_per_account",
+            "at least 1",
+        )?;
+        range(
+            (4096..=16 * 1024 * 1024).contains(&self.limits.datagram_receive_buffer)
+                && (4096..=16 * 1024 * 1024).contains(&self.limits.datagram_send_buffer),
+            "limits.datagram_receive_buffer and limits.datagram_send_buffer",
+            "between 4096 and 16 MiB",
+        )?;
+        range(
             self.limits.max_open_provisioning >= 1,
             "limits.max_open_provisioning",
             "at least 1",
@@ -238,6 +291,11 @@ impl Config {
     /// How long undelivered envelopes are kept, in seconds.
     pub fn message_expiry_secs(&self) -> u64 {
         u64::from(self.message_expiry_days) * crate::keyring::DAY
+    }
+
+    /// How long call-detail records are kept, in seconds.
+    pub fn cdr_retention_secs(&self) -> u64 {
+        u64::from(self.cdr_retention_days) * crate::keyring::DAY
     }
 
     /// How long a sender certificate is valid, in seconds.
@@ -304,6 +362,33 @@ mod tests {
             ));
         }
         assert!(Config::from_toml("[limits]\nmax_open_provisioning = 0").is_err());
+    }
+
+    #[test]
+    fn call_settings_have_defaults_and_ranges() {
+        let config = Config::default();
+        assert_eq!(config.cdr_retention_days, 90);
+        assert_eq!(config.call_media_idle_secs, 30);
+        assert_eq!(config.call_ring_timeout_secs, 90);
+        assert_eq!(config.limits.max_call_allocations, 10_000);
+        assert_eq!(config.cdr_retention_secs(), 90 * 86_400);
+        assert_eq!(
+            Config::from_toml("cdr_retention_days = 3650")
+                .unwrap()
+                .cdr_retention_days,
+            3650
+        );
+        for bad in ["cdr_retention_days = 0", "cdr_retention_days = 3651"] {
+            assert!(matches!(
+                Config::from_toml(bad),
+                Err(ConfigError::OutOfRange {
+                    field: "cdr_retention_days",
+                    ..
+                })
+            ));
+        }
+        assert!(Config::from_toml("call_media_idle_secs = 0").is_err());
+        assert!(Config::from_toml("[limits]\nmax_call_allocations = 0").is_err());
     }
 
     #[test]

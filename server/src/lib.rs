@@ -19,6 +19,9 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod calls;
+pub mod cdr;
 pub mod clock;
 pub mod commit;
 pub mod config;

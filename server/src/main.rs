@@ -52,6 +52,25 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         count: u32,
     },
+    /// Ask the running relay, over its admin socket (operator only).
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+        /// The relay's data dir; its socket is `DIR/admin.sock` (default ./hush-data).
+        #[arg(long, value_name = "DIR", global = true, conflicts_with = "socket")]
+        data_dir: Option<PathBuf>,
+        /// The admin socket itself.
+        #[arg(long, value_name = "PATH", global = true)]
+        socket: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum AdminCommand {
+    /// Call statistics per day: calls, answered, unanswered, missed, minutes.
+    CdrReport,
+    /// The retention rules in force, what is held and when it goes.
+    Retention,
 }
 
 fn load_config(common: &Common) -> anyhow::Result<Config> {
@@ -88,7 +107,35 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(serve(config))
         }
         Command::Invite { common, count } => invite(&load_config(&common)?, count),
+        Command::Admin {
+            command,
+            data_dir,
+            socket,
+        } => admin(command, data_dir, socket),
     }
+}
+
+fn admin(
+    command: AdminCommand,
+    data_dir: Option<PathBuf>,
+    socket: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let socket = socket.unwrap_or_else(|| {
+        data_dir
+            .unwrap_or_else(|| Config::default().data_dir)
+            .join(hush_server::admin::SOCKET_NAME)
+    });
+    let command = match command {
+        AdminCommand::CdrReport => "cdr-report",
+        AdminCommand::Retention => "retention",
+    };
+    let answer = hush_server::admin::query(&socket, command)
+        .context("asking the relay (is it running on that data dir?)")?;
+    print!("{answer}");
+    if answer.starts_with("error:") {
+        anyhow::bail!("the relay refused the command");
+    }
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

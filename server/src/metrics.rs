@@ -35,10 +35,33 @@ pub struct Metrics {
     pub sender_certificates: AtomicU64,
     /// Provisioning messages handed over.
     pub provisioning_messages: AtomicU64,
+    /// Call allocations made.
+    pub calls_allocated: AtomicU64,
+    /// Call allocations ended (each wrote one call-detail record).
+    pub calls_ended: AtomicU64,
+    /// Call-detail records deleted by retention.
+    pub call_records_expired: AtomicU64,
+    /// Media datagrams forwarded to the other party.
+    pub media_forwarded: AtomicU64,
+    /// Media datagrams dropped: no live allocation with their id.
+    pub media_dropped_unknown: AtomicU64,
+    /// Media datagrams dropped: the sending connection is not a party of the allocation.
+    pub media_dropped_not_party: AtomicU64,
+    /// Media datagrams dropped: the other party has not joined yet.
+    pub media_dropped_no_peer: AtomicU64,
+    /// Media datagrams dropped: larger than the media frame limit, or shorter than the header.
+    pub media_dropped_malformed: AtomicU64,
+    /// Media datagrams dropped: the other party's connection could not take them.
+    pub media_dropped_send_failed: AtomicU64,
     connections_closed_by_code: [AtomicU64; CODE_SLOTS],
 }
 
 impl Metrics {
+    /// A counter's value.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
     /// Adds one to a counter.
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
@@ -79,6 +102,33 @@ impl Metrics {
             (
                 "hush_provisioning_messages_total",
                 &self.provisioning_messages,
+            ),
+            ("hush_calls_allocated_total", &self.calls_allocated),
+            ("hush_calls_ended_total", &self.calls_ended),
+            (
+                "hush_call_records_expired_total",
+                &self.call_records_expired,
+            ),
+            ("hush_media_forwarded_total", &self.media_forwarded),
+            (
+                "hush_media_dropped_unknown_total",
+                &self.media_dropped_unknown,
+            ),
+            (
+                "hush_media_dropped_not_party_total",
+                &self.media_dropped_not_party,
+            ),
+            (
+                "hush_media_dropped_no_peer_total",
+                &self.media_dropped_no_peer,
+            ),
+            (
+                "hush_media_dropped_malformed_total",
+                &self.media_dropped_malformed,
+            ),
+            (
+                "hush_media_dropped_send_failed_total",
+                &self.media_dropped_send_failed,
             ),
         ];
         for (name, value) in counters {

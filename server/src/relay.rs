@@ -7,6 +7,8 @@ use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::calls::{Calls, Timeouts};
+use crate::cdr::{CallRecord, DayStats};
 use crate::clock::Clock;
 use crate::commit::{CommitError, CommitThread, Committer};
 use crate::config::Config;
@@ -15,9 +17,11 @@ use crate::mailbox::Hub;
 use crate::metrics::Metrics;
 use crate::provisioning::Provisioning;
 use crate::sender_key::SenderKey;
-use crate::store::{Outcome, RedbStore, Store, StoreError, StoreStats, Write};
+use crate::session::PartyLink;
+use crate::store::{Outcome, RedbStore, RetentionSummary, Store, StoreError, StoreStats, Write};
 use crate::tls::TlsError;
-use crate::{session, tls, transport};
+use crate::{admin, session, tls, transport};
+use hush_protocol::AccountId;
 
 /// How long connections get to wind down on shutdown before they are cut.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -32,6 +36,7 @@ pub(crate) struct Shared {
     pub metrics: Metrics,
     pub sender_key: SenderKey,
     pub provisioning: Provisioning,
+    pub calls: Calls<PartyLink>,
 }
 
 /// The relay could not start.
@@ -57,6 +62,9 @@ pub enum StartError {
     /// The sender-certificate key could not be read or made.
     #[error(transparent)]
     SenderKey(#[from] KeyringError),
+    /// The admin socket could not be set up.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     /// The UDP socket could not be bound, or a thread not started.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -71,6 +79,8 @@ pub struct Relay {
     shutdown: watch::Sender<bool>,
     accept: JoinHandle<()>,
     sweeper: JoinHandle<()>,
+    call_timer: JoinHandle<()>,
+    admin: admin::AdminSocket,
     commit_thread: CommitThread,
 }
 
@@ -97,6 +107,11 @@ impl Relay {
         let sweep_interval = Duration::from_secs(config.sweep_interval_secs);
         let max_connections = config.limits.max_connections;
         let provisioning = Provisioning::new(config.limits.max_open_provisioning);
+        let calls = Calls::new(
+            config.limits.max_call_allocations,
+            config.limits.max_calls_per_account,
+        );
+        let admin_path = config.data_dir.join(admin::SOCKET_NAME);
         let shared = Arc::new(Shared {
             config,
             store,
@@ -106,7 +121,9 @@ impl Relay {
             metrics: Metrics::default(),
             sender_key,
             provisioning,
+            calls,
         });
+        let admin = admin::AdminSocket::start(&admin_path, shared.clone())?;
         let accept = tokio::spawn(accept_loop(
             endpoint.clone(),
             shared.clone(),
@@ -114,6 +131,7 @@ impl Relay {
             max_connections,
         ));
         let sweeper = tokio::spawn(sweep_loop(shared.clone(), sweep_interval));
+        let call_timer = tokio::spawn(call_timer_loop(shared.clone()));
         tracing::info!("relay listening");
         Ok(Relay {
             local_addr,
@@ -123,6 +141,8 @@ impl Relay {
             shutdown,
             accept,
             sweeper,
+            call_timer,
+            admin,
             commit_thread,
         })
     }
@@ -137,9 +157,74 @@ impl Relay {
         self.fingerprint
     }
 
-    /// Deletes expired envelopes now; returns how many went.
+    /// Deletes expired envelopes and call-detail records past retention now; returns how
+    /// many envelopes went.
     pub async fn sweep_now(&self) -> Result<u64, CommitError> {
         sweep(&self.shared).await
+    }
+
+    /// Ends call allocations whose ring or media-idle timeout has passed by the relay's
+    /// clock now (the relay also checks every second); returns how many ended.
+    pub async fn expire_calls_now(&self) -> usize {
+        expire_calls(&self.shared).await
+    }
+
+    /// Call allocations live now.
+    pub fn live_calls(&self) -> usize {
+        self.shared.calls.live()
+    }
+
+    /// The call-detail records naming `account`.
+    pub async fn call_records_of(&self, account: AccountId) -> Result<Vec<CallRecord>, StoreError> {
+        self.read(move |store| store.records_of(&account)).await
+    }
+
+    /// The call-detail records of calls that started in `from..to`.
+    pub async fn call_records_between(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<CallRecord>, StoreError> {
+        self.read(move |store| store.records_between(from, to))
+            .await
+    }
+
+    /// The day-level call statistics.
+    pub async fn call_day_stats(&self) -> Result<Vec<DayStats>, StoreError> {
+        self.read(Store::day_stats).await
+    }
+
+    /// What is held and when the oldest of it goes.
+    pub async fn retention_summary(&self) -> Result<RetentionSummary, StoreError> {
+        self.read(Store::retention_summary).await
+    }
+
+    /// Deletes every call-detail record naming `account` (for account erasure); returns
+    /// how many went.
+    pub async fn forget_calls(&self, account: AccountId) -> Result<u64, CommitError> {
+        match self
+            .shared
+            .committer
+            .commit(Write::ForgetCalls { account })
+            .await?
+        {
+            Ok(Outcome::CallsDeleted { records }) => Ok(records),
+            _ => Ok(0),
+        }
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.shared.store.clone();
+        tokio::task::spawn_blocking(move || read(store.as_ref()))
+            .await
+            .unwrap_or_else(|e| {
+                Err(StoreError::Database(redb::Error::Io(
+                    std::io::Error::other(e),
+                )))
+            })
     }
 
     /// What the store holds.
@@ -187,14 +272,19 @@ impl Relay {
             shutdown,
             accept,
             sweeper,
+            call_timer,
+            admin,
             commit_thread,
             ..
         } = self;
         endpoint.set_server_config(None);
+        admin.stop().await;
         let _ = shutdown.send(true);
         let _ = accept.await;
         sweeper.abort();
+        call_timer.abort();
         let _ = sweeper.await;
+        let _ = call_timer.await;
         drop(shared);
         // The commit thread ends once the last session's requests have dropped their
         // handles; it commits whatever is still queued first.
@@ -292,8 +382,66 @@ async fn sweep_loop(shared: Arc<Shared>, interval: Duration) {
     }
 }
 
-/// Runs expiry writes until nothing expired is left.
+/// How often call allocations are checked for their ring and media-idle timeouts.
+const CALL_TIMER: Duration = Duration::from_secs(1);
+
+async fn call_timer_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(CALL_TIMER);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        expire_calls(&shared).await;
+    }
+}
+
+/// Ends allocations past their timeouts, each with its record.
+async fn expire_calls(shared: &Shared) -> usize {
+    let timeouts = Timeouts {
+        ring_secs: shared.config.call_ring_timeout_secs,
+        media_idle_secs: shared.config.call_media_idle_secs,
+    };
+    let ended = shared.calls.expire(shared.clock.now(), timeouts);
+    let count = ended.len();
+    for ended in ended {
+        let _ = session::record_call_end(shared, ended).await;
+    }
+    count
+}
+
+/// Deletes call-detail records past retention (the day counts stay), batch by batch.
+async fn sweep_call_records(shared: &Shared) -> Result<u64, CommitError> {
+    let mut total = 0;
+    loop {
+        let until = shared
+            .clock
+            .now()
+            .saturating_sub(shared.config.cdr_retention_secs());
+        match shared
+            .committer
+            .commit(Write::ExpireCalls { until })
+            .await?
+        {
+            Ok(Outcome::CallsDeleted { records }) if records > 0 => {
+                total += records;
+                Metrics::add(&shared.metrics.call_records_expired, records);
+            }
+            _ => break,
+        }
+    }
+    if total > 0 {
+        tracing::info!(
+            records = total,
+            "call-detail records past retention deleted"
+        );
+    }
+    Ok(total)
+}
+
+/// Runs expiry writes until nothing expired is left: call records first, then envelopes,
+/// whose last write also drops the day keys of past days (and with them whatever sealed
+/// call records of those days redb's free pages still hold).
 async fn sweep(shared: &Shared) -> Result<u64, CommitError> {
+    sweep_call_records(shared).await?;
     let mut total = 0;
     loop {
         let now = shared.clock.now();

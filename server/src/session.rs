@@ -16,12 +16,13 @@ use std::time::Duration;
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use hush_protocol::auth::{auth_transcript, register_transcript, EXPORTER_LABEL, EXPORTER_LEN};
+use hush_protocol::media::{media_allocation, MediaError};
 use hush_protocol::sealed::{retract_tag, SenderCertificateBody};
 use hush_protocol::{
-    encode_frame, AccountId, ClientFrame, DecodeError, Deliver, DeviceAddress, DeviceId,
-    EnvelopeId, ErrorCode, Fatal, Frame, FrameHeader, HelloOk, LowPrekeys, Provision,
-    ProvisioningMessage, Request, RequestBody, RequestId, Response, ResponseBody, Retract,
-    SealedSend, ServerFrame, HEADER_LEN, SUPPORTED_VERSIONS,
+    encode_frame, AccountId, CallEnded, CallOutcome, CallToken, ClientFrame, DecodeError, Deliver,
+    DeviceAddress, DeviceId, EnvelopeId, ErrorCode, Fatal, Frame, FrameHeader, HelloOk, LowPrekeys,
+    Provision, ProvisioningMessage, Request, RequestBody, RequestId, Response, ResponseBody,
+    Retract, SealedSend, ServerFrame, HEADER_LEN, SUPPORTED_VERSIONS,
 };
 use quinn::{ReadExactError, RecvStream, SendStream, VarInt};
 use rand_core::{OsRng, RngCore};
@@ -29,6 +30,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::calls::{Ended, Party, Route};
 use crate::commit::CommitError;
 use crate::mailbox::DeviceLink;
 use crate::metrics::Metrics;
@@ -109,6 +111,7 @@ pub(crate) async fn run(
         outbox,
         device: None,
         provisioning: None,
+        calls: Vec::new(),
         in_flight: Arc::new(Semaphore::new(shared.config.limits.max_in_flight_requests)),
         challenge: random_challenge(),
     };
@@ -132,6 +135,45 @@ struct Attached {
     link: DeviceLink,
     window: Arc<DeliveryWindow>,
     delivery: JoinHandle<()>,
+    media: JoinHandle<()>,
+}
+
+/// How the call registry reaches a party: its QUIC connection (media datagrams) and its
+/// outbox (the `CallEnded` push).
+#[derive(Clone)]
+pub(crate) struct PartyLink {
+    quic: quinn::Connection,
+    outbox: mpsc::Sender<Vec<u8>>,
+}
+
+/// Carries out an allocation's end: tells the parties that did not end it, and writes
+/// its call-detail record through the committer. Returns the commit's outcome.
+pub(crate) async fn record_call_end(
+    shared: &Shared,
+    ended: Ended<PartyLink>,
+) -> Result<WriteResult, CommitError> {
+    let Ended {
+        allocation,
+        record,
+        notify,
+    } = ended;
+    let frame = encode_frame(&ServerFrame::CallEnded(CallEnded { allocation }));
+    for party in notify {
+        // Advisory: a full or closed outbox means the party is going anyway.
+        let _ = party.outbox.try_send(frame.clone());
+    }
+    Metrics::inc(&shared.metrics.calls_ended);
+    let delete_at = record
+        .started_at
+        .saturating_add(shared.config.cdr_retention_secs());
+    let result = shared
+        .committer
+        .commit(Write::RecordCall { record, delete_at })
+        .await;
+    if !matches!(result, Ok(Ok(_))) {
+        tracing::error!("writing a call-detail record failed");
+    }
+    result
 }
 
 /// Envelopes pushed on this connection and not yet acknowledged, at most
@@ -180,6 +222,8 @@ struct Session {
     device: Option<Attached>,
     /// The provisioning address this connection opened, if any (at most one, ever).
     provisioning: Option<[u8; 16]>,
+    /// Call allocations this connection is (or was) a party of; ended when it closes.
+    calls: Vec<u32>,
     in_flight: Arc<Semaphore>,
     challenge: [u8; 32],
 }
@@ -283,6 +327,17 @@ impl Session {
             RequestBody::Provision(provision) => {
                 self.provision(id, provision).await;
                 return Ok(());
+            }
+            RequestBody::AllocateCall(allocate) => {
+                return self.allocate_call(id, address, allocate.callee).await
+            }
+            RequestBody::JoinCall(join) => {
+                self.join_call(id, address, join.allocation, join.token)
+                    .await;
+                return Ok(());
+            }
+            RequestBody::EndCall(end) => {
+                return self.end_call(id, end.allocation, end.outcome).await
             }
             RequestBody::Register(_)
             | RequestBody::Authenticate(_)
@@ -429,6 +484,116 @@ impl Session {
         Ok(())
     }
 
+    fn party(&self) -> Party<PartyLink> {
+        Party {
+            connection: self.number,
+            link: PartyLink {
+                quic: self.connection.clone(),
+                outbox: self.outbox.clone(),
+            },
+        }
+    }
+
+    /// Remembers a call this connection is a party of, forgetting ended ones.
+    fn track_call(&mut self, allocation: u32) {
+        let calls = &self.shared.calls;
+        let number = self.number;
+        self.calls.retain(|&a| calls.is_party(a, number));
+        self.calls.push(allocation);
+    }
+
+    /// Makes a call allocation to `callee`, which must be an existing account.
+    async fn allocate_call(
+        &mut self,
+        id: RequestId,
+        caller: DeviceAddress,
+        callee: AccountId,
+    ) -> Result<(), End> {
+        if let Err(code) = self.read_account(callee).await? {
+            self.respond(id, Err(code)).await;
+            return Ok(());
+        }
+        let now = self.shared.clock.now();
+        let party = self.party();
+        let result = match self
+            .shared
+            .calls
+            .allocate(caller.account, party, callee, now)
+        {
+            Ok(allocated) => {
+                Metrics::inc(&self.shared.metrics.calls_allocated);
+                self.track_call(allocated.allocation);
+                Ok(ResponseBody::CallAllocated {
+                    allocation: allocated.allocation,
+                    token: CallToken(allocated.token),
+                    call_id: allocated.call_id,
+                })
+            }
+            Err(error) => Err(error.code()),
+        };
+        self.respond(id, result).await;
+        Ok(())
+    }
+
+    /// Joins an allocation as the callee.
+    async fn join_call(
+        &mut self,
+        id: RequestId,
+        address: DeviceAddress,
+        allocation: u32,
+        token: CallToken,
+    ) {
+        let now = self.shared.clock.now();
+        let party = self.party();
+        let joined = self
+            .shared
+            .calls
+            .join(allocation, &token.0, address.account, party, now);
+        let result = match joined {
+            Ok(()) => {
+                self.track_call(allocation);
+                Ok(ResponseBody::CallJoined)
+            }
+            Err(error) => Err(error.code()),
+        };
+        self.respond(id, result).await;
+    }
+
+    /// Ends an allocation this connection is a party of; answers once the call-detail
+    /// record is durable.
+    async fn end_call(
+        &mut self,
+        id: RequestId,
+        allocation: u32,
+        hint: CallOutcome,
+    ) -> Result<(), End> {
+        let now = self.shared.clock.now();
+        let ended = self
+            .shared
+            .calls
+            .hang_up(allocation, self.number, hint, now);
+        match ended {
+            Ok(ended) => {
+                let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+                    return Err(End::Close(ErrorCode::ShuttingDown));
+                };
+                let shared = self.shared.clone();
+                let outbox = self.outbox.clone();
+                tokio::spawn(async move {
+                    let outcome = record_call_end(&shared, ended).await;
+                    let result = respond_to_write(&shared, outcome);
+                    let frame = encode_frame(&ServerFrame::Response(Response { id, result }));
+                    let _ = outbox.send(frame).await;
+                    drop(permit);
+                });
+            }
+            Err(error) => {
+                self.respond(id, Err(error.code())).await;
+            }
+        }
+        Ok(())
+    }
+
     /// Opens this connection's provisioning address.
     async fn open_provisioning(&mut self, id: RequestId) {
         if self.provisioning.is_some() {
@@ -566,11 +731,17 @@ impl Session {
             window.clone(),
             self.outbox.clone(),
         ));
+        let media = tokio::spawn(media_loop(
+            self.shared.clone(),
+            self.number,
+            self.connection.clone(),
+        ));
         self.device = Some(Attached {
             address,
             link,
             window,
             delivery,
+            media,
         });
     }
 
@@ -599,8 +770,21 @@ impl Session {
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.in_flight.acquire_many(all)).await;
         if let Some(device) = self.device.take() {
             device.delivery.abort();
+            device.media.abort();
             let _ = device.delivery.await;
+            let _ = device.media.await;
             self.shared.hub.detach(&device.address, self.number);
+        }
+        // Calls this connection is still a party of end with it, each with its record.
+        let now = self.shared.clock.now();
+        for allocation in std::mem::take(&mut self.calls) {
+            if let Some(ended) = self
+                .shared
+                .calls
+                .connection_closed(allocation, self.number, now)
+            {
+                let _ = record_call_end(&self.shared, ended).await;
+            }
         }
         // The registry holds a sender of this connection's outbox: release it, or the
         // writer below would not see the outbox close.
@@ -677,9 +861,11 @@ fn respond_to_write(
             Metrics::add(&shared.metrics.envelopes_retracted, u64::from(count));
             ResponseBody::Retracted { count }
         }
-        Outcome::Registered | Outcome::Expired { .. } | Outcome::InviteAdded => {
-            return Err(ErrorCode::Internal)
-        }
+        Outcome::CallRecorded => ResponseBody::CallEnded,
+        Outcome::Registered
+        | Outcome::Expired { .. }
+        | Outcome::InviteAdded
+        | Outcome::CallsDeleted { .. } => return Err(ErrorCode::Internal),
     })
 }
 
@@ -767,6 +953,32 @@ async fn deliver_loop(
             }
         }
         link.wake.notified().await;
+    }
+}
+
+/// Reads this connection's media datagrams and forwards each, as it is, to the other
+/// party of its allocation. Nothing here waits on anything but the next datagram: a
+/// datagram that cannot go on at once is dropped and counted, and the forwarded bytes are
+/// the received buffer itself (no copy).
+async fn media_loop(shared: Arc<Shared>, number: u64, connection: quinn::Connection) {
+    let metrics = &shared.metrics;
+    while let Ok(datagram) = connection.read_datagram().await {
+        let allocation = match media_allocation(&datagram) {
+            Ok(allocation) => allocation,
+            Err(MediaError::TooLarge(_) | MediaError::TooShort(_)) => {
+                Metrics::inc(&metrics.media_dropped_malformed);
+                continue;
+            }
+        };
+        match shared.calls.route(allocation, number, shared.clock.now()) {
+            Route::Forward(peer) => match peer.quic.send_datagram(datagram) {
+                Ok(()) => Metrics::inc(&metrics.media_forwarded),
+                Err(_) => Metrics::inc(&metrics.media_dropped_send_failed),
+            },
+            Route::Unknown => Metrics::inc(&metrics.media_dropped_unknown),
+            Route::NotParty => Metrics::inc(&metrics.media_dropped_not_party),
+            Route::NoPeer => Metrics::inc(&metrics.media_dropped_no_peer),
+        }
     }
 }
 

@@ -51,7 +51,9 @@ fn transport_config(config: &Config) -> quinn::TransportConfig {
         .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(
             u32::try_from(limits.idle_timeout_secs.saturating_mul(1000)).unwrap_or(u32::MAX),
         ))))
-        // Call media (datagrams) arrives with the calls issue.
-        .datagram_receive_buffer_size(None);
+        // Call media: datagrams beyond these buffers drop the oldest, so a flood costs a
+        // bounded amount of memory per connection and forwarding never waits.
+        .datagram_receive_buffer_size(Some(limits.datagram_receive_buffer))
+        .datagram_send_buffer_size(limits.datagram_send_buffer);
     transport
 }

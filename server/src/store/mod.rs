@@ -14,6 +14,7 @@ use hush_protocol::{
 };
 
 pub use self::redb::RedbStore;
+use crate::cdr::{CallRecord, DayStats};
 use crate::keyring::KeyringError;
 
 /// One change to the store.
@@ -112,6 +113,27 @@ pub enum Write {
         /// The token.
         token: Vec<u8>,
     },
+    /// Writes a call-detail record and counts it in its day's statistics, in the same
+    /// transaction.
+    RecordCall {
+        /// The record.
+        record: CallRecord,
+        /// When its retention ends (seconds since the epoch); the record is sealed under
+        /// that day's key, which goes when the day is over.
+        delete_at: u64,
+    },
+    /// Deletes call-detail records of calls that started at or before `until`, with their
+    /// account index entries. The day statistics stay.
+    ExpireCalls {
+        /// Seconds since the epoch.
+        until: u64,
+    },
+    /// Deletes every call-detail record naming `account` (account erasure). The day
+    /// statistics stay.
+    ForgetCalls {
+        /// The account.
+        account: AccountId,
+    },
 }
 
 /// What an applied write did.
@@ -158,6 +180,13 @@ pub enum Outcome {
     Retracted {
         /// Mailbox entries deleted.
         count: u32,
+    },
+    /// The call-detail record is stored and counted.
+    CallRecorded,
+    /// Call-detail records deleted by retention or erasure.
+    CallsDeleted {
+        /// How many records.
+        records: u64,
     },
 }
 
@@ -255,6 +284,25 @@ pub struct StoreStats {
     pub retract_entries: u64,
     /// Accounts with delivery access settings.
     pub delivery_access: u64,
+    /// Call-detail records.
+    pub call_records: u64,
+    /// Entries in the call records' account index (one per distinct account per call).
+    pub call_index_entries: u64,
+    /// Days with call statistics.
+    pub call_days: u64,
+}
+
+/// What is held and when it goes, for the operator's retention report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RetentionSummary {
+    /// Envelopes held.
+    pub envelopes: u64,
+    /// When the envelope that expires first expires (seconds since the epoch).
+    pub oldest_envelope_expiry: Option<u64>,
+    /// Call-detail records held.
+    pub call_records: u64,
+    /// When the oldest call-detail record's call started.
+    pub oldest_call_start: Option<u64>,
 }
 
 /// What the relay may tell about an account: its identity key and current devices.
@@ -333,4 +381,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// What the store holds.
     fn stats(&self) -> Result<StoreStats, StoreError>;
+
+    /// Call-detail records naming `account` (as caller or callee), oldest first.
+    fn records_of(&self, account: &AccountId) -> Result<Vec<CallRecord>, StoreError>;
+
+    /// Call-detail records of calls that started in `from..to`, oldest first.
+    fn records_between(&self, from: u64, to: u64) -> Result<Vec<CallRecord>, StoreError>;
+
+    /// The day statistics, oldest day first.
+    fn day_stats(&self) -> Result<Vec<DayStats>, StoreError>;
+
+    /// Counts and oldest times, for the retention report.
+    fn retention_summary(&self) -> Result<RetentionSummary, StoreError>;
 }

@@ -22,9 +22,10 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::{
-    AccountView, Outcome, PrekeyCounts, Refusal, Store, StoreError, StoreStats, StoredEnvelope,
-    Write, WriteResult,
+    AccountView, Outcome, PrekeyCounts, Refusal, RetentionSummary, Store, StoreError, StoreStats,
+    StoredEnvelope, Write, WriteResult,
 };
+use crate::cdr::{CallRecord, DayStats};
 use crate::keyring::{Keyring, Tag, DAY};
 use crate::seal::SealingKey;
 
@@ -47,6 +48,15 @@ const RETRACT: TableDefinition<(Tag, Tag, u64), ()> = TableDefinition::new("retr
 /// The retraction blind of each mailbox entry that has one, by (device tag, sequence), so
 /// that deleting an envelope finds its index entry.
 const RETRACT_ENTRIES: TableDefinition<(Tag, u64), Tag> = TableDefinition::new("retract_entries");
+/// Call-detail records by (call start, call tag): the caller's and the callee's account
+/// tags, the day whose key seals the record (its retention day, big-endian), then the
+/// sealed [`CallRecord`]. The tags in clear let retention and erasure delete the index
+/// entries without opening the record.
+const CALL_RECORDS: TableDefinition<(u64, Tag), &[u8]> = TableDefinition::new("call_records");
+/// The account index of call records by (account tag, call start, call tag).
+const CALL_ACCOUNTS: TableDefinition<(Tag, u64, Tag), ()> = TableDefinition::new("call_accounts");
+/// Day statistics of calls by UTC day of the start: sealed [`DayStats`], no identities.
+const CALL_DAYS: TableDefinition<u32, &[u8]> = TableDefinition::new("call_days");
 /// Counters.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -56,6 +66,9 @@ const SIGNED: u8 = 0;
 const ONE_TIME: u8 = 1;
 const KEM_ONE_TIME: u8 = 2;
 const KEM_LAST_RESORT: u8 = 3;
+
+/// Call record value header: caller tag, callee tag, sealing day.
+const CALL_HEADER: usize = 16 + 16 + 4;
 
 /// Envelope value header: expires-at and received-at, big-endian.
 const ENVELOPE_HEADER: usize = 16;
@@ -123,6 +136,9 @@ struct Tables<'txn> {
     delivery_access: Table<'txn, Tag, &'static [u8]>,
     retract: Table<'txn, (Tag, Tag, u64), ()>,
     retract_entries: Table<'txn, (Tag, u64), Tag>,
+    call_records: Table<'txn, (u64, Tag), &'static [u8]>,
+    call_accounts: Table<'txn, (Tag, u64, Tag), ()>,
+    call_days: Table<'txn, u32, &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -136,6 +152,9 @@ impl<'txn> Tables<'txn> {
             delivery_access: txn.open_table(DELIVERY_ACCESS)?,
             retract: txn.open_table(RETRACT)?,
             retract_entries: txn.open_table(RETRACT_ENTRIES)?,
+            call_records: txn.open_table(CALL_RECORDS)?,
+            call_accounts: txn.open_table(CALL_ACCOUNTS)?,
+            call_days: txn.open_table(CALL_DAYS)?,
         })
     }
 }
@@ -160,6 +179,14 @@ fn mailbox_aad(tag: &Tag, sequence: u64) -> Vec<u8> {
 
 fn prekey_aad(tag: &Tag, kind: u8, id: u32) -> Vec<u8> {
     row_aad("prekeys", &[tag, &[kind], &id.to_be_bytes()])
+}
+
+fn call_aad(start: u64, call: &Tag) -> Vec<u8> {
+    row_aad("call_records", &[&start.to_be_bytes(), call])
+}
+
+fn call_day_aad(day: u32) -> Vec<u8> {
+    row_aad("call_days", &[&day.to_be_bytes()])
 }
 
 fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
@@ -617,7 +644,130 @@ impl RedbStore {
                 t.invites.insert(&hash, ())?;
                 Ok(Ok(Outcome::InviteAdded))
             }
+            Write::RecordCall { record, delete_at } => {
+                self.record_call(t, &record, delete_at)?;
+                Ok(Ok(Outcome::CallRecorded))
+            }
+            Write::ExpireCalls { until } => {
+                let mut doomed = Vec::new();
+                for entry in t.call_records.range(..=(until, [0xff; 16]))? {
+                    let (key, _) = entry?;
+                    doomed.push(key.value());
+                    if doomed.len() == EXPIRE_BATCH {
+                        break;
+                    }
+                }
+                for (start, call) in &doomed {
+                    Self::remove_call(t, *start, *call)?;
+                }
+                Ok(Ok(Outcome::CallsDeleted {
+                    records: doomed.len() as u64,
+                }))
+            }
+            Write::ForgetCalls { account } => {
+                let tag = self.account_tag(&account);
+                let mut doomed = Vec::new();
+                for entry in t
+                    .call_accounts
+                    .range((tag, 0, [0; 16])..=(tag, u64::MAX, [0xff; 16]))?
+                {
+                    let (key, _) = entry?;
+                    let (_, start, call) = key.value();
+                    doomed.push((start, call));
+                }
+                let mut records = 0;
+                for (start, call) in doomed {
+                    if Self::remove_call(t, start, call)? {
+                        records += 1;
+                    }
+                }
+                Ok(Ok(Outcome::CallsDeleted { records }))
+            }
         }
+    }
+
+    /// Stores a call record with its account index entries and counts it in its day.
+    fn record_call(
+        &self,
+        t: &mut Tables<'_>,
+        record: &CallRecord,
+        delete_at: u64,
+    ) -> Result<(), StoreError> {
+        let corrupt = |table| StoreError::Corrupt { table };
+        let call = self.keys.tag(b"call", &record.call_id);
+        let caller = self.account_tag(&record.caller);
+        let callee = self.account_tag(&record.callee);
+        let day = expiry_day(delete_at);
+        let key = self.keys.day_or_create(day)?;
+        let plain = postcard::to_allocvec(record).map_err(|_| corrupt("call_records"))?;
+        let sealed = key.seal(&call_aad(record.started_at, &call), &plain);
+        let mut value = Vec::with_capacity(CALL_HEADER + sealed.len());
+        value.extend_from_slice(&caller);
+        value.extend_from_slice(&callee);
+        value.extend_from_slice(&day.to_be_bytes());
+        value.extend_from_slice(&sealed);
+        t.call_records
+            .insert((record.started_at, call), value.as_slice())?;
+        t.call_accounts
+            .insert((caller, record.started_at, call), ())?;
+        t.call_accounts
+            .insert((callee, record.started_at, call), ())?;
+
+        // The day's counts, updated in the same transaction as the record.
+        let stats_day = record.day();
+        let aad = call_day_aad(stats_day);
+        let existing = t.call_days.get(stats_day)?.map(|v| v.value().to_vec());
+        let mut stats = match existing {
+            Some(sealed) => {
+                let plain = self
+                    .keys
+                    .directory()
+                    .open(&aad, &sealed)
+                    .map_err(|_| corrupt("call_days"))?;
+                postcard::from_bytes(&plain).map_err(|_| corrupt("call_days"))?
+            }
+            None => DayStats::new(stats_day),
+        };
+        stats.add(record);
+        let plain = postcard::to_allocvec(&stats).map_err(|_| corrupt("call_days"))?;
+        let sealed = self.keys.directory().seal(&aad, &plain);
+        t.call_days.insert(stats_day, sealed.as_slice())?;
+        Ok(())
+    }
+
+    /// Deletes a call record and its account index entries; whether it was there.
+    fn remove_call(t: &mut Tables<'_>, start: u64, call: Tag) -> Result<bool, StoreError> {
+        let tags = match t.call_records.remove((start, call))? {
+            Some(value) => {
+                let value = value.value();
+                let caller: Option<Tag> = value.get(..16).and_then(|b| b.try_into().ok());
+                let callee: Option<Tag> = value.get(16..32).and_then(|b| b.try_into().ok());
+                Some((caller, callee))
+            }
+            None => None,
+        };
+        let Some((caller, callee)) = tags else {
+            return Ok(false);
+        };
+        for tag in [caller, callee].into_iter().flatten() {
+            t.call_accounts.remove((tag, start, call))?;
+        }
+        Ok(true)
+    }
+
+    /// Opens a stored call record; `None` if its day key is gone (past retention) or it
+    /// fails to authenticate.
+    fn open_call(&self, start: u64, call: &Tag, value: &[u8]) -> Option<CallRecord> {
+        let day = value
+            .get(32..CALL_HEADER)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_be_bytes)?;
+        let key = self.keys.day(day)?;
+        let Ok(plain) = key.open(&call_aad(start, call), &value[CALL_HEADER..]) else {
+            tracing::warn!("skipping a call record that failed to authenticate");
+            return None;
+        };
+        postcard::from_bytes(&plain).ok()
     }
 
     /// Checks each sealed envelope's access, and that the envelopes to each account cover
@@ -759,8 +909,12 @@ impl Store for RedbStore {
     fn apply(&self, writes: Vec<Write>) -> Result<Vec<WriteResult>, StoreError> {
         // Day keys are made durable before the transaction that seals under them.
         for write in &writes {
-            if let Write::Enqueue { expires_at, .. } | Write::SealedEnqueue { expires_at, .. } =
-                write
+            if let Write::Enqueue { expires_at, .. }
+            | Write::SealedEnqueue { expires_at, .. }
+            | Write::RecordCall {
+                delete_at: expires_at,
+                ..
+            } = write
             {
                 self.keys.day_or_create(expiry_day(*expires_at))?;
             }
@@ -898,6 +1052,71 @@ impl Store for RedbStore {
             day_keys: self.keys.days().len() as u64,
             retract_entries: txn.open_table(RETRACT)?.len()?,
             delivery_access: txn.open_table(DELIVERY_ACCESS)?.len()?,
+            call_records: txn.open_table(CALL_RECORDS)?.len()?,
+            call_index_entries: txn.open_table(CALL_ACCOUNTS)?.len()?,
+            call_days: txn.open_table(CALL_DAYS)?.len()?,
+        })
+    }
+
+    fn records_of(&self, account: &AccountId) -> Result<Vec<CallRecord>, StoreError> {
+        let tag = self.account_tag(account);
+        let txn = self.db.begin_read()?;
+        let index = txn.open_table(CALL_ACCOUNTS)?;
+        let records = txn.open_table(CALL_RECORDS)?;
+        let mut out = Vec::new();
+        for entry in index.range((tag, 0, [0; 16])..=(tag, u64::MAX, [0xff; 16]))? {
+            let (key, _) = entry?;
+            let (_, start, call) = key.value();
+            if let Some(value) = records.get((start, call))? {
+                out.extend(self.open_call(start, &call, value.value()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn records_between(&self, from: u64, to: u64) -> Result<Vec<CallRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let records = txn.open_table(CALL_RECORDS)?;
+        let mut out = Vec::new();
+        if from >= to {
+            return Ok(out);
+        }
+        for entry in records.range((from, [0; 16])..(to, [0; 16]))? {
+            let (key, value) = entry?;
+            let (start, call) = key.value();
+            out.extend(self.open_call(start, &call, value.value()));
+        }
+        Ok(out)
+    }
+
+    fn day_stats(&self) -> Result<Vec<DayStats>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let days = txn.open_table(CALL_DAYS)?;
+        let mut out = Vec::new();
+        for entry in days.iter()? {
+            let (key, value) = entry?;
+            let corrupt = || StoreError::Corrupt { table: "call_days" };
+            let plain = self
+                .keys
+                .directory()
+                .open(&call_day_aad(key.value()), value.value())
+                .map_err(|_| corrupt())?;
+            out.push(postcard::from_bytes(&plain).map_err(|_| corrupt())?);
+        }
+        Ok(out)
+    }
+
+    fn retention_summary(&self) -> Result<RetentionSummary, StoreError> {
+        let txn = self.db.begin_read()?;
+        let expiry = txn.open_table(EXPIRY)?;
+        let records = txn.open_table(CALL_RECORDS)?;
+        let oldest_envelope_expiry = expiry.first()?.map(|(k, _)| k.value().0);
+        let oldest_call_start = records.first()?.map(|(k, _)| k.value().0);
+        Ok(RetentionSummary {
+            envelopes: txn.open_table(MAILBOX)?.len()?,
+            oldest_envelope_expiry,
+            call_records: records.len()?,
+            oldest_call_start,
         })
     }
 }
