@@ -14,14 +14,17 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hush_protocol::sealed::{retract_tag, SealedEnvelope, SenderCertificate};
-use hush_protocol::{AccountId, DeviceAddress, DeviceId, EnvelopeId, ErrorCode, OutgoingEnvelope};
+use hush_protocol::{
+    AccountId, CallOutcome, DeviceAddress, DeviceId, EnvelopeId, ErrorCode, OutgoingEnvelope,
+};
 use rand_core::{OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Mutex};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
+use crate::call::{ActiveCall, CallEndReason, MediaTable};
 use crate::connection::{ConnectOptions, Connection, Envelope, Event};
-use crate::content::{Body, Content, MessageId, ReceiptKind};
+use crate::content::{Body, CallId, CallSignal, Content, MessageId, ReceiptKind};
 use crate::error::{ConnectionError, CryptoError};
 use crate::keys::{DeviceKey, EcKeyPair, IdentityKey, IdentityKeyPair};
 use crate::link::{self, LinkCode, LinkedContact, ProvisionBundle};
@@ -78,6 +81,15 @@ pub enum ClientError {
     /// The recipient's devices kept changing while we sent.
     #[error("the recipient's device list kept changing")]
     DeviceListUnstable,
+    /// A call is already ringing or under way on this device.
+    #[error("a call is already in progress")]
+    CallInProgress,
+    /// No such call (ended, answered elsewhere, or never known here).
+    #[error("no such call")]
+    NoSuchCall,
+    /// A media frame could not be sealed (its key epoch is used up: rotate).
+    #[error("media frame not sealed")]
+    CallMedia,
 }
 
 /// Where the client keeps its state and which relay it talks to.
@@ -103,6 +115,8 @@ pub struct Settings {
     pub typing_indicators: bool,
     /// Accept sealed messages from senders who do not know our profile key.
     pub allow_unknown_senders: bool,
+    /// How long an outgoing call rings before it counts as missed, in seconds.
+    pub ring_timeout_secs: u32,
 }
 
 impl Default for Settings {
@@ -112,6 +126,7 @@ impl Default for Settings {
             read_receipts: true,
             typing_indicators: true,
             allow_unknown_senders: false,
+            ring_timeout_secs: 60,
         }
     }
 }
@@ -191,6 +206,29 @@ pub enum ClientEvent {
         /// Why.
         error: CryptoError,
     },
+    /// A contact is calling: ring, then `answer_call` or `reject_call`.
+    IncomingCall {
+        /// Who.
+        from: AccountId,
+        /// From which of their devices.
+        device: DeviceId,
+        /// The call.
+        call_id: CallId,
+        /// Whether video is offered.
+        video: bool,
+    },
+    /// Our outgoing call was answered: its media is ready (`take_media`).
+    CallAnswered {
+        /// The call.
+        call_id: CallId,
+    },
+    /// A call ended (or stopped ringing here).
+    CallEnded {
+        /// The call.
+        call_id: CallId,
+        /// Why.
+        reason: CallEndReason,
+    },
     /// The relay connection ended.
     Disconnected(Option<ErrorCode>),
 }
@@ -213,8 +251,12 @@ struct Handled {
 }
 
 /// Work the receive loop hands off, so it never waits on a relay request itself.
-enum Work {
+pub(crate) enum Work {
     Receipt(AccountId, MessageId),
+    /// A call signal to send at once (e.g. `Busy` for an offer while in a call).
+    CallSignal(AccountId, CallSignal),
+    /// Tells the relay a call allocation is over.
+    EndCall(u32, CallOutcome),
     /// A copy of a sent message for our other devices.
     OwnCopy(Box<Content>),
     Prekeys {
@@ -250,20 +292,22 @@ impl Contact {
     }
 }
 
-struct State {
+pub(crate) struct State {
     identity: IdentityKeyPair,
     address: DeviceAddress,
-    profile_key: Zeroizing<[u8; 32]>,
+    pub(crate) profile_key: Zeroizing<[u8; 32]>,
     prekeys: PrekeySet,
     sessions: HashMap<DeviceAddress, SessionSet>,
     contacts: HashMap<AccountId, Contact>,
-    settings: Settings,
+    pub(crate) settings: Settings,
     certificate: Option<(SenderCertificate, u64)>,
     /// The key that signs sender certificates, as the relay last told us.
     relay_key: [u8; 32],
     /// Events raised while the state was locked, emitted once it is not: sending into
     /// the app's bounded channel under the lock could wait on an app that waits on us.
-    pending_events: Vec<ClientEvent>,
+    pub(crate) pending_events: Vec<ClientEvent>,
+    /// Calls ringing or under way, by call id.
+    pub(crate) calls: HashMap<CallId, ActiveCall>,
     /// Base keys of accepted session setups, with when we accepted them.
     seen_setups: BTreeMap<[u8; 32], u64>,
     /// Our account's other devices, as last learned (asking before every send would tell
@@ -271,14 +315,16 @@ struct State {
     own_devices: Option<Vec<DeviceId>>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     store: LocalStore,
-    connection: Connection,
+    pub(crate) connection: Connection,
     anonymous: Connection,
-    state: Mutex<State>,
+    pub(crate) state: Mutex<State>,
     events: mpsc::Sender<ClientEvent>,
     /// Receipts, copies for our own devices and prekey upkeep, done by the worker task.
-    work: mpsc::UnboundedSender<Work>,
+    pub(crate) work: mpsc::UnboundedSender<Work>,
+    /// Media of connected calls (a plain mutex: held only for one frame at a time).
+    pub(crate) media: std::sync::Mutex<MediaTable>,
 }
 
 /// The client: one per device.
@@ -289,7 +335,7 @@ pub struct Client {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -350,6 +396,10 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ClientError> 
 }
 
 impl Client {
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
     /// Creates an account on the relay and a new local store for it.
     pub async fn create(
         config: ClientConfig,
@@ -471,12 +521,15 @@ impl Client {
                 pending_events: Vec::new(),
                 seen_setups,
                 own_devices: None,
+                calls: HashMap::new(),
             }),
             events: events_tx,
             work,
+            media: std::sync::Mutex::new(MediaTable::default()),
         });
         let (acks, ack_queue) = mpsc::unbounded_channel();
         let tasks = vec![
+            tokio::spawn(media_loop(inner.clone())),
             tokio::spawn(receive_loop(inner.clone(), acks)),
             tokio::spawn(ack_loop(inner.clone(), ack_queue)),
             tokio::spawn(work_loop(inner.clone(), work_queue)),
@@ -1045,7 +1098,7 @@ impl Inner {
     }
 
     /// Encrypts `content` for every device of `to` and sends it sealed.
-    async fn send_to_contact(
+    pub(crate) async fn send_to_contact(
         &self,
         state: &mut State,
         to: AccountId,
@@ -1181,7 +1234,7 @@ impl Inner {
 
     /// Sends a copy of `content` to this account's other devices (authenticated: the relay
     /// knows we talk to ourselves anyway).
-    async fn send_to_own_devices(
+    pub(crate) async fn send_to_own_devices(
         &self,
         state: &mut State,
         content: &Content,
@@ -1248,7 +1301,7 @@ impl Inner {
 
     /// Opens one envelope, commits what it changed, and reports it. Returns the event to
     /// emit and, for a message, who should get a delivery receipt.
-    async fn handle(&self, envelope: &Envelope) -> Result<Handled, ClientError> {
+    async fn handle(self: &Arc<Self>, envelope: &Envelope) -> Result<Handled, ClientError> {
         let mut guard = self.state.lock().await;
         let state = &mut *guard;
         let now = now();
@@ -1345,7 +1398,7 @@ impl Inner {
             }
         }
         let (event, receipt) = if own {
-            self.own_copy(content, &mut changes)
+            self.own_copy(state, content, &mut changes)
         } else {
             self.contact_content(state, from, content, &mut changes)
         };
@@ -1413,12 +1466,16 @@ impl Inner {
     /// A copy of something we sent from another device.
     fn own_copy(
         &self,
+        state: &mut State,
         content: Content,
         changes: &mut Vec<Change>,
     ) -> (Option<ClientEvent>, Option<(AccountId, MessageId)>) {
         let Some(conversation) = content.sent_to.map(AccountId) else {
             return (None, None);
         };
+        if let Body::Call(signal) = &content.body {
+            return (crate::call::own_call_signal(state, signal), None);
+        }
         if let Body::Delete { target } = content.body {
             // We deleted one of our messages for everyone from another device.
             changes.push(
@@ -1448,7 +1505,7 @@ impl Inner {
 
     /// Something a contact sent.
     fn contact_content(
-        &self,
+        self: &Arc<Self>,
         state: &mut State,
         from: DeviceAddress,
         content: Content,
@@ -1470,8 +1527,7 @@ impl Inner {
             contact_changed = true;
         }
         let result = match content.body {
-            // Calls are not wired into the client yet (issue #4): signals are ignored.
-            Body::Call(_) => (None, None),
+            Body::Call(signal) => (self.call_signal(state, account, from.device, signal), None),
             Body::Receipt { kind, ids } => (
                 Some(ClientEvent::Receipt {
                     from: account,
@@ -1574,7 +1630,7 @@ impl Inner {
 
     /// Emits events raised on the app's side (from `send`) without waiting: the app may be
     /// the one that reads them. What does not fit now goes out after the next envelope.
-    async fn emit_soon(&self, events: Vec<ClientEvent>) {
+    pub(crate) async fn emit_soon(&self, events: Vec<ClientEvent>) {
         let mut left = Vec::new();
         for event in events {
             if let Err(mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
@@ -1734,12 +1790,29 @@ async fn receive_loop(inner: Arc<Inner>, acks: mpsc::UnboundedSender<EnvelopeId>
             }
             // Calls on the Client handle are a later issue; the transport `Connection`
             // carries them today.
-            Event::Provisioning(_) | Event::CallEnded { .. } => {}
+            Event::CallEnded { allocation } => {
+                let mut state = inner.state.lock().await;
+                let event = inner.allocation_ended(&mut state, allocation);
+                drop(state);
+                if let Some(event) = event {
+                    if inner.events.send(event).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Event::Provisioning(_) => {}
             Event::Closed(code) => {
                 let _ = inner.events.send(ClientEvent::Disconnected(code)).await;
                 return;
             }
         }
+    }
+}
+
+/// Hands media datagrams to their calls.
+async fn media_loop(inner: Arc<Inner>) {
+    while let Some((allocation, sealed)) = inner.connection.next_media().await {
+        inner.media_arrived(allocation, &sealed);
     }
 }
 
@@ -1779,6 +1852,17 @@ async fn work_loop(inner: Arc<Inner>, mut queue: mpsc::UnboundedReceiver<Work>) 
             match work {
                 Work::Receipt(to, id) => receipts.entry(to).or_default().push(id),
                 Work::OwnCopy(content) => copies.push(content),
+                Work::CallSignal(to, signal) => {
+                    let mut state = inner.state.lock().await;
+                    if let Err(error) = inner.send_signal(&mut state, to, signal).await {
+                        tracing::debug!(%error, "call signal not sent");
+                    }
+                }
+                Work::EndCall(allocation, outcome) => {
+                    if let Err(error) = inner.connection.end_call(allocation, outcome).await {
+                        tracing::debug!(%error, "call end not sent");
+                    }
+                }
                 Work::Prekeys { replenish } => {
                     if let Err(error) = inner.maintain_prekeys(replenish).await {
                         tracing::warn!(%error, "could not upload prekeys");
@@ -1825,6 +1909,7 @@ mod tests {
             pending_events: Vec::new(),
             seen_setups: BTreeMap::new(),
             own_devices: None,
+            calls: HashMap::new(),
         };
         let bob = AccountId([2; 16]);
         let first = IdentityKeyPair::generate().public().to_bytes();

@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod call;
 mod client;
 mod connection;
 mod content;
@@ -47,11 +48,12 @@ mod tls;
 #[cfg(test)]
 mod vectors;
 
+pub use call::{CallEndReason, CallMedia};
 pub use client::{
     Client, ClientConfig, ClientError, ClientEvent, LinkRequest, Settings, StoredMessage,
 };
 pub use connection::{ConnectOptions, Connection, Connector, Envelope, Event, RawStream, Trust};
-pub use content::{Body, MessageId, ReceiptKind};
+pub use content::{Body, CallId, CallSignal, MessageId, ReceiptKind};
 pub use error::{ConnectionError, CryptoError};
 pub use hush_protocol as protocol;
 pub use keys::{DeviceKey, IdentityKey, IdentityKeyPair, KemPrekey, OneTimePrekey, SignedPrekey};

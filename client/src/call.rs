@@ -1,0 +1,475 @@
+//! Calls: signaling as end-to-end messages ([`CallSignal`]), media through a relay
+//! allocation as QUIC datagrams, sealed per direction ([`crate::media`]).
+//!
+//! The caller allocates (the relay learns caller and callee accounts for the call-detail
+//! record, P8, and nothing else), sends an `Offer` with a fresh call key, the allocation and
+//! its token to every device of the callee, and rings until an answer or the ring timeout.
+//! The callee's devices all ring; the one that answers joins the allocation and tells the
+//! caller and its own other devices, which stop ringing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use hush_protocol::{AccountId, CallOutcome, CallToken, DeviceId};
+use tokio::sync::mpsc;
+
+use crate::client::{random, ClientError, ClientEvent, Inner, State, Work};
+use crate::content::{Body, CallId, CallSignal, Content};
+use crate::media::{CallKey, Direction, MediaReceiver, MediaSender, MEDIA_OVERHEAD};
+
+/// Media frames buffered for the app per call; beyond that, frames are dropped (late
+/// audio is worthless).
+const MEDIA_BUFFER: usize = 64;
+
+/// Why a call ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallEndReason {
+    /// The other side hung up.
+    HungUp,
+    /// The callee declined.
+    Rejected,
+    /// The callee was in another call.
+    Busy,
+    /// Nobody answered before the ring timeout (caller side).
+    NoAnswer,
+    /// The caller gave up before we answered (a missed call, callee side).
+    Cancelled,
+    /// Another of our devices answered.
+    AnsweredElsewhere,
+    /// Another of our devices declined.
+    RejectedElsewhere,
+    /// The relay ended the allocation (media went idle, a connection dropped).
+    Ended,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    Caller,
+    Callee,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Ringing,
+    Connected,
+}
+
+/// A call this device takes part in (or rings for).
+pub(crate) struct ActiveCall {
+    pub(crate) peer: AccountId,
+    pub(crate) role: Role,
+    pub(crate) allocation: u32,
+    pub(crate) token: [u8; 16],
+    pub(crate) key: CallKey,
+    pub(crate) phase: Phase,
+}
+
+/// Media state of connected calls, by allocation: kept apart from the client state so
+/// that 50 frames a second do not contend with messaging.
+#[derive(Default)]
+pub(crate) struct MediaTable {
+    slots: HashMap<u32, MediaSlot>,
+    waiting: HashMap<CallId, CallMedia>,
+}
+
+struct MediaSlot {
+    receiver: MediaReceiver,
+    frames: mpsc::Sender<Vec<u8>>,
+}
+
+/// The media of one connected call: send encoded frames, receive the peer's. Codecs are
+/// the app's business; frames are opaque bytes here.
+pub struct CallMedia {
+    inner: Arc<Inner>,
+    allocation: u32,
+    sender: MediaSender,
+    frames: mpsc::Receiver<Vec<u8>>,
+}
+
+impl CallMedia {
+    /// Seals and sends one frame (unreliable, like the network under it).
+    pub fn send(&mut self, frame: &[u8]) -> Result<(), ClientError> {
+        let sealed = self
+            .sender
+            .seal(frame)
+            .map_err(|_| ClientError::CallMedia)?;
+        self.inner
+            .connection
+            .send_media(self.allocation, &sealed)
+            .map_err(Into::into)
+    }
+
+    /// The next frame from the peer; `None` once the call is over.
+    pub async fn recv(&mut self) -> Option<Vec<u8>> {
+        self.frames.recv().await
+    }
+
+    /// A frame from the peer if one is waiting (for apps that pull audio on a timer).
+    pub fn try_recv(&mut self) -> Option<Vec<u8>> {
+        self.frames.try_recv().ok()
+    }
+
+    /// Moves our sending direction to a fresh key epoch.
+    pub fn rotate_key(&mut self) {
+        self.sender.rotate();
+    }
+
+    /// The largest frame that fits one datagram.
+    pub fn max_frame(&self) -> usize {
+        hush_protocol::media::MAX_MEDIA_PAYLOAD - MEDIA_OVERHEAD
+    }
+}
+
+fn directions(role: Role) -> (Direction, Direction) {
+    match role {
+        Role::Caller => (Direction::FromCaller, Direction::FromCallee),
+        Role::Callee => (Direction::FromCallee, Direction::FromCaller),
+    }
+}
+
+impl Inner {
+    /// Sets up the media of a call that just connected.
+    pub(crate) fn connect_media(self: &Arc<Self>, call_id: CallId, call: &ActiveCall) {
+        let (ours, theirs) = directions(call.role);
+        let (frames_tx, frames) = mpsc::channel(MEDIA_BUFFER);
+        let media = CallMedia {
+            inner: self.clone(),
+            allocation: call.allocation,
+            sender: MediaSender::new(&call.key, call_id, ours, call.allocation),
+            frames,
+        };
+        if let Ok(mut table) = self.media.lock() {
+            table.slots.insert(
+                call.allocation,
+                MediaSlot {
+                    receiver: MediaReceiver::new(&call.key, call_id, theirs, call.allocation),
+                    frames: frames_tx,
+                },
+            );
+            table.waiting.insert(call_id, media);
+        }
+    }
+
+    pub(crate) fn drop_media(&self, allocation: u32, call_id: &CallId) {
+        if let Ok(mut table) = self.media.lock() {
+            table.slots.remove(&allocation);
+            table.waiting.remove(call_id);
+        }
+    }
+
+    /// One datagram from the relay: opened and handed to the call's media, or dropped.
+    pub(crate) fn media_arrived(&self, allocation: u32, sealed: &[u8]) {
+        let Ok(mut table) = self.media.lock() else {
+            return;
+        };
+        let Some(slot) = table.slots.get_mut(&allocation) else {
+            return;
+        };
+        // Replayed, too old or forged frames are simply dropped, as a codec drops loss.
+        if let Ok(frame) = slot.receiver.open(sealed) {
+            let _ = slot.frames.try_send(frame);
+        }
+    }
+
+    /// A call signal from `from`: updates the call table and says what to tell the app.
+    /// Runs under the state lock; relay requests it needs go to the worker.
+    pub(crate) fn call_signal(
+        self: &Arc<Self>,
+        state: &mut State,
+        from: AccountId,
+        device: DeviceId,
+        signal: CallSignal,
+    ) -> Option<ClientEvent> {
+        match signal {
+            CallSignal::Offer {
+                call_id,
+                key,
+                allocation,
+                token,
+                video,
+            } => {
+                if !state.calls.is_empty() {
+                    let _ = self
+                        .work
+                        .send(Work::CallSignal(from, CallSignal::Busy { call_id }));
+                    return None;
+                }
+                state.calls.insert(
+                    call_id,
+                    ActiveCall {
+                        peer: from,
+                        role: Role::Callee,
+                        allocation,
+                        token,
+                        key,
+                        phase: Phase::Ringing,
+                    },
+                );
+                Some(ClientEvent::IncomingCall {
+                    from,
+                    device,
+                    call_id,
+                    video,
+                })
+            }
+            CallSignal::Answer { call_id } => {
+                let call = state.calls.get_mut(&call_id)?;
+                if call.role != Role::Caller || call.peer != from || call.phase != Phase::Ringing {
+                    return None;
+                }
+                call.phase = Phase::Connected;
+                self.connect_media(call_id, call);
+                Some(ClientEvent::CallAnswered { call_id })
+            }
+            CallSignal::Reject { call_id } | CallSignal::Busy { call_id } => {
+                let reason = if matches!(signal, CallSignal::Busy { .. }) {
+                    (CallEndReason::Busy, CallOutcome::Busy)
+                } else {
+                    (CallEndReason::Rejected, CallOutcome::Rejected)
+                };
+                let call = state.calls.get(&call_id)?;
+                if call.role != Role::Caller || call.peer != from || call.phase != Phase::Ringing {
+                    return None;
+                }
+                let allocation = call.allocation;
+                state.calls.remove(&call_id);
+                let _ = self.work.send(Work::EndCall(allocation, reason.1));
+                Some(ClientEvent::CallEnded {
+                    call_id,
+                    reason: reason.0,
+                })
+            }
+            CallSignal::HangUp { call_id } | CallSignal::Cancel { call_id } => {
+                let call = state.calls.get(&call_id)?;
+                if call.peer != from {
+                    return None;
+                }
+                let reason = match (call.phase, signal) {
+                    (Phase::Ringing, _) => CallEndReason::Cancelled,
+                    (Phase::Connected, _) => CallEndReason::HungUp,
+                };
+                let allocation = call.allocation;
+                state.calls.remove(&call_id);
+                self.drop_media(allocation, &call_id);
+                Some(ClientEvent::CallEnded { call_id, reason })
+            }
+        }
+    }
+
+    /// The relay ended an allocation (idle media, a dropped connection, the peer's end).
+    pub(crate) fn allocation_ended(
+        &self,
+        state: &mut State,
+        allocation: u32,
+    ) -> Option<ClientEvent> {
+        let call_id = state
+            .calls
+            .iter()
+            .find(|(_, call)| call.allocation == allocation)
+            .map(|(id, _)| *id)?;
+        state.calls.remove(&call_id);
+        self.drop_media(allocation, &call_id);
+        Some(ClientEvent::CallEnded {
+            call_id,
+            reason: CallEndReason::Ended,
+        })
+    }
+
+    /// Sends a call signal to `to` (not kept, not copied: signals are ephemeral).
+    pub(crate) async fn send_signal(
+        &self,
+        state: &mut State,
+        to: AccountId,
+        signal: CallSignal,
+    ) -> Result<(), ClientError> {
+        let content = Content {
+            id: crate::content::MessageId(random()),
+            sent_at: crate::client::now(),
+            expires_in: None,
+            profile_key: Some(*state.profile_key),
+            sent_to: None,
+            body: Body::Call(signal),
+        };
+        self.send_to_contact(state, to, &content, None).await
+    }
+
+    /// Copies an answer or rejection to our other devices so they stop ringing (at once:
+    /// ringing does not wait for the privacy jitter of other copies).
+    pub(crate) async fn signal_own_devices(
+        &self,
+        state: &mut State,
+        peer: AccountId,
+        signal: CallSignal,
+    ) -> Result<(), ClientError> {
+        let content = Content {
+            id: crate::content::MessageId(random()),
+            sent_at: crate::client::now(),
+            expires_in: None,
+            profile_key: None,
+            sent_to: Some(peer.0),
+            body: Body::Call(signal),
+        };
+        self.send_to_own_devices(state, &content).await
+    }
+}
+
+/// A signal one of our other devices sent: an answer or rejection there stops ours
+/// ringing.
+pub(crate) fn own_call_signal(state: &mut State, signal: &CallSignal) -> Option<ClientEvent> {
+    let (call_id, reason) = match signal {
+        CallSignal::Answer { call_id } => (*call_id, CallEndReason::AnsweredElsewhere),
+        CallSignal::Reject { call_id } => (*call_id, CallEndReason::RejectedElsewhere),
+        _ => return None,
+    };
+    let call = state.calls.get(&call_id)?;
+    if call.role != Role::Callee || call.phase != Phase::Ringing {
+        return None;
+    }
+    state.calls.remove(&call_id);
+    Some(ClientEvent::CallEnded { call_id, reason })
+}
+
+impl crate::client::Client {
+    /// Calls a contact: every device of theirs rings until one answers, all decline, or
+    /// the ring timeout (`Settings::ring_timeout_secs`) passes.
+    pub async fn start_call(&self, to: AccountId, video: bool) -> Result<CallId, ClientError> {
+        let inner = self.inner();
+        let mut state = inner.state.lock().await;
+        if !state.calls.is_empty() {
+            return Err(ClientError::CallInProgress);
+        }
+        let (allocation, token, call_id) = inner.connection.allocate_call(to).await?;
+        let key = CallKey::generate();
+        let offer = CallSignal::Offer {
+            call_id,
+            key: key.clone(),
+            allocation,
+            token: token.0,
+            video,
+        };
+        if let Err(error) = inner.send_signal(&mut state, to, offer).await {
+            let _ = inner
+                .connection
+                .end_call(allocation, CallOutcome::Failed)
+                .await;
+            return Err(error);
+        }
+        state.calls.insert(
+            call_id,
+            ActiveCall {
+                peer: to,
+                role: Role::Caller,
+                allocation,
+                token: token.0,
+                key,
+                phase: Phase::Ringing,
+            },
+        );
+        let timeout = std::time::Duration::from_secs(u64::from(state.settings.ring_timeout_secs));
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let mut state = inner.state.lock().await;
+            let ringing = state
+                .calls
+                .get(&call_id)
+                .is_some_and(|call| call.phase == Phase::Ringing);
+            if ringing {
+                state.calls.remove(&call_id);
+                let _ = inner
+                    .send_signal(&mut state, to, CallSignal::Cancel { call_id })
+                    .await;
+                let _ = inner
+                    .connection
+                    .end_call(allocation, CallOutcome::Missed)
+                    .await;
+                state.pending_events.push(ClientEvent::CallEnded {
+                    call_id,
+                    reason: CallEndReason::NoAnswer,
+                });
+                let events = std::mem::take(&mut state.pending_events);
+                drop(state);
+                inner.emit_soon(events).await;
+            }
+        });
+        Ok(call_id)
+    }
+
+    /// Answers a ringing call on this device.
+    pub async fn answer_call(&self, call_id: CallId) -> Result<(), ClientError> {
+        let inner = self.inner();
+        let mut state = inner.state.lock().await;
+        let call = state.calls.get(&call_id).ok_or(ClientError::NoSuchCall)?;
+        if call.role != Role::Callee || call.phase != Phase::Ringing {
+            return Err(ClientError::NoSuchCall);
+        }
+        let (peer, allocation, token) = (call.peer, call.allocation, call.token);
+        if let Err(error) = inner
+            .connection
+            .join_call(allocation, CallToken(token))
+            .await
+        {
+            // Answered elsewhere first, or the caller already gave up.
+            state.calls.remove(&call_id);
+            return Err(error.into());
+        }
+        inner
+            .send_signal(&mut state, peer, CallSignal::Answer { call_id })
+            .await?;
+        if let Some(call) = state.calls.get_mut(&call_id) {
+            call.phase = Phase::Connected;
+            inner.connect_media(call_id, call);
+        }
+        let _ = inner
+            .signal_own_devices(&mut state, peer, CallSignal::Answer { call_id })
+            .await;
+        Ok(())
+    }
+
+    /// Declines a ringing call (on all our devices).
+    pub async fn reject_call(&self, call_id: CallId) -> Result<(), ClientError> {
+        let inner = self.inner();
+        let mut state = inner.state.lock().await;
+        let call = state
+            .calls
+            .remove(&call_id)
+            .ok_or(ClientError::NoSuchCall)?;
+        inner
+            .send_signal(&mut state, call.peer, CallSignal::Reject { call_id })
+            .await?;
+        let _ = inner
+            .signal_own_devices(&mut state, call.peer, CallSignal::Reject { call_id })
+            .await;
+        Ok(())
+    }
+
+    /// Ends a call: hangs up a connected one, or cancels one still ringing at the peer.
+    pub async fn hang_up(&self, call_id: CallId) -> Result<(), ClientError> {
+        let inner = self.inner();
+        let mut state = inner.state.lock().await;
+        let call = state
+            .calls
+            .remove(&call_id)
+            .ok_or(ClientError::NoSuchCall)?;
+        inner.drop_media(call.allocation, &call_id);
+        let (signal, outcome) = match call.phase {
+            Phase::Connected => (CallSignal::HangUp { call_id }, CallOutcome::Answered),
+            Phase::Ringing => (CallSignal::Cancel { call_id }, CallOutcome::Missed),
+        };
+        let _ = inner.send_signal(&mut state, call.peer, signal).await;
+        if call.role == Role::Caller || call.phase == Phase::Connected {
+            inner.connection.end_call(call.allocation, outcome).await?;
+        }
+        Ok(())
+    }
+
+    /// The media of a connected call, once (after `CallAnswered`, or after our
+    /// `answer_call`).
+    pub fn take_media(&self, call_id: CallId) -> Option<CallMedia> {
+        self.inner()
+            .media
+            .lock()
+            .ok()
+            .and_then(|mut table| table.waiting.remove(&call_id))
+    }
+}
