@@ -435,3 +435,62 @@ pub mod users {
         }
     }
 }
+
+/// The next `CallEnded` pushed to `connection`, skipping other events.
+pub async fn next_call_ended(connection: &Connection) -> u32 {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match connection.next_event().await {
+                Some(Event::CallEnded { allocation }) => return allocation,
+                Some(Event::Closed(code)) => {
+                    panic!("connection ended while waiting for CallEnded: {code:?}")
+                }
+                None => panic!("connection ended while waiting for CallEnded"),
+                Some(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("CallEnded within the wait")
+}
+
+/// Asserts that no `CallEnded` is pushed to `connection` within `quiet`.
+pub async fn assert_no_call_ended(connection: &Connection, quiet: Duration) {
+    let ended = tokio::time::timeout(quiet, async {
+        loop {
+            match connection.next_event().await {
+                Some(Event::CallEnded { allocation }) => return allocation,
+                Some(_) => {}
+                None => std::future::pending().await,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_err(), "unexpected CallEnded");
+}
+
+/// Media datagrams that reach `connection` within `quiet` of each other (at most `WAIT`
+/// in all).
+pub async fn collect_media(connection: &Connection, quiet: Duration) -> Vec<(u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(quiet, connection.next_media()).await {
+            Ok(Some(media)) => out.push(media),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    out
+}
+
+/// Waits (bounded) until `read()` reaches `at_least`; returns the value.
+pub async fn wait_for_count(read: impl Fn() -> u64, at_least: u64) -> u64 {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let value = read();
+        if value >= at_least || std::time::Instant::now() > deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
