@@ -567,7 +567,12 @@ async fn call_records_go_after_retention_and_day_counts_stay() {
     let days = relay.relay().call_day_stats().await.unwrap();
     assert_eq!(days.iter().map(|d| d.calls).sum::<u64>(), 2);
     assert_eq!(days.iter().map(|d| d.answered).sum::<u64>(), 1);
-    assert_eq!(days.iter().map(|d| d.minutes()).sum::<u64>(), 2);
+    assert_eq!(
+        days.iter()
+            .map(hush_server::cdr::DayStats::minutes)
+            .sum::<u64>(),
+        2
+    );
 
     let ids = [alice.address.account, bob.address.account];
     drop((alice, bob));
