@@ -326,16 +326,19 @@ macro_rules! relay_binary {
     };
 }
 
-/// Every byte of every file under `dir`, with its path.
+/// Every byte of every regular file under `dir`, with its path (a running relay's admin
+/// socket holds no bytes and is skipped).
 pub fn read_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(path) = stack.pop() {
         for entry in std::fs::read_dir(&path).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
+            let entry = entry.unwrap();
+            let kind = entry.file_type().unwrap();
+            let path = entry.path();
+            if kind.is_dir() {
                 stack.push(path);
-            } else {
+            } else if kind.is_file() {
                 out.push((path.clone(), std::fs::read(&path).unwrap()));
             }
         }
