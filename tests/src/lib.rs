@@ -326,16 +326,19 @@ macro_rules! relay_binary {
     };
 }
 
-/// Every byte of every file under `dir`, with its path.
+/// Every byte of every regular file under `dir`, with its path (a running relay's admin
+/// socket holds no bytes and is skipped).
 pub fn read_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(path) = stack.pop() {
         for entry in std::fs::read_dir(&path).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
+            let entry = entry.unwrap();
+            let kind = entry.file_type().unwrap();
+            let path = entry.path();
+            if kind.is_dir() {
                 stack.push(path);
-            } else {
+            } else if kind.is_file() {
                 out.push((path.clone(), std::fs::read(&path).unwrap()));
             }
         }
@@ -433,5 +436,64 @@ pub mod users {
                 );
             }
         }
+    }
+}
+
+/// The next `CallEnded` pushed to `connection`, skipping other events.
+pub async fn next_call_ended(connection: &Connection) -> u32 {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match connection.next_event().await {
+                Some(Event::CallEnded { allocation }) => return allocation,
+                Some(Event::Closed(code)) => {
+                    panic!("connection ended while waiting for CallEnded: {code:?}")
+                }
+                None => panic!("connection ended while waiting for CallEnded"),
+                Some(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("CallEnded within the wait")
+}
+
+/// Asserts that no `CallEnded` is pushed to `connection` within `quiet`.
+pub async fn assert_no_call_ended(connection: &Connection, quiet: Duration) {
+    let ended = tokio::time::timeout(quiet, async {
+        loop {
+            match connection.next_event().await {
+                Some(Event::CallEnded { allocation }) => return allocation,
+                Some(_) => {}
+                None => std::future::pending().await,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_err(), "unexpected CallEnded");
+}
+
+/// Media datagrams that reach `connection` within `quiet` of each other (at most `WAIT`
+/// in all).
+pub async fn collect_media(connection: &Connection, quiet: Duration) -> Vec<(u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(quiet, connection.next_media()).await {
+            Ok(Some(media)) => out.push(media),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    out
+}
+
+/// Waits (bounded) until `read()` reaches `at_least`; returns the value.
+pub async fn wait_for_count(read: impl Fn() -> u64, at_least: u64) -> u64 {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let value = read();
+        if value >= at_least || std::time::Instant::now() > deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

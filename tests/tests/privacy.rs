@@ -1,11 +1,11 @@
 //! P9 and P10, tested rather than asserted: after a run at the most verbose log level, the
 //! data dir and the relay's log hold no account id, device key, identity key, invite
-//! token, delivery token, retraction secret or tag, client address or envelope byte in
-//! clear.
+//! token, delivery token, retraction secret or tag, call token or call id, client address,
+//! envelope or media byte in clear.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use hush_client::protocol::sealed::{retract_tag, SealedEnvelope};
-use hush_client::protocol::DeviceAddress;
+use hush_client::protocol::{CallOutcome, DeviceAddress};
 use hush_client::{Connection, DeviceKey};
 use hush_tests::{contains, next_envelope, read_tree, relay_binary, ChildRelay};
 
@@ -111,6 +111,28 @@ async fn data_dir_and_trace_logs_hold_no_identifiers_or_content() {
     }
     assert_eq!(anonymous.retract(&[[0xC0; 32]]).await.unwrap(), 2);
     drop(anonymous);
+
+    // A call with media both ways: the token, the call id and the media bytes must not
+    // surface, nor the accounts in the call-detail record.
+    let (allocation, token, call_id) = alice.allocate_call(bob_address.account).await.unwrap();
+    secrets.add("call token", &token.0);
+    secrets.add("call id", &call_id);
+    bob.join_call(allocation, token).await.unwrap();
+    let media = b"MEDIA-CANARY encrypted audio frame".to_vec();
+    secrets.add("media frame", &media);
+    for _ in 0..5 {
+        alice.send_media(allocation, &media).unwrap();
+        bob.send_media(allocation, &media).unwrap();
+    }
+    let heard = tokio::time::timeout(hush_tests::WAIT, bob.next_media())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(heard, (allocation, media.clone()));
+    alice
+        .end_call(allocation, CallOutcome::Answered)
+        .await
+        .unwrap();
     drop(alice);
     drop(bob);
 
