@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use hush_protocol::{AccountId, CallOutcome, CallToken, DeviceId};
+use hush_protocol::{AccountId, CallEndCause, CallOutcome, CallToken, DeviceId};
 use tokio::sync::mpsc;
 
 use crate::client::{random, ClientError, ClientEvent, Inner, State, Work};
@@ -256,23 +256,31 @@ impl Inner {
         }
     }
 
-    /// The relay ended an allocation (idle media, a dropped connection, the peer's end).
+    /// The relay ended an allocation (the peer's end, idle media, a dropped connection).
+    /// Whichever comes first of this and the peer's end-to-end signal decides the event;
+    /// both name the same reason.
     pub(crate) fn allocation_ended(
         &self,
         state: &mut State,
         allocation: u32,
+        cause: CallEndCause,
     ) -> Option<ClientEvent> {
         let call_id = state
             .calls
             .iter()
             .find(|(_, call)| call.allocation == allocation)
             .map(|(id, _)| *id)?;
-        state.calls.remove(&call_id);
+        let call = state.calls.remove(&call_id)?;
         self.drop_media(allocation, &call_id);
-        Some(ClientEvent::CallEnded {
-            call_id,
-            reason: CallEndReason::Ended,
-        })
+        let reason = match (cause, call.phase, call.role) {
+            // The caller gave up before an answer (we were ringing).
+            (CallEndCause::EndedByPeer, Phase::Ringing, Role::Callee)
+            | (CallEndCause::RingTimeout, _, Role::Callee) => CallEndReason::Cancelled,
+            (CallEndCause::EndedByPeer, _, _) => CallEndReason::HungUp,
+            (CallEndCause::RingTimeout, _, Role::Caller) => CallEndReason::NoAnswer,
+            (CallEndCause::MediaIdle | CallEndCause::PeerGone, _, _) => CallEndReason::Ended,
+        };
+        Some(ClientEvent::CallEnded { call_id, reason })
     }
 
     /// Sends a call signal to `to` (not kept, not copied: signals are ephemeral).

@@ -1790,9 +1790,9 @@ async fn receive_loop(inner: Arc<Inner>, acks: mpsc::UnboundedSender<EnvelopeId>
             }
             // Calls on the Client handle are a later issue; the transport `Connection`
             // carries them today.
-            Event::CallEnded { allocation } => {
+            Event::CallEnded { allocation, cause } => {
                 let mut state = inner.state.lock().await;
-                let event = inner.allocation_ended(&mut state, allocation);
+                let event = inner.allocation_ended(&mut state, allocation, cause);
                 drop(state);
                 if let Some(event) = event {
                     if inner.events.send(event).await.is_err() {

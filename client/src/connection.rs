@@ -11,8 +11,8 @@ use hush_protocol::auth::{auth_transcript, register_transcript, EXPORTER_LABEL, 
 use hush_protocol::media::{encode_media, parse_media};
 use hush_protocol::sealed::{SealedEnvelope, SenderCertificate};
 use hush_protocol::{
-    encode_frame, AccountId, Ack, AddDevice, AllocateCall, Authenticate, CallOutcome, CallToken,
-    ClientFrame, DecodeError, DeviceAddress, DeviceId, EndCall, EnvelopeId, ErrorCode,
+    encode_frame, AccountId, Ack, AddDevice, AllocateCall, Authenticate, CallEndCause, CallOutcome,
+    CallToken, ClientFrame, DecodeError, DeviceAddress, DeviceId, EndCall, EnvelopeId, ErrorCode,
     FetchPrekeys, Frame, FrameHeader, Hello, JoinCall, ListDevices, OutgoingEnvelope,
     PrekeyBundles, Provision, Register, RemoveDevice, Request, RequestBody, RequestId,
     ResponseBody, Retract, SealedSend, Send, ServerFrame, SetDeliveryAccess, Signature,
@@ -103,6 +103,8 @@ pub enum Event {
     CallEnded {
         /// The allocation.
         allocation: u32,
+        /// Why the relay ended it.
+        cause: CallEndCause,
     },
     /// The connection is over; the relay's code, if it gave one.
     Closed(Option<ErrorCode>),
@@ -753,6 +755,7 @@ async fn read_loop(
             Ok(Some(ServerFrame::CallEnded(ended))) => {
                 let event = Event::CallEnded {
                     allocation: ended.allocation,
+                    cause: ended.cause,
                 };
                 let _ = events.send(event).await;
             }

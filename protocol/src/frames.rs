@@ -301,11 +301,26 @@ pub struct EndCall {
     pub outcome: CallOutcome,
 }
 
+/// Why the relay ended an allocation, as told to the parties that did not end it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CallEndCause {
+    /// The other party sent `EndCall`.
+    EndedByPeer,
+    /// Nobody joined within the relay's ring timeout.
+    RingTimeout,
+    /// No media flowed for the relay's idle timeout.
+    MediaIdle,
+    /// The other party's connection closed.
+    PeerGone,
+}
+
 /// Pushed to a party of a call whose allocation ended for any reason but its own `EndCall`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CallEnded {
     /// The allocation that ended.
     pub allocation: u32,
+    /// Why.
+    pub cause: CallEndCause,
 }
 
 /// A request; the relay answers each with a [`Response`] carrying the same id.

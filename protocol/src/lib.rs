@@ -39,11 +39,11 @@ pub use bytes::Signature;
 pub use codec::{encode_frame, Frame, FrameDecoder, FrameHeader, HEADER_LEN};
 pub use error::{DecodeError, ErrorCode};
 pub use frames::{
-    Ack, AddDevice, AllocateCall, Authenticate, CallEnded, CallOutcome, CallToken, ClientFrame,
-    Deliver, DeviceBundle, EndCall, Fatal, FetchPrekeys, Hello, HelloOk, JoinCall, ListDevices,
-    LowPrekeys, OutgoingEnvelope, Prekey, PrekeyBundles, Provision, ProvisioningMessage, Register,
-    RemoveDevice, Request, RequestBody, Response, ResponseBody, Retract, SealedSend, Send,
-    ServerFrame, SetDeliveryAccess, UploadPrekeys, VersionRange,
+    Ack, AddDevice, AllocateCall, Authenticate, CallEndCause, CallEnded, CallOutcome, CallToken,
+    ClientFrame, Deliver, DeviceBundle, EndCall, Fatal, FetchPrekeys, Hello, HelloOk, JoinCall,
+    ListDevices, LowPrekeys, OutgoingEnvelope, Prekey, PrekeyBundles, Provision,
+    ProvisioningMessage, Register, RemoveDevice, Request, RequestBody, Response, ResponseBody,
+    Retract, SealedSend, Send, ServerFrame, SetDeliveryAccess, UploadPrekeys, VersionRange,
 };
 pub use ids::{AccountId, DeviceAddress, DeviceId, EnvelopeId, RequestId};
 pub use sealed::{SealedEnvelope, SenderCertificate};

@@ -4,13 +4,13 @@
 use hush_protocol::limits::{self, frame as frame_limit};
 use hush_protocol::sealed::{SealedEnvelope, SenderCertificate};
 use hush_protocol::{
-    encode_frame, media, AccountId, Ack, AddDevice, AllocateCall, Authenticate, CallEnded,
-    CallOutcome, CallToken, ClientFrame, DecodeError, Deliver, DeviceAddress, DeviceBundle,
-    DeviceId, EndCall, EnvelopeId, ErrorCode, Fatal, FetchPrekeys, Frame, FrameDecoder,
-    FrameHeader, Hello, HelloOk, JoinCall, ListDevices, LowPrekeys, OutgoingEnvelope, Prekey,
-    PrekeyBundles, Provision, ProvisioningMessage, Register, RemoveDevice, Request, RequestBody,
-    RequestId, Response, ResponseBody, Retract, SealedSend, Send, ServerFrame, SetDeliveryAccess,
-    Signature, UploadPrekeys, VersionRange, HEADER_LEN,
+    encode_frame, media, AccountId, Ack, AddDevice, AllocateCall, Authenticate, CallEndCause,
+    CallEnded, CallOutcome, CallToken, ClientFrame, DecodeError, Deliver, DeviceAddress,
+    DeviceBundle, DeviceId, EndCall, EnvelopeId, ErrorCode, Fatal, FetchPrekeys, Frame,
+    FrameDecoder, FrameHeader, Hello, HelloOk, JoinCall, ListDevices, LowPrekeys, OutgoingEnvelope,
+    Prekey, PrekeyBundles, Provision, ProvisioningMessage, Register, RemoveDevice, Request,
+    RequestBody, RequestId, Response, ResponseBody, Retract, SealedSend, Send, ServerFrame,
+    SetDeliveryAccess, Signature, UploadPrekeys, VersionRange, HEADER_LEN,
 };
 use proptest::collection::vec;
 use proptest::option;
@@ -313,7 +313,19 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         )),
         bytes(4096)
             .prop_map(|payload| ServerFrame::ProvisioningMessage(ProvisioningMessage { payload })),
-        any::<u32>().prop_map(|allocation| ServerFrame::CallEnded(CallEnded { allocation })),
+        (
+            any::<u32>(),
+            prop_oneof![
+                Just(CallEndCause::EndedByPeer),
+                Just(CallEndCause::RingTimeout),
+                Just(CallEndCause::MediaIdle),
+                Just(CallEndCause::PeerGone),
+            ]
+        )
+            .prop_map(|(allocation, cause)| ServerFrame::CallEnded(CallEnded {
+                allocation,
+                cause
+            })),
     ]
 }
 
@@ -714,6 +726,7 @@ fn call_frames_fit_their_limits_and_keep_tokens_out_of_debug() {
     );
     let ended = ServerFrame::CallEnded(CallEnded {
         allocation: u32::MAX,
+        cause: CallEndCause::PeerGone,
     });
     let wire = encode_frame(&ended);
     assert!(wire.len() - HEADER_LEN <= limits::frame::SMALL);

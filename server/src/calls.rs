@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use hush_protocol::{AccountId, CallOutcome, ErrorCode};
+use hush_protocol::{AccountId, CallEndCause, CallOutcome, ErrorCode};
 use rand_core::{OsRng, RngCore};
 use subtle::ConstantTimeEq;
 
@@ -95,6 +95,8 @@ pub struct Ended<L> {
     pub record: CallRecord,
     /// Parties that did not end it themselves and must be told.
     pub notify: Vec<L>,
+    /// Why it ended, as they are told.
+    pub cause: CallEndCause,
 }
 
 /// What to do with a media datagram.
@@ -300,6 +302,7 @@ impl<L: Clone> Calls<L> {
             allocation,
             record: removed.record(now, outcome),
             notify: removed.others(Some(connection)),
+            cause: CallEndCause::EndedByPeer,
         })
     }
 
@@ -330,6 +333,7 @@ impl<L: Clone> Calls<L> {
             allocation,
             record: removed.record(now, outcome),
             notify: removed.others(Some(connection)),
+            cause: CallEndCause::PeerGone,
         })
     }
 
@@ -356,10 +360,16 @@ impl<L: Clone> Calls<L> {
         due.into_iter()
             .filter_map(|(id, outcome)| {
                 let removed = registry.remove(id)?;
+                let cause = if outcome == CallOutcome::Missed {
+                    CallEndCause::RingTimeout
+                } else {
+                    CallEndCause::MediaIdle
+                };
                 Some(Ended {
                     allocation: id,
                     record: removed.record(now, outcome),
                     notify: removed.others(None),
+                    cause,
                 })
             })
             .collect()

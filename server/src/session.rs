@@ -156,8 +156,9 @@ pub(crate) async fn record_call_end(
         allocation,
         record,
         notify,
+        cause,
     } = ended;
-    let frame = encode_frame(&ServerFrame::CallEnded(CallEnded { allocation }));
+    let frame = encode_frame(&ServerFrame::CallEnded(CallEnded { allocation, cause }));
     for party in notify {
         // Advisory: a full or closed outbox means the party is going anyway.
         let _ = party.outbox.try_send(frame.clone());

@@ -444,7 +444,7 @@ pub async fn next_call_ended(connection: &Connection) -> u32 {
     tokio::time::timeout(WAIT, async {
         loop {
             match connection.next_event().await {
-                Some(Event::CallEnded { allocation }) => return allocation,
+                Some(Event::CallEnded { allocation, .. }) => return allocation,
                 Some(Event::Closed(code)) => {
                     panic!("connection ended while waiting for CallEnded: {code:?}")
                 }
@@ -462,7 +462,7 @@ pub async fn assert_no_call_ended(connection: &Connection, quiet: Duration) {
     let ended = tokio::time::timeout(quiet, async {
         loop {
             match connection.next_event().await {
-                Some(Event::CallEnded { allocation }) => return allocation,
+                Some(Event::CallEnded { allocation, .. }) => return allocation,
                 Some(_) => {}
                 None => std::future::pending().await,
             }

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use hush_client::protocol::AccountId;
 use hush_client::{CallEndReason, CallId, Client, ClientEvent, LinkRequest, Settings};
 use hush_tests::users::{next, User};
 use hush_tests::{TestRelay, WAIT};
@@ -11,11 +12,14 @@ use hush_tests::{TestRelay, WAIT};
 /// The next call event, skipping messages, receipts and typing.
 async fn next_call(client: &Client) -> ClientEvent {
     loop {
-        match next(client).await {
-            event @ (ClientEvent::IncomingCall { .. }
-            | ClientEvent::CallAnswered { .. }
-            | ClientEvent::CallEnded { .. }) => return event,
-            _ => {}
+        let event = next(client).await;
+        if matches!(
+            event,
+            ClientEvent::IncomingCall { .. }
+                | ClientEvent::CallAnswered { .. }
+                | ClientEvent::CallEnded { .. }
+        ) {
+            return event;
         }
     }
 }
@@ -45,11 +49,10 @@ async fn link(relay: &TestRelay, primary: &Client, user: &User) -> Client {
     linked.unwrap().unwrap()
 }
 
-/// Alice with Bob as a contact and Bob with Alice (after one message each way).
-async fn acquainted(relay: &TestRelay, alice: &Client, bob: &Client) -> (hush_client::protocol::AccountId, hush_client::protocol::AccountId) {
+/// Each a contact of the other: (alice's account, bob's account).
+async fn acquainted(alice: &Client, bob: &Client) -> (AccountId, AccountId) {
     let bob_account = alice.add_contact(&bob.contact_card().await).await.unwrap();
     let alice_account = bob.add_contact(&alice.contact_card().await).await.unwrap();
-    let _ = relay;
     (alice_account, bob_account)
 }
 
@@ -60,7 +63,7 @@ async fn a_call_rings_every_device_is_answered_on_one_and_carries_media_both_way
     let alice = users[0].create(&relay).await;
     let bob1 = users[1].create(&relay).await;
     let bob2 = link(&relay, &bob1, &users[2]).await;
-    let (alice_account, bob_account) = acquainted(&relay, &alice, &bob1).await;
+    let (alice_account, bob_account) = acquainted(&alice, &bob1).await;
 
     let call = alice.start_call(bob_account, false).await.unwrap();
     assert_eq!(incoming(&bob1).await, call);
@@ -77,7 +80,7 @@ async fn a_call_rings_every_device_is_answered_on_one_and_carries_media_both_way
     assert!(alice.take_media(call).is_none(), "media is handed out once");
     const FRAMES: u32 = 300;
     let mut received: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
-    let mut collect = |media: &mut hush_client::CallMedia, direction: u8, into: &mut Vec<u32>| {
+    let collect = |media: &mut hush_client::CallMedia, direction: u8, into: &mut Vec<u32>| {
         while let Some(frame) = media.try_recv() {
             assert_eq!(frame.len(), 160);
             assert_eq!(frame[4], direction, "frames come from the other side only");
@@ -101,7 +104,10 @@ async fn a_call_rings_every_device_is_answered_on_one_and_carries_media_both_way
     collect(&mut bob_media, 0, to_bob);
     collect(&mut alice_media, 1, to_alice);
     for frames in &received {
-        assert!(frames.windows(2).all(|w| w[0] < w[1]), "in order, each once");
+        assert!(
+            frames.windows(2).all(|w| w[0] < w[1]),
+            "in order, each once"
+        );
         // Datagrams may be lost even on loopback, but not many.
         assert!(
             frames.len() as u32 * 100 >= FRAMES * 95,
@@ -112,7 +118,10 @@ async fn a_call_rings_every_device_is_answered_on_one_and_carries_media_both_way
 
     bob2.hang_up(call).await.unwrap();
     assert_eq!(ended(&alice).await, (call, CallEndReason::HungUp));
-    assert!(alice_media.recv().await.is_none(), "media ends with the call");
+    assert!(
+        alice_media.recv().await.is_none(),
+        "media ends with the call"
+    );
     let _ = alice_account;
 }
 
@@ -123,8 +132,8 @@ async fn declined_busy_and_unanswered_calls_end_for_the_caller() {
     let alice = users[0].create(&relay).await;
     let bob = users[1].create(&relay).await;
     let carol = users[2].create(&relay).await;
-    let (_, bob_account) = acquainted(&relay, &alice, &bob).await;
-    let (_, bob_account_for_carol) = acquainted(&relay, &carol, &bob).await;
+    let (_, bob_account) = acquainted(&alice, &bob).await;
+    let (_, bob_account_for_carol) = acquainted(&carol, &bob).await;
 
     // Declined.
     let call = alice.start_call(bob_account, false).await.unwrap();
@@ -133,7 +142,10 @@ async fn declined_busy_and_unanswered_calls_end_for_the_caller() {
     assert_eq!(ended(&alice).await, (call, CallEndReason::Rejected));
 
     // Busy: Bob is on a call with Carol.
-    let with_carol = carol.start_call(bob_account_for_carol, false).await.unwrap();
+    let with_carol = carol
+        .start_call(bob_account_for_carol, false)
+        .await
+        .unwrap();
     assert_eq!(incoming(&bob).await, with_carol);
     bob.answer_call(with_carol).await.unwrap();
     let call = alice.start_call(bob_account, true).await.unwrap();
@@ -157,4 +169,24 @@ async fn declined_busy_and_unanswered_calls_end_for_the_caller() {
         bob.answer_call(call).await,
         Err(hush_client::ClientError::NoSuchCall)
     ));
+
+    // One record per call, with the outcome each ended with.
+    let alice_account = alice.address().await.account;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let outcomes = loop {
+        let mut outcomes: Vec<String> = relay
+            .relay()
+            .call_records_of(alice_account)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| format!("{:?}", r.outcome))
+            .collect();
+        outcomes.sort();
+        if outcomes.len() == 3 || tokio::time::Instant::now() > deadline {
+            break outcomes;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(outcomes, ["Busy", "Missed", "Rejected"]);
 }
