@@ -301,6 +301,20 @@ impl Inner {
         self.send_to_contact(state, to, &content, None).await
     }
 
+    /// Sends an answer or rejection to the caller, then copies it to our other devices.
+    async fn tell_caller_and_own_devices(
+        &self,
+        state: &mut State,
+        caller: AccountId,
+        signal: CallSignal,
+    ) -> Result<(), ClientError> {
+        self.send_signal(state, caller, signal.clone()).await?;
+        // Best effort: the caller has its answer; a device that keeps ringing stops when
+        // the caller's side ends the offer.
+        let _ = self.signal_own_devices(state, caller, signal).await;
+        Ok(())
+    }
+
     /// Copies an answer or rejection to our other devices so they stop ringing (at once:
     /// ringing does not wait for the privacy jitter of other copies).
     pub(crate) async fn signal_own_devices(
@@ -422,15 +436,12 @@ impl crate::client::Client {
             return Err(error.into());
         }
         inner
-            .send_signal(&mut state, peer, CallSignal::Answer { call_id })
+            .tell_caller_and_own_devices(&mut state, peer, CallSignal::Answer { call_id })
             .await?;
         if let Some(call) = state.calls.get_mut(&call_id) {
             call.phase = Phase::Connected;
             inner.connect_media(call_id, call);
         }
-        let _ = inner
-            .signal_own_devices(&mut state, peer, CallSignal::Answer { call_id })
-            .await;
         Ok(())
     }
 
@@ -443,12 +454,8 @@ impl crate::client::Client {
             .remove(&call_id)
             .ok_or(ClientError::NoSuchCall)?;
         inner
-            .send_signal(&mut state, call.peer, CallSignal::Reject { call_id })
-            .await?;
-        let _ = inner
-            .signal_own_devices(&mut state, call.peer, CallSignal::Reject { call_id })
-            .await;
-        Ok(())
+            .tell_caller_and_own_devices(&mut state, call.peer, CallSignal::Reject { call_id })
+            .await
     }
 
     /// Ends a call: hangs up a connected one, or cancels one still ringing at the peer.

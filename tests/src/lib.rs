@@ -355,7 +355,9 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 pub mod users {
     use std::path::Path;
 
-    use hush_client::{Body, Client, ClientConfig, ClientEvent, MessageId, StorageKey};
+    use hush_client::{
+        Body, Client, ClientConfig, ClientEvent, LinkRequest, MessageId, StorageKey,
+    };
     use tempfile::TempDir;
 
     use super::{contains, read_tree, TestRelay, WAIT};
@@ -436,6 +438,19 @@ pub mod users {
                 );
             }
         }
+    }
+
+    /// Links a new device (kept in `user`) to the account of `primary`.
+    pub async fn link(relay: &TestRelay, primary: &Client, user: &User) -> Client {
+        let request = LinkRequest::start(user.config(relay)).await.unwrap();
+        let code = request.code();
+        let (linked, device) = tokio::join!(
+            tokio::time::timeout(WAIT, request.finish()),
+            primary.link_device(&code)
+        );
+        let linked = linked.expect("linked in time").unwrap();
+        assert_eq!(linked.address().await.device, device.unwrap());
+        linked
     }
 }
 

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use hush_client::protocol::AccountId;
-use hush_client::{CallEndReason, CallId, Client, ClientEvent, LinkRequest, Settings};
-use hush_tests::users::{next, User};
+use hush_client::{CallEndReason, CallId, Client, ClientEvent, Settings};
+use hush_tests::users::{link, next, User};
 use hush_tests::{TestRelay, WAIT};
 
 /// The next call event, skipping messages, receipts and typing.
@@ -36,17 +36,6 @@ async fn ended(client: &Client) -> (CallId, CallEndReason) {
         ClientEvent::CallEnded { call_id, reason } => (call_id, reason),
         other => panic!("expected the call to end, got {other:?}"),
     }
-}
-
-async fn link(relay: &TestRelay, primary: &Client, user: &User) -> Client {
-    let request = LinkRequest::start(user.config(relay)).await.unwrap();
-    let code = request.code();
-    let (linked, device) = tokio::join!(
-        tokio::time::timeout(WAIT, request.finish()),
-        primary.link_device(&code)
-    );
-    device.unwrap();
-    linked.unwrap().unwrap()
 }
 
 /// Each a contact of the other: (alice's account, bob's account).

@@ -5,21 +5,9 @@
 
 use std::time::Duration;
 
-use hush_client::{Client, ClientEvent, LinkRequest, StoredMessage};
-use hush_tests::users::{next_message, scan, text, User};
-use hush_tests::{TestRelay, WAIT};
-
-async fn link(relay: &TestRelay, primary: &Client, user: &User) -> Client {
-    let request = LinkRequest::start(user.config(relay)).await.unwrap();
-    let code = request.code();
-    let (linked, device) = tokio::join!(
-        tokio::time::timeout(WAIT, request.finish()),
-        primary.link_device(&code)
-    );
-    let linked = linked.expect("linked in time").unwrap();
-    assert_eq!(linked.address().await.device, device.unwrap());
-    linked
-}
+use hush_client::{Client, ClientEvent, StoredMessage};
+use hush_tests::users::{link, next_message, scan, text, User};
+use hush_tests::TestRelay;
 
 async fn sent_elsewhere(client: &Client) -> StoredMessage {
     match next_message(client).await {
