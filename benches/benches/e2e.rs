@@ -8,6 +8,8 @@
 //!   direction alternates every message).
 //! - `sealed`: sealing a 256-byte message for a recipient and opening it (vodozemac has
 //!   no sealed sender; listed for scale).
+//! - `call_media`: one 160-byte audio frame sealed and opened (a call carries 50 a second
+//!   each way).
 //! - `setup`: a session set up and its first message opened. Hush's is PQXDH (four X25519
 //!   agreements plus ML-KEM-768); Olm's is 3DH without a KEM, so it is listed, not
 //!   compared.
@@ -221,5 +223,27 @@ fn sealed_sender(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, symmetric, dh_step, sealed_sender, setup);
+fn call_media(c: &mut Criterion) {
+    use hush_client::media::{CallKey, Direction, MediaReceiver, MediaSender};
+
+    let mut group = c.benchmark_group("call_media");
+    group.throughput(Throughput::Elements(1));
+    let key = CallKey::generate();
+    let mut sender = MediaSender::new(&key, [1; 16], Direction::FromCaller, 7);
+    let mut receiver = MediaReceiver::new(&key, [1; 16], Direction::FromCaller, 7);
+    let frame = [0x42u8; 160];
+    group.bench_function("seal_open_160B", |b| {
+        b.iter(|| receiver.open(&sender.seal(&frame).unwrap()).unwrap());
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    symmetric,
+    dh_step,
+    sealed_sender,
+    call_media,
+    setup
+);
 criterion_main!(benches);
