@@ -51,7 +51,7 @@ pub struct CallArgs {
     /// Media flows this long before the measured window starts.
     #[arg(long, value_parser = crate::parse_duration, default_value = "2s")]
     warmup: Duration,
-    /// Raise the call count (250, 500, 1000, 2000, 3000, ...) until loss reaches
+    /// Raise the call count (100, 250, 375, 500, 750, 1000, 1500, 2000, 3000, ...) until loss reaches
     /// --max-loss; report the largest count below it.
     #[arg(long)]
     ramp: bool,
@@ -170,10 +170,9 @@ pub async fn calls(args: CallArgs) -> anyhow::Result<()> {
     };
 
     let steps: Vec<usize> = if args.ramp {
-        [250, 500, 1000, 2000, 3000, 4000, 5000, 6000, 8000]
-            .into_iter()
-            .filter(|n| *n <= 9000)
-            .collect()
+        vec![
+            100, 250, 375, 500, 750, 1000, 1500, 2000, 3000, 4000, 6000, 8000,
+        ]
     } else {
         vec![args.calls]
     };
@@ -492,18 +491,16 @@ impl ChildRelay {
 }
 
 async fn run_hush(args: &CallArgs, calls: usize) -> anyhow::Result<Report> {
-    let (options, child) = match (&args.relay, &args.fingerprint) {
-        (Some(address), Some(fingerprint)) => {
+    let (options, child) =
+        if let (Some(address), Some(fingerprint)) = (&args.relay, &args.fingerprint) {
             let pin: [u8; 32] = hex::decode(fingerprint)?
                 .try_into()
                 .map_err(|_| anyhow!("fingerprint must be 32 bytes of hex"))?;
             (ConnectOptions::new(*address, Trust::Pinned(pin)), None)
-        }
-        _ => {
+        } else {
             let (options, child) = start_hush_relay(calls).await?;
             (options, Some(child))
-        }
-    };
+        };
     let relay_pid = child.as_ref().and_then(ChildRelay::pid).or(args.relay_pid);
 
     let setup = Instant::now();
@@ -725,9 +722,8 @@ async fn turn_call(
             .authenticate(TURN_USER, &realm, &nonce, &key),
     )
     .await?;
-    let relayed = match (allocated.success, allocated.relayed) {
-        (true, Some(relayed)) => relayed,
-        _ => bail!("Allocate failed: error {:?}", allocated.error_code),
+    let (true, Some(relayed)) = (allocated.success, allocated.relayed) else {
+        bail!("Allocate failed: error {:?}", allocated.error_code);
     };
     for (step, request) in [
         (
