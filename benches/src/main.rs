@@ -4,6 +4,12 @@
 //! The `envelopes` scenario isolates the relay: N senders and N receivers exchange opaque
 //! envelopes (no end-to-end encryption), every send is durably committed before the relay
 //! acknowledges it, and every delivery is checked for loss and duplication.
+//!
+//! The `calls` scenario (see `calls.rs`) carries concurrent 1:1 call media through the
+//! relay, and the same load through coturn side by side.
+
+mod calls;
+mod turn;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -35,6 +41,8 @@ struct Cli {
 enum Scenario {
     /// N senders and N receivers exchanging opaque envelopes through the relay.
     Envelopes(EnvelopeArgs),
+    /// Concurrent 1:1 calls (50 frames/s each way, 160 B), optionally beside coturn.
+    Calls(calls::CallArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -89,6 +97,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.scenario {
         Scenario::Envelopes(args) => runtime.block_on(envelopes(args)),
+        Scenario::Calls(args) => runtime.block_on(calls::calls(args)),
     }
 }
 
