@@ -458,10 +458,20 @@ impl crate::client::Client {
             .await
     }
 
-    /// Ends a call: hangs up a connected one, or cancels one still ringing at the peer.
+    /// Ends a call: hangs up a connected one, cancels one still ringing at the peer, or
+    /// declines one ringing here.
     pub async fn hang_up(&self, call_id: CallId) -> Result<(), ClientError> {
         let inner = self.inner();
         let mut state = inner.state.lock().await;
+        let ringing_here = state
+            .calls
+            .get(&call_id)
+            .is_some_and(|call| call.role == Role::Callee && call.phase == Phase::Ringing);
+        if ringing_here {
+            // Hanging up a call that rings here declines it.
+            drop(state);
+            return self.reject_call(call_id).await;
+        }
         let call = state
             .calls
             .remove(&call_id)
@@ -472,9 +482,7 @@ impl crate::client::Client {
             Phase::Ringing => (CallSignal::Cancel { call_id }, CallOutcome::Missed),
         };
         let _ = inner.send_signal(&mut state, call.peer, signal).await;
-        if call.role == Role::Caller || call.phase == Phase::Connected {
-            inner.connection.end_call(call.allocation, outcome).await?;
-        }
+        inner.connection.end_call(call.allocation, outcome).await?;
         Ok(())
     }
 
