@@ -10,16 +10,22 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use hush_protocol::{AccountId, CallEndCause, CallOutcome, CallToken, DeviceId};
+use hush_protocol::{AccountId, CallEndCause, CallOutcome, CallToken, DeviceId, ErrorCode};
 use tokio::sync::mpsc;
 
 use crate::client::{random, ClientError, ClientEvent, Inner, State, Work};
 use crate::content::{Body, CallId, CallSignal, Content};
+use crate::error::ConnectionError;
 use crate::media::{CallKey, Direction, MediaReceiver, MediaSender, MEDIA_OVERHEAD};
 
 /// Media frames buffered for the app per call; beyond that, frames are dropped (late
 /// audio is worthless).
 const MEDIA_BUFFER: usize = 64;
+/// A callee never rings for less than this, whatever its own setting (the caller's
+/// setting may be longer).
+const RING_FLOOR_SECS: u64 = 60;
+/// Allowance for clocks that disagree between caller and callee.
+const CLOCK_SKEW_SECS: u64 = 30;
 
 /// Why a call ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,6 +184,7 @@ impl Inner {
         state: &mut State,
         from: AccountId,
         device: DeviceId,
+        sent_at: u64,
         signal: CallSignal,
     ) -> Option<ClientEvent> {
         match signal {
@@ -188,6 +195,12 @@ impl Inner {
                 token,
                 video,
             } => {
+                // An offer that waited in the mailbox longer than any caller rings is a
+                // missed call already: it must not ring now.
+                let ring = u64::from(state.settings.ring_timeout_secs).max(RING_FLOOR_SECS);
+                if crate::client::now().saturating_sub(sent_at) > ring + CLOCK_SKEW_SECS {
+                    return None;
+                }
                 if !state.calls.is_empty() {
                     let _ = self
                         .work
@@ -204,6 +217,10 @@ impl Inner {
                         key,
                         phase: Phase::Ringing,
                     },
+                );
+                self.ring_out_after(
+                    call_id,
+                    std::time::Duration::from_secs(ring + CLOCK_SKEW_SECS),
                 );
                 Some(ClientEvent::IncomingCall {
                     from,
@@ -239,21 +256,65 @@ impl Inner {
                     reason: reason.0,
                 })
             }
-            CallSignal::HangUp { call_id } | CallSignal::Cancel { call_id } => {
+            CallSignal::HangUp { call_id } => {
                 let call = state.calls.get(&call_id)?;
-                if call.peer != from {
+                if call.peer != from || call.phase != Phase::Connected {
                     return None;
                 }
-                let reason = match (call.phase, signal) {
-                    (Phase::Ringing, _) => CallEndReason::Cancelled,
-                    (Phase::Connected, _) => CallEndReason::HungUp,
-                };
                 let allocation = call.allocation;
                 state.calls.remove(&call_id);
                 self.drop_media(allocation, &call_id);
-                Some(ClientEvent::CallEnded { call_id, reason })
+                // Our side of the allocation ends too (harmless if the peer's end got there
+                // first), so the record's end time is the hang-up's.
+                let _ = self
+                    .work
+                    .send(Work::EndCall(allocation, CallOutcome::Answered));
+                Some(ClientEvent::CallEnded {
+                    call_id,
+                    reason: CallEndReason::HungUp,
+                })
+            }
+            CallSignal::Cancel { call_id } => {
+                // Only the caller cancels, and only a call that rings here.
+                let call = state.calls.get(&call_id)?;
+                if call.peer != from || call.role != Role::Callee || call.phase != Phase::Ringing {
+                    return None;
+                }
+                state.calls.remove(&call_id);
+                Some(ClientEvent::CallEnded {
+                    call_id,
+                    reason: CallEndReason::Cancelled,
+                })
             }
         }
+    }
+
+    /// Stops a call ringing here after `after`, whatever the caller does: a caller that
+    /// crashed or never cancels must not leave this device busy for good.
+    fn ring_out_after(self: &Arc<Self>, call_id: CallId, after: std::time::Duration) {
+        // A weak handle: a pending timer must not keep a closed client's store open.
+        let inner = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            let mut state = inner.state.lock().await;
+            let ringing = state
+                .calls
+                .get(&call_id)
+                .is_some_and(|call| call.role == Role::Callee && call.phase == Phase::Ringing);
+            if ringing {
+                state.calls.remove(&call_id);
+                state.pending_events.push(ClientEvent::CallEnded {
+                    call_id,
+                    reason: CallEndReason::Cancelled,
+                });
+                let events = std::mem::take(&mut state.pending_events);
+                drop(state);
+                inner.emit_soon(events).await;
+            }
+        });
     }
 
     /// The relay ended an allocation (the peer's end, idle media, a dropped connection).
@@ -272,6 +333,12 @@ impl Inner {
             .map(|(id, _)| *id)?;
         let call = state.calls.remove(&call_id)?;
         self.drop_media(allocation, &call_id);
+        if cause == CallEndCause::RingTimeout && call.role == Role::Caller {
+            // The relay gave up ringing: stop the callee's devices too.
+            let _ = self
+                .work
+                .send(Work::CallSignal(call.peer, CallSignal::Cancel { call_id }));
+        }
         let reason = match (cause, call.phase, call.role) {
             // The caller gave up before an answer (we were ringing).
             (CallEndCause::EndedByPeer, Phase::Ringing, Role::Callee)
@@ -388,9 +455,12 @@ impl crate::client::Client {
             },
         );
         let timeout = std::time::Duration::from_secs(u64::from(state.settings.ring_timeout_secs));
-        let inner = inner.clone();
+        let inner = Arc::downgrade(inner);
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
             let mut state = inner.state.lock().await;
             let ringing = state
                 .calls
@@ -435,9 +505,19 @@ impl crate::client::Client {
             state.calls.remove(&call_id);
             return Err(error.into());
         }
-        inner
+        if let Err(error) = inner
             .tell_caller_and_own_devices(&mut state, peer, CallSignal::Answer { call_id })
-            .await?;
+            .await
+        {
+            // Joined at the relay but the caller cannot know: end it rather than leave a
+            // half-answered call (and a record of a conversation nobody had).
+            state.calls.remove(&call_id);
+            let _ = inner
+                .connection
+                .end_call(allocation, CallOutcome::Failed)
+                .await;
+            return Err(error);
+        }
         if let Some(call) = state.calls.get_mut(&call_id) {
             call.phase = Phase::Connected;
             inner.connect_media(call_id, call);
@@ -482,8 +562,11 @@ impl crate::client::Client {
             Phase::Ringing => (CallSignal::Cancel { call_id }, CallOutcome::Missed),
         };
         let _ = inner.send_signal(&mut state, call.peer, signal).await;
-        inner.connection.end_call(call.allocation, outcome).await?;
-        Ok(())
+        match inner.connection.end_call(call.allocation, outcome).await {
+            // The peer's side ended the allocation first: the call is over either way.
+            Ok(()) | Err(ConnectionError::Refused(ErrorCode::UnknownCall)) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// The media of a connected call, once (after `CallAnswered`, or after our

@@ -1527,7 +1527,10 @@ impl Inner {
             contact_changed = true;
         }
         let result = match content.body {
-            Body::Call(signal) => (self.call_signal(state, account, from.device, signal), None),
+            Body::Call(signal) => (
+                self.call_signal(state, account, from.device, content.sent_at, signal),
+                None,
+            ),
             Body::Receipt { kind, ids } => (
                 Some(ClientEvent::Receipt {
                     from: account,

@@ -375,6 +375,29 @@ impl<L: Clone> Calls<L> {
             .collect()
     }
 
+    /// Ends every live allocation (the relay is shutting down): `Answered` if joined, else
+    /// `Failed`, so no call goes without its record.
+    pub fn end_all(&self, now: u64) -> Vec<Ended<L>> {
+        let mut registry = self.write();
+        let ids: Vec<u32> = registry.live.keys().copied().collect();
+        ids.into_iter()
+            .filter_map(|id| {
+                let removed = registry.remove(id)?;
+                let outcome = if removed.answered_at.is_some() {
+                    CallOutcome::Answered
+                } else {
+                    CallOutcome::Failed
+                };
+                Some(Ended {
+                    allocation: id,
+                    record: removed.record(now, outcome),
+                    notify: Vec::new(),
+                    cause: CallEndCause::PeerGone,
+                })
+            })
+            .collect()
+    }
+
     /// Where a datagram for `allocation` from `connection` goes. Takes the read lock only
     /// and allocates nothing; a party's datagram counts as media activity.
     pub fn route(&self, allocation: u32, connection: u64, now: u64) -> Route<L> {

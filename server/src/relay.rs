@@ -124,6 +124,7 @@ impl Relay {
             calls,
         });
         let admin = admin::AdminSocket::start(&admin_path, shared.clone())?;
+        let call_timer = tokio::spawn(call_timer_loop(shared.clone(), shutdown_rx.clone()));
         let accept = tokio::spawn(accept_loop(
             endpoint.clone(),
             shared.clone(),
@@ -131,7 +132,6 @@ impl Relay {
             max_connections,
         ));
         let sweeper = tokio::spawn(sweep_loop(shared.clone(), sweep_interval));
-        let call_timer = tokio::spawn(call_timer_loop(shared.clone()));
         tracing::info!("relay listening");
         Ok(Relay {
             local_addr,
@@ -282,9 +282,14 @@ impl Relay {
         let _ = shutdown.send(true);
         let _ = accept.await;
         sweeper.abort();
-        call_timer.abort();
         let _ = sweeper.await;
         let _ = call_timer.await;
+        // Whatever is still live (sessions cut short, a timer stopped mid-round) ends now,
+        // each with its record, before the committer goes.
+        let now = shared.clock.now();
+        for ended in shared.calls.end_all(now) {
+            let _ = crate::session::record_call_end(&shared, ended).await;
+        }
         drop(shared);
         // The commit thread ends once the last session's requests have dropped their
         // handles; it commits whatever is still queued first.
@@ -385,11 +390,16 @@ async fn sweep_loop(shared: Arc<Shared>, interval: Duration) {
 /// How often call allocations are checked for their ring and media-idle timeouts.
 const CALL_TIMER: Duration = Duration::from_secs(1);
 
-async fn call_timer_loop(shared: Arc<Shared>) {
+/// Ends timed-out allocations every `CALL_TIMER`. Stops between rounds at shutdown, never
+/// inside one, so no allocation it removed goes without its record.
+async fn call_timer_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(CALL_TIMER);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
         expire_calls(&shared).await;
     }
 }

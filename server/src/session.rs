@@ -46,6 +46,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const OUTBOX_DEPTH: usize = 128;
 /// Envelopes read from the store per delivery round.
 const DELIVERY_BATCH: usize = 128;
+/// How long a `CallEnded` push may wait for room in a party's outbox.
+const CALL_END_PUSH_WAIT: Duration = Duration::from_secs(5);
 /// How long in-flight requests get to finish when a connection ends.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the writer gets to flush the last frames before the connection is closed.
@@ -146,8 +148,8 @@ pub(crate) struct PartyLink {
     outbox: mpsc::Sender<Vec<u8>>,
 }
 
-/// Carries out an allocation's end: tells the parties that did not end it, and writes
-/// its call-detail record through the committer. Returns the commit's outcome.
+/// Carries out an allocation's end: writes its call-detail record through the committer,
+/// then tells the parties that did not end it. Returns the commit's outcome.
 pub(crate) async fn record_call_end(
     shared: &Shared,
     ended: Ended<PartyLink>,
@@ -158,11 +160,6 @@ pub(crate) async fn record_call_end(
         notify,
         cause,
     } = ended;
-    let frame = encode_frame(&ServerFrame::CallEnded(CallEnded { allocation, cause }));
-    for party in notify {
-        // Advisory: a full or closed outbox means the party is going anyway.
-        let _ = party.outbox.try_send(frame.clone());
-    }
     Metrics::inc(&shared.metrics.calls_ended);
     let delete_at = record
         .started_at
@@ -173,6 +170,17 @@ pub(crate) async fn record_call_end(
         .await;
     if !matches!(result, Ok(Ok(_))) {
         tracing::error!("writing a call-detail record failed");
+    }
+    // Told after the record is durable, as every answer of the relay is.
+    let frame = encode_frame(&ServerFrame::CallEnded(CallEnded { allocation, cause }));
+    for party in notify {
+        // For a timeout or a vanished peer this push is the party's only end signal, so it
+        // must not be lost to a momentarily full outbox (a mailbox drain fills it); it
+        // waits, boundedly, off this path.
+        let frame = frame.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(CALL_END_PUSH_WAIT, party.outbox.send(frame)).await;
+        });
     }
     result
 }
@@ -766,6 +774,8 @@ impl Session {
     /// Lets started requests finish (their commits are answered), stops delivery, tells the
     /// client why, flushes, and closes.
     async fn finish(mut self, end: End, writer: JoinHandle<()>) {
+        // A call ends when its connection did, not after the drain below.
+        let ended_at = self.shared.clock.now();
         let all =
             u32::try_from(self.shared.config.limits.max_in_flight_requests).unwrap_or(u32::MAX);
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.in_flight.acquire_many(all)).await;
@@ -777,12 +787,11 @@ impl Session {
             self.shared.hub.detach(&device.address, self.number);
         }
         // Calls this connection is still a party of end with it, each with its record.
-        let now = self.shared.clock.now();
         for allocation in std::mem::take(&mut self.calls) {
-            if let Some(ended) = self
-                .shared
-                .calls
-                .connection_closed(allocation, self.number, now)
+            if let Some(ended) =
+                self.shared
+                    .calls
+                    .connection_closed(allocation, self.number, ended_at)
             {
                 let _ = record_call_end(&self.shared, ended).await;
             }

@@ -285,11 +285,16 @@ async fn a_closed_connection_ends_its_calls() {
     assert_eq!(relay.relay().live_calls(), 0);
     let _ = ringing;
 
-    let records = relay
-        .relay()
-        .call_records_of(alice.address.account)
-        .await
-        .unwrap();
+    // The record is committed just after the allocation leaves the registry.
+    let mut records = Vec::new();
+    while records.len() < 2 && std::time::Instant::now() < deadline {
+        records = relay
+            .relay()
+            .call_records_of(alice.address.account)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let outcomes: Vec<CallOutcome> = records.iter().map(|r| r.outcome).collect();
     assert_eq!(outcomes.len(), 2);
     assert!(outcomes.contains(&CallOutcome::Answered));
