@@ -74,7 +74,14 @@ impl AdminSocket {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
         }
-        let task = tokio::spawn(accept_loop(listener, shared));
+        // Who may talk to the socket: the user who runs the relay (the socket's owner),
+        // and root. The file mode says the same; this holds even if the data dir's or the
+        // socket's mode is ever looser than intended.
+        let owner = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(path).map_err(io)?.uid()
+        };
+        let task = tokio::spawn(accept_loop(listener, shared, owner));
         Ok(AdminSocket {
             path: path.to_owned(),
             task,
@@ -89,13 +96,20 @@ impl AdminSocket {
     }
 }
 
-async fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
+async fn accept_loop(listener: UnixListener, shared: Arc<Shared>, owner: u32) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             // Out of file descriptors, say: do not spin on it.
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        let allowed = stream
+            .peer_cred()
+            .is_ok_and(|peer| peer.uid() == owner || peer.uid() == 0);
+        if !allowed {
+            tracing::warn!("refused an admin connection from another user");
+            continue;
+        }
         let shared = shared.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(TIMEOUT, serve(stream, &shared)).await;
