@@ -289,9 +289,11 @@ impl Inner {
         }
     }
 
-    /// Stops a call ringing here after `after`, whatever the caller does: a caller that
-    /// crashed or never cancels must not leave this device busy for good.
-    fn ring_out_after(self: &Arc<Self>, call_id: CallId, after: std::time::Duration) {
+    /// Ends a call that still rings after `after`. Ours (caller): the callee's devices are
+    /// told to stop and the relay records it missed. Theirs (callee): it stops here
+    /// whatever the caller does, so a caller that crashed or never cancels cannot leave
+    /// this device busy for good.
+    pub(crate) fn ring_out_after(self: &Arc<Self>, call_id: CallId, after: std::time::Duration) {
         // A weak handle: a pending timer must not keep a closed client's store open.
         let inner = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -303,17 +305,32 @@ impl Inner {
             let ringing = state
                 .calls
                 .get(&call_id)
-                .is_some_and(|call| call.role == Role::Callee && call.phase == Phase::Ringing);
-            if ringing {
-                state.calls.remove(&call_id);
-                state.pending_events.push(ClientEvent::CallEnded {
-                    call_id,
-                    reason: CallEndReason::Cancelled,
-                });
-                let events = std::mem::take(&mut state.pending_events);
-                drop(state);
-                inner.emit_soon(events).await;
+                .is_some_and(|call| call.phase == Phase::Ringing);
+            if !ringing {
+                return;
             }
+            let Some(call) = state.calls.remove(&call_id) else {
+                return;
+            };
+            let reason = match call.role {
+                Role::Caller => {
+                    let _ = inner
+                        .send_signal(&mut state, call.peer, CallSignal::Cancel { call_id })
+                        .await;
+                    let _ = inner
+                        .connection
+                        .end_call(call.allocation, CallOutcome::Missed)
+                        .await;
+                    CallEndReason::NoAnswer
+                }
+                Role::Callee => CallEndReason::Cancelled,
+            };
+            state
+                .pending_events
+                .push(ClientEvent::CallEnded { call_id, reason });
+            let events = std::mem::take(&mut state.pending_events);
+            drop(state);
+            inner.emit_soon(events).await;
         });
     }
 
@@ -455,35 +472,7 @@ impl crate::client::Client {
             },
         );
         let timeout = std::time::Duration::from_secs(u64::from(state.settings.ring_timeout_secs));
-        let inner = Arc::downgrade(inner);
-        tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
-            let Some(inner) = inner.upgrade() else {
-                return;
-            };
-            let mut state = inner.state.lock().await;
-            let ringing = state
-                .calls
-                .get(&call_id)
-                .is_some_and(|call| call.phase == Phase::Ringing);
-            if ringing {
-                state.calls.remove(&call_id);
-                let _ = inner
-                    .send_signal(&mut state, to, CallSignal::Cancel { call_id })
-                    .await;
-                let _ = inner
-                    .connection
-                    .end_call(allocation, CallOutcome::Missed)
-                    .await;
-                state.pending_events.push(ClientEvent::CallEnded {
-                    call_id,
-                    reason: CallEndReason::NoAnswer,
-                });
-                let events = std::mem::take(&mut state.pending_events);
-                drop(state);
-                inner.emit_soon(events).await;
-            }
-        });
+        inner.ring_out_after(call_id, timeout);
         Ok(call_id)
     }
 

@@ -255,6 +255,14 @@ struct EpochState {
     window: ReplayWindow,
 }
 
+/// Which epoch a frame belongs to.
+enum Slot {
+    Current,
+    Previous,
+    /// The sender rotated: its key, derived once, becomes current if the frame opens.
+    Next(EpochState),
+}
+
 /// Opens the frames of one direction.
 pub struct MediaReceiver {
     call_key: CallKey,
@@ -301,20 +309,23 @@ impl MediaReceiver {
         let counter = u64::from_be_bytes(counter);
 
         // The key for this epoch: current, previous, or the next one (the sender rotated).
-        let next;
-        let state: &EpochState = if epoch == self.current.epoch {
-            &self.current
+        let slot = if epoch == self.current.epoch {
+            Slot::Current
         } else if self.previous.as_ref().is_some_and(|p| p.epoch == epoch) {
-            self.previous.as_ref().ok_or(MediaError::UnknownEpoch)?
+            Slot::Previous
         } else if epoch == self.current.epoch.wrapping_add(1) {
-            next = EpochState {
+            Slot::Next(EpochState {
                 epoch,
                 key: derive(&self.call_key, &self.call_id, self.direction, epoch),
                 window: ReplayWindow::new(),
-            };
-            &next
+            })
         } else {
             return Err(MediaError::UnknownEpoch);
+        };
+        let state = match &slot {
+            Slot::Current => &self.current,
+            Slot::Previous => self.previous.as_ref().ok_or(MediaError::UnknownEpoch)?,
+            Slot::Next(next) => next,
         };
         state.window.check(counter)?;
         let frame = aead(&state.key)
@@ -328,19 +339,17 @@ impl MediaReceiver {
             .map_err(|_| MediaError::DecryptionFailed)?;
 
         // Authenticated: now the window (and, on a new epoch, the keys) may move.
-        if epoch == self.current.epoch {
-            self.current.window.accept(counter);
-        } else if let Some(previous) = self.previous.as_mut().filter(|p| p.epoch == epoch) {
-            previous.window.accept(counter);
-        } else {
-            let mut window = ReplayWindow::new();
-            window.accept(counter);
-            let new = EpochState {
-                epoch,
-                key: derive(&self.call_key, &self.call_id, self.direction, epoch),
-                window,
-            };
-            self.previous = Some(std::mem::replace(&mut self.current, new));
+        match slot {
+            Slot::Current => self.current.window.accept(counter),
+            Slot::Previous => {
+                if let Some(previous) = self.previous.as_mut() {
+                    previous.window.accept(counter);
+                }
+            }
+            Slot::Next(mut next) => {
+                next.window.accept(counter);
+                self.previous = Some(std::mem::replace(&mut self.current, next));
+            }
         }
         Ok(frame)
     }
