@@ -68,6 +68,25 @@ fn check_numbered(received: &[(u32, Vec<u8>)], allocation: u32, tag: u8, n: u32)
     );
 }
 
+/// Alice has allocated a call to Bob, who has not joined.
+async fn allocated_call(relay: &TestRelay) -> (Device, Device, u32, CallToken) {
+    let alice = relay.register().await;
+    let bob = relay.register().await;
+    let (allocation, token, _) = alice
+        .connection
+        .allocate_call(bob.address.account)
+        .await
+        .unwrap();
+    (alice, bob, allocation, token)
+}
+
+/// Alice calls Bob, who has joined.
+async fn joined_call(relay: &TestRelay) -> (Device, Device, u32, CallToken) {
+    let (alice, bob, allocation, token) = allocated_call(relay).await;
+    bob.connection.join_call(allocation, token).await.unwrap();
+    (alice, bob, allocation, token)
+}
+
 #[tokio::test]
 async fn an_answered_call_relays_media_both_ways_and_records_one_cdr() {
     let relay = relay_without_idle_timeout().await;
@@ -194,13 +213,7 @@ async fn unanswered_calls_record_the_callers_outcome() {
 #[tokio::test]
 async fn an_unanswered_call_rings_out_as_missed() {
     let relay = TestRelay::start().await;
-    let alice = relay.register().await;
-    let bob = relay.register().await;
-    let (allocation, token, _) = alice
-        .connection
-        .allocate_call(bob.address.account)
-        .await
-        .unwrap();
+    let (alice, bob, allocation, token) = allocated_call(&relay).await;
     relay.clock.advance(89);
     relay.relay().expire_calls_now().await;
     assert_eq!(relay.relay().live_calls(), 1);
@@ -224,14 +237,7 @@ async fn an_unanswered_call_rings_out_as_missed() {
 #[tokio::test]
 async fn a_call_without_media_ends_after_the_idle_timeout() {
     let relay = TestRelay::start().await;
-    let alice = relay.register().await;
-    let bob = relay.register().await;
-    let (allocation, token, _) = alice
-        .connection
-        .allocate_call(bob.address.account)
-        .await
-        .unwrap();
-    bob.connection.join_call(allocation, token).await.unwrap();
+    let (alice, bob, allocation, _) = joined_call(&relay).await;
     relay.clock.advance(20);
     // Media keeps it alive.
     alice.connection.send_media(allocation, b"frame").unwrap();
@@ -304,18 +310,6 @@ async fn a_closed_connection_ends_its_calls() {
         .find(|r| r.outcome == CallOutcome::Answered)
         .unwrap();
     assert_eq!(answered.duration_secs, 40);
-}
-
-async fn joined_call(relay: &TestRelay) -> (Device, Device, u32, CallToken) {
-    let alice = relay.register().await;
-    let bob = relay.register().await;
-    let (allocation, token, _) = alice
-        .connection
-        .allocate_call(bob.address.account)
-        .await
-        .unwrap();
-    bob.connection.join_call(allocation, token).await.unwrap();
-    (alice, bob, allocation, token)
 }
 
 #[tokio::test]
@@ -443,13 +437,7 @@ async fn joining_needs_the_right_token_and_works_once() {
 #[tokio::test]
 async fn joining_after_the_hang_up_is_refused() {
     let relay = TestRelay::start().await;
-    let alice = relay.register().await;
-    let bob = relay.register().await;
-    let (allocation, token, _) = alice
-        .connection
-        .allocate_call(bob.address.account)
-        .await
-        .unwrap();
+    let (alice, bob, allocation, token) = allocated_call(&relay).await;
     alice
         .connection
         .end_call(allocation, CallOutcome::Missed)
