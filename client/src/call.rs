@@ -13,7 +13,7 @@ use std::sync::Arc;
 use hush_protocol::{AccountId, CallEndCause, CallOutcome, CallToken, DeviceId, ErrorCode};
 use tokio::sync::mpsc;
 
-use crate::client::{random, ClientError, ClientEvent, Inner, State, Work};
+use crate::client::{ClientError, ClientEvent, Inner, State, Work};
 use crate::content::{Body, CallId, CallSignal, Content};
 use crate::error::ConnectionError;
 use crate::media::{CallKey, Direction, MediaReceiver, MediaSender, MEDIA_OVERHEAD};
@@ -374,14 +374,7 @@ impl Inner {
         to: AccountId,
         signal: CallSignal,
     ) -> Result<(), ClientError> {
-        let content = Content {
-            id: crate::content::MessageId(random()),
-            sent_at: crate::client::now(),
-            expires_in: None,
-            profile_key: Some(*state.profile_key),
-            sent_to: None,
-            body: Body::Call(signal),
-        };
+        let content = Content::control(Body::Call(signal), Some(*state.profile_key), None);
         self.send_to_contact(state, to, &content, None).await
     }
 
@@ -407,14 +400,7 @@ impl Inner {
         peer: AccountId,
         signal: CallSignal,
     ) -> Result<(), ClientError> {
-        let content = Content {
-            id: crate::content::MessageId(random()),
-            sent_at: crate::client::now(),
-            expires_in: None,
-            profile_key: None,
-            sent_to: Some(peer.0),
-            body: Body::Call(signal),
-        };
+        let content = Content::control(Body::Call(signal), None, Some(peer.0));
         self.send_to_own_devices(state, &content).await
     }
 }

@@ -1647,17 +1647,14 @@ impl Inner {
 
     async fn send_receipt(&self, to: AccountId, ids: Vec<MessageId>) -> Result<(), ClientError> {
         let mut state = self.state.lock().await;
-        let content = Content {
-            id: MessageId(random()),
-            sent_at: now(),
-            expires_in: None,
-            profile_key: Some(*state.profile_key),
-            sent_to: None,
-            body: Body::Receipt {
+        let content = Content::control(
+            Body::Receipt {
                 kind: ReceiptKind::Delivered,
                 ids,
             },
-        };
+            Some(*state.profile_key),
+            None,
+        );
         self.send_to_contact(&mut state, to, &content, None).await
     }
 

@@ -136,6 +136,22 @@ pub(crate) struct Content {
 }
 
 impl Content {
+    /// A control message (receipt, call signal): a fresh id, sent now, never disappearing.
+    pub(crate) fn control(
+        body: Body,
+        profile_key: Option<[u8; 32]>,
+        sent_to: Option<[u8; 16]>,
+    ) -> Self {
+        Content {
+            id: MessageId(crate::client::random()),
+            sent_at: crate::client::now(),
+            expires_in: None,
+            profile_key,
+            sent_to,
+            body,
+        }
+    }
+
     pub(crate) fn encode(&self) -> Vec<u8> {
         padding::pad(&postcard::to_allocvec(self).unwrap_or_default())
     }
