@@ -215,7 +215,9 @@ impl SessionSet {
     }
 
     /// Decrypts with whichever kept session opens the message, and makes that one current.
-    /// On error every session is unchanged; the error is the current session's.
+    /// On error every session is unchanged. A session that recognises the message as one it
+    /// has already opened says so (`DuplicateMessage`, a redelivery the caller drops
+    /// quietly); otherwise the error is the current session's.
     pub(crate) fn decrypt(
         &mut self,
         message: &CiphertextMessage,
@@ -230,11 +232,116 @@ impl SessionSet {
                     self.sessions.insert(0, session);
                     return Ok(plaintext);
                 }
+                Err(CryptoError::DuplicateMessage) => {
+                    return Err(CryptoError::DuplicateMessage);
+                }
                 Err(error) => {
                     first_error.get_or_insert(error);
                 }
             }
         }
         Err(first_error.unwrap_or(CryptoError::DecryptionFailed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hush_protocol::{DeviceBundle, DeviceId};
+    use rand_chacha::rand_core::SeedableRng;
+    use rand_chacha::ChaCha20Rng;
+
+    use super::*;
+
+    struct Party {
+        identity: IdentityKeyPair,
+        prekeys: PrekeySet,
+        bundle: DeviceBundle,
+    }
+
+    fn party(rng: &mut ChaCha20Rng) -> Party {
+        let identity = IdentityKeyPair::generate_with(rng);
+        let mut prekeys = PrekeySet::default();
+        let signed = prekeys.rotate(&identity, 0, rng);
+        let one_time = prekeys.replenish(&identity, 1, rng);
+        let bundle = DeviceBundle {
+            device: DeviceId(1),
+            device_key: [0; 32],
+            signed_prekey: signed.signed_prekey,
+            one_time: one_time.one_time.into_iter().next(),
+            kem: one_time.kem_one_time.into_iter().next(),
+            kem_is_last_resort: false,
+        };
+        Party {
+            identity,
+            prekeys,
+            bundle,
+        }
+    }
+
+    fn initiate(from: &Party, to: &Party, rng: &mut ChaCha20Rng) -> Session {
+        let peer = PeerBundle::verify(&to.identity.public().to_bytes(), &to.bundle).unwrap();
+        Session::initiate(&from.identity, &peer, rng).unwrap()
+    }
+
+    fn accept(at: &Party, message: &CiphertextMessage, rng: &mut ChaCha20Rng) -> Session {
+        let CiphertextMessage::Prekey(prekey) = message else {
+            panic!("expected a prekey message");
+        };
+        Session::accept(&at.identity, &at.prekeys, prekey, 0, rng)
+            .unwrap()
+            .0
+    }
+
+    /// Both sides set up a session at once; each keeps both, and they settle on one.
+    /// A redelivered message of the session that is no longer current is recognised as a
+    /// duplicate, not reported as undecryptable.
+    #[test]
+    fn simultaneous_setups_settle_and_redeliveries_are_duplicates() {
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        let (alice, bob) = (party(&mut rng), party(&mut rng));
+        let mut alice_first = initiate(&alice, &bob, &mut rng);
+        let mut bob_first = initiate(&bob, &alice, &mut rng);
+        let from_alice = alice_first.encrypt(b"from alice").unwrap();
+        let from_bob = bob_first.encrypt(b"from bob").unwrap();
+
+        let mut at_alice = SessionSet::new(alice_first);
+        let mut at_bob = SessionSet::new(bob_first);
+        at_alice.promote_new(accept(&alice, &from_bob, &mut rng));
+        at_bob.promote_new(accept(&bob, &from_alice, &mut rng));
+
+        // Bob answers on the session Alice started: Alice switches to it.
+        let answer = at_bob.current_mut().unwrap().encrypt(b"answer").unwrap();
+        assert!(matches!(answer, CiphertextMessage::Ratchet(_)));
+        let opened = at_alice.decrypt(&answer, 0, &mut rng).unwrap();
+        assert_eq!(opened.as_slice(), b"answer");
+        let reply = at_alice.current_mut().unwrap().encrypt(b"reply").unwrap();
+        assert_eq!(
+            at_bob.decrypt(&reply, 0, &mut rng).unwrap().as_slice(),
+            b"reply"
+        );
+
+        // Bob's setup comes again (the relay redelivers what was not acknowledged).
+        let CiphertextMessage::Prekey(prekey) = &from_bob else {
+            panic!("expected a prekey message");
+        };
+        assert!(at_alice.continues(prekey));
+        assert_eq!(
+            at_alice.decrypt(&from_bob, 0, &mut rng).unwrap_err(),
+            CryptoError::DuplicateMessage
+        );
+        assert_eq!(
+            at_alice.decrypt(&answer, 0, &mut rng).unwrap_err(),
+            CryptoError::DuplicateMessage
+        );
+        // Something no kept session knows is still undecryptable.
+        let mut stranger = initiate(&party(&mut rng), &alice, &mut rng);
+        let foreign = CiphertextMessage::Ratchet(match stranger.encrypt(b"?").unwrap() {
+            CiphertextMessage::Prekey(prekey) => prekey.message,
+            CiphertextMessage::Ratchet(message) => message,
+        });
+        assert_eq!(
+            at_alice.decrypt(&foreign, 0, &mut rng).unwrap_err(),
+            CryptoError::DecryptionFailed
+        );
     }
 }
