@@ -10,7 +10,7 @@
 //! threads) is theirs alone, not the bench's.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use hdrhistogram::Histogram;
 use hush_client::{ConnectOptions, Connection, Connector, DeviceKey, Trust};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::child::{self, process_cpu_s, which, Child};
 use crate::turn;
 
 /// A 20 ms codec: 50 frames per second per direction.
@@ -478,18 +478,6 @@ async fn drive(
     })
 }
 
-/// A relay running as a child of the bench; killed when dropped.
-struct ChildRelay {
-    child: tokio::process::Child,
-    _dir: tempfile::TempDir,
-}
-
-impl ChildRelay {
-    fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-}
-
 async fn run_hush(args: &CallArgs, calls: usize) -> anyhow::Result<Report> {
     let (options, child) =
         if let (Some(address), Some(fingerprint)) = (&args.relay, &args.fingerprint) {
@@ -501,7 +489,7 @@ async fn run_hush(args: &CallArgs, calls: usize) -> anyhow::Result<Report> {
             let (options, child) = start_hush_relay(calls).await?;
             (options, Some(child))
         };
-    let relay_pid = child.as_ref().and_then(ChildRelay::pid).or(args.relay_pid);
+    let relay_pid = child.as_ref().and_then(Child::pid).or(args.relay_pid);
 
     let setup = Instant::now();
     let mut connectors = Vec::new();
@@ -557,79 +545,16 @@ async fn run_hush(args: &CallArgs, calls: usize) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// Starts `hush-relay serve` (the binary next to this one) on a free loopback port with a
-/// temporary data dir, and reads its address and fingerprint from what it prints.
-async fn start_hush_relay(calls: usize) -> anyhow::Result<(ConnectOptions, ChildRelay)> {
-    let binary = std::env::current_exe()?
-        .parent()
-        .map(|dir| dir.join("hush-relay"))
-        .filter(|path| path.exists())
-        .context("hush-relay not found next to hush-bench: cargo build --release -p hush-server")?;
-    let dir = tempfile::tempdir()?;
-    // Room for the run's calls whatever the defaults. Address validation (QUIC Retry) is
-    // off: thousands of handshakes sharing a few client sockets intermittently fail with
-    // "invalid Retry Token" (or stall until the idle timeout) with it on, and it touches
-    // only the handshake, not the media path measured here.
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[limits]\nmax_call_allocations = {}\nrequire_address_validation = false\n",
-            (calls + 1000).max(10_000)
-        ),
-    )?;
-    let log = std::fs::File::create(dir.path().join("relay.log"))?;
-    let mut child = tokio::process::Command::new(&binary)
-        .arg("serve")
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", binary.display()))?;
-    let stdout = child.stdout.take().context("relay stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let mut address = None;
-    let mut fingerprint = None;
-    let read = async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(rest) = line.strip_prefix("listening on ") {
-                let text = rest.split_whitespace().next().unwrap_or_default();
-                address = Some(text.parse::<SocketAddr>()?);
-            } else if let Some(rest) = line.strip_prefix("certificate fingerprint (SHA-256): ") {
-                fingerprint = Some(rest.trim().to_owned());
-            }
-            if address.is_some() && fingerprint.is_some() {
-                break;
-            }
-        }
-        anyhow::Ok(())
-    };
-    tokio::time::timeout(Duration::from_secs(30), read)
-        .await
-        .context("the relay did not start within 30 s")??;
-    let (Some(address), Some(fingerprint)) = (address, fingerprint) else {
-        bail!(
-            "the relay exited before printing its address (log: {})",
-            dir.path().join("relay.log").display()
-        );
-    };
-    // Keep reading so that the relay never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let pin: [u8; 32] = hex::decode(&fingerprint)?
-        .try_into()
-        .map_err(|_| anyhow!("the relay printed a bad fingerprint"))?;
-    Ok((
-        ConnectOptions::new(address, Trust::Pinned(pin)),
-        ChildRelay { child, _dir: dir },
-    ))
+/// Starts a child hush-relay with room for `calls` calls. Address validation (QUIC
+/// Retry) is off: thousands of handshakes sharing a few client sockets intermittently fail
+/// with "invalid Retry Token" (or stall until the idle timeout) with it on, and it touches
+/// only the handshake, not the media path measured here.
+async fn start_hush_relay(calls: usize) -> anyhow::Result<(ConnectOptions, Child)> {
+    let config = format!(
+        "[limits]\nmax_call_allocations = {}\nrequire_address_validation = false\n",
+        (calls + 1000).max(10_000)
+    );
+    child::start_hush_relay(&config, None).await
 }
 
 const TURN_USER: &str = "bench";
@@ -773,19 +698,19 @@ async fn transact(socket: &UdpSocket, request: Vec<u8>) -> anyhow::Result<turn::
 
 /// Starts `turnserver` on a free loopback port with static credentials and a temporary
 /// dir, and waits until it answers.
-async fn start_coturn(calls: usize) -> anyhow::Result<(SocketAddr, ChildRelay)> {
+async fn start_coturn(calls: usize) -> anyhow::Result<(SocketAddr, Child)> {
     let binary = which("turnserver").context("turnserver not installed")?;
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let dir = tempfile::tempdir()?;
+    let (dir, guard) = Child::workdir(None)?;
     // Relay ports below Linux's ephemeral range (32768+), where the bench's own sockets
     // live, with room for every call.
     let (min_port, max_port) = (10_000, 10_000 + (calls as u32 + 2000).max(20_000));
     if max_port > 32_767 {
         bail!("more calls than coturn relay ports below the ephemeral range");
     }
-    let log = std::fs::File::create(dir.path().join("turnserver.log"))?;
+    let log = std::fs::File::create(dir.join("turnserver.log"))?;
     let child = tokio::process::Command::new(&binary)
         .args([
             "--no-cli",
@@ -810,11 +735,11 @@ async fn start_coturn(calls: usize) -> anyhow::Result<(SocketAddr, ChildRelay)> 
             TURN_REALM,
         ])
         .arg("--log-file")
-        .arg(dir.path().join("turnserver.log"))
+        .arg(dir.join("turnserver.log"))
         .arg("--pidfile")
-        .arg(dir.path().join("turnserver.pid"))
+        .arg(dir.join("turnserver.pid"))
         .arg("--db")
-        .arg(dir.path().join("turndb"))
+        .arg(dir.join("turndb"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
@@ -822,7 +747,7 @@ async fn start_coturn(calls: usize) -> anyhow::Result<(SocketAddr, ChildRelay)> 
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
     let server = SocketAddr::from(([127, 0, 0, 1], port));
-    let child = ChildRelay { child, _dir: dir };
+    let child = Child::new(child, guard);
 
     // Ready once it answers a Binding request.
     let probe = UdpSocket::bind("127.0.0.1:0").await?;
@@ -844,46 +769,4 @@ async fn start_coturn(calls: usize) -> anyhow::Result<(SocketAddr, ChildRelay)> 
         }
     }
     Ok((server, child))
-}
-
-/// The process's user + system CPU time in seconds, all threads, from /proc.
-fn process_cpu_s(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start at field 3, "state";
-    // utime and stime are fields 14 and 15.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> anyhow::Result<u64> {
-        Ok(fields.get(i).context("short /proc stat")?.parse::<u64>()?)
-    };
-    Ok((ticks(11)? + ticks(12)?) as f64 / clock_ticks_per_s())
-}
-
-/// USER_HZ; 100 on every Linux this runs on, asked of getconf in case.
-fn clock_ticks_per_s() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|out| String::from_utf8(out.stdout).ok())
-            .and_then(|text| text.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain([
-            Path::new("/usr/sbin").to_owned(),
-            Path::new("/usr/bin").to_owned(),
-        ])
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
 }

@@ -7,6 +7,7 @@
 //!
 //! - `cdr-report`: the day-level call statistics, one line per day (no identities);
 //! - `retention`: the retention rules in force, what is held and when it goes.
+//! - `metrics`: the relay's counters (Prometheus text; counts only, nothing about anyone).
 //!
 //! `hush-relay admin <command>` is the client ([`query`]).
 
@@ -22,6 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::cdr::{day_report, format_time};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::relay::Shared;
 use crate::store::{RetentionSummary, Store, StoreError};
 
@@ -139,7 +141,16 @@ async fn answer(command: &str, shared: &Shared) -> String {
             Ok(summary) => retention_report(&shared.config, &summary),
             Err(error) => failure(&error),
         },
-        _ => "error: unknown command; commands: cdr-report, retention\n".to_owned(),
+        "metrics" => {
+            let stats = shared.committer.stats();
+            format!(
+                "{}hush_store_commits_total {}\nhush_store_commit_writes_total {}\n",
+                shared.metrics.render(),
+                Metrics::get(&stats.commits),
+                Metrics::get(&stats.writes),
+            )
+        }
+        _ => "error: unknown command; commands: cdr-report, retention, metrics\n".to_owned(),
     }
 }
 

@@ -71,6 +71,8 @@ enum AdminCommand {
     CdrReport,
     /// The retention rules in force, what is held and when it goes.
     Retention,
+    /// The relay's counters (Prometheus text format), group commits included.
+    Metrics,
 }
 
 fn load_config(common: &Common) -> anyhow::Result<Config> {
@@ -128,6 +130,7 @@ fn admin(
     let command = match command {
         AdminCommand::CdrReport => "cdr-report",
         AdminCommand::Retention => "retention",
+        AdminCommand::Metrics => "metrics",
     };
     let answer = hush_server::admin::query(&socket, command)
         .context("asking the relay (is it running on that data dir?)")?;

@@ -682,6 +682,17 @@ async fn a_stale_admin_socket_is_replaced_and_a_live_one_is_not() {
     .await
     .unwrap();
     assert!(answer.contains("cdr_retention_days 90"), "{answer}");
+    let metrics = tokio::task::spawn_blocking({
+        let socket = socket.clone();
+        move || hush_server::admin::query(&socket, "metrics").unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        metrics.contains("hush_connections_opened_total 0")
+            && metrics.contains("hush_store_commits_total "),
+        "{metrics}"
+    );
     let unknown = tokio::task::spawn_blocking({
         let socket = socket.clone();
         move || hush_server::admin::query(&socket, "erase everything").unwrap()

@@ -1,0 +1,588 @@
+//! The `chat` scenario: N users in pairs, each writing to its partner.
+//!
+//! By default every user is a real `hush-client` (PQXDH sessions, Double Ratchet, sealed
+//! sender, padding, an encrypted local store, delivery receipts on): the figures are what
+//! apps would see. With `--raw-envelopes` each user is a bare authenticated connection
+//! sending opaque envelopes of the same size, which isolates the relay.
+//!
+//! Every message carries its sender, sequence number and intended send time, so
+//! deliveries are counted exactly (a loss or a duplicate is reported, and a loss fails the
+//! run) and latency runs from the time the message was due, not from when it went out: a
+//! stalled relay cannot hide its stall (coordinated omission).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hush_client::protocol::{AccountId, DeviceAddress, EnvelopeId};
+use hush_client::{
+    Body, Client, ClientConfig, ClientEvent, ConnectOptions, Connection, DeviceKey, Event,
+    StorageKey, Trust,
+};
+use rand_core::{OsRng, RngCore};
+use tokio::task::JoinSet;
+
+use crate::child::{self, Child};
+use crate::monitor::Monitor;
+use crate::report::{self, RelayFigures, Report};
+use crate::stats::{message_key, Tally};
+use crate::{parse_duration, RelayArgs};
+
+/// Sender, sequence and intended send time, at the front of every message.
+const HEADER: usize = 16;
+/// The same three as hex text, at the front of every E2E text message.
+const TEXT_HEADER: usize = 32;
+/// How long deliveries may trail the last send before what is missing counts as lost.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+#[derive(clap::Args, Clone)]
+pub struct ChatArgs {
+    /// Users, in pairs (rounded up to an even number).
+    #[arg(long, default_value_t = 20)]
+    users: usize,
+    /// Open loop: messages per second each user sends. Without it, closed loop: each user
+    /// keeps `--window` messages in flight (an E2E client sends one at a time).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Closed loop: messages in flight per user with `--raw-envelopes`.
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    /// Message size in bytes (the plaintext; padding is added on top in E2E mode).
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// How long to send.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// Opaque envelopes over bare connections instead of full E2E clients.
+    #[arg(long)]
+    raw_envelopes: bool,
+    /// Put this string in every plaintext, then scan the relay's data dir and log for it.
+    #[arg(long)]
+    plaintext_canary: Option<String>,
+    #[command(flatten)]
+    relay: RelayArgs,
+    /// Write every figure as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw throughput and latency percentiles over time to this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+/// The relay a run talks to: one the bench started, or one given by address.
+pub struct Target {
+    pub options: ConnectOptions,
+    pub child: Option<Child>,
+    pub pid: Option<u32>,
+}
+
+impl Target {
+    pub async fn open(args: &RelayArgs, config: &str) -> anyhow::Result<Self> {
+        if let (Some(address), Some(fingerprint)) = (&args.relay, &args.fingerprint) {
+            let pin = child::parse_fingerprint(fingerprint)?;
+            return Ok(Target {
+                options: ConnectOptions::new(*address, Trust::Pinned(pin)),
+                child: None,
+                pid: args.relay_pid,
+            });
+        }
+        let (options, child) = child::start_hush_relay(config, args.keep_data.as_deref()).await?;
+        let pid = child.pid();
+        Ok(Target {
+            options,
+            child: Some(child),
+            pid,
+        })
+    }
+
+    /// The relay's group-commit counters (fsyncs, writes), asked over its admin socket.
+    pub fn commit_counts(&self) -> Option<(u64, u64)> {
+        let socket = self.child.as_ref()?.dir().join("data").join("admin.sock");
+        let text = hush_server::admin::query(&socket, "metrics").ok()?;
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.trim().parse::<u64>().ok())
+        };
+        Some((
+            value("hush_store_commits_total ")?,
+            value("hush_store_commit_writes_total ")?,
+        ))
+    }
+}
+
+pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
+    let users = args.users.max(2).div_ceil(2) * 2;
+    let header = if args.raw_envelopes {
+        HEADER
+    } else {
+        TEXT_HEADER
+    };
+    if args.size < header {
+        bail!("--size must be at least {header}");
+    }
+    if args.raw_envelopes && args.plaintext_canary.is_some() {
+        bail!("--plaintext-canary checks end-to-end encryption; raw envelopes have none");
+    }
+    if let Some(canary) = &args.plaintext_canary {
+        if canary.len() + TEXT_HEADER > args.size {
+            bail!("--size must hold the {TEXT_HEADER}-byte header and the canary");
+        }
+    }
+    if args.rate.is_some_and(|rate| rate <= 0.0) {
+        bail!("--rate must be positive");
+    }
+    let target = Target::open(&args.relay, "").await?;
+    let client_dirs = tempfile::tempdir()?;
+    let parties = if args.raw_envelopes {
+        raw_parties(&target.options, users).await?
+    } else {
+        e2e_parties(&target.options, users, client_dirs.path()).await?
+    };
+
+    let tally = Arc::new(Tally::new()?);
+    let epoch = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut receivers = JoinSet::new();
+    for party in &parties {
+        receivers.spawn(party.clone().receive(tally.clone(), epoch, stop.clone()));
+    }
+
+    let mode = match args.rate {
+        Some(rate) => format!("open loop, {rate} msgs/s per user"),
+        None if args.raw_envelopes => format!("closed loop, {} in flight per user", args.window),
+        None => "closed loop, one in flight per user".to_owned(),
+    };
+    let label = if args.raw_envelopes {
+        "chat --raw-envelopes"
+    } else {
+        "chat (E2E clients)"
+    };
+    println!("{label}: {users} users, {} B messages, {mode}", args.size);
+    let monitor = Monitor::start(tally.clone(), target.pid, args.duration, label);
+    let relay_cpu_before = target.pid.map(child::process_cpu_s).transpose()?;
+    let bench_cpu_before = child::process_cpu_s(std::process::id())?;
+    let commits_before = target.commit_counts();
+    let deadline = Instant::now() + args.duration;
+    let mut senders = JoinSet::new();
+    for (index, party) in parties.iter().enumerate() {
+        let plan = SendPlan {
+            party: party.clone(),
+            to: parties[index ^ 1].address(),
+            index: index as u32,
+            size: args.size,
+            canary: args.plaintext_canary.clone(),
+            epoch,
+            deadline,
+            tally: tally.clone(),
+        };
+        if let Some(rate) = args.rate {
+            senders.spawn(plan.open_loop(rate));
+        } else {
+            let lanes = if args.raw_envelopes { args.window } else { 1 };
+            for lane in 0..lanes {
+                senders.spawn(plan.clone().closed_loop(lane, lanes));
+            }
+        }
+    }
+    while senders.join_next().await.is_some() {}
+    let window = args.duration.max(epoch.elapsed().min(args.duration * 2));
+    let seconds = window.as_secs_f64();
+    let delivered_in_window = Tally::count(&tally.delivered);
+    let relay_cpu = match (relay_cpu_before, target.pid) {
+        (Some(before), Some(pid)) => Some(child::process_cpu_s(pid)? - before),
+        _ => None,
+    };
+    let bench_cpu = child::process_cpu_s(std::process::id())? - bench_cpu_before;
+    let commits = target
+        .commit_counts()
+        .zip(commits_before)
+        .map(|(after, before)| (after.0 - before.0, after.1 - before.1));
+
+    tally.wait_for_delivery(DRAIN_LIMIT).await;
+    stop.store(true, Ordering::Relaxed);
+    let timeline = monitor.finish().await;
+    for party in &parties {
+        party.close();
+    }
+    while receivers.join_next().await.is_some() {}
+
+    let sent = Tally::count(&tally.sent);
+    let delivered = Tally::count(&tally.delivered);
+    let relay = target.child.as_ref().map(|child| RelayFigures {
+        cpu_cores: relay_cpu.unwrap_or_default() / seconds,
+        rss_peak_bytes: timeline
+            .iter()
+            .filter_map(|s| s.relay_rss_bytes)
+            .max()
+            .unwrap_or_default(),
+        rss_end_bytes: child.rss_bytes().unwrap_or_default(),
+        store_bytes: child::dir_size(&child.dir().join("data")),
+        fsyncs_per_s: commits.map(|(c, _)| c as f64 / seconds),
+        writes_per_fsync: commits.map(|(c, w)| w as f64 / c.max(1) as f64),
+    });
+    let report = Report {
+        scenario: label.to_owned(),
+        system: "hush".to_owned(),
+        durability: "after the fsync of a group commit (P4)".to_owned(),
+        config: serde_json::json!({
+            "users": users, "size": args.size, "rate_per_user": args.rate,
+            "window": if args.raw_envelopes { args.window } else { 1 },
+            "duration_s": args.duration.as_secs_f64(), "raw_envelopes": args.raw_envelopes,
+            "relay_started_by_bench": target.child.is_some(),
+            "plaintext_canary": args.plaintext_canary.is_some(),
+        }),
+        duration_s: seconds,
+        sent,
+        failed: Tally::count(&tally.failed),
+        delivered,
+        lost: sent.saturating_sub(delivered),
+        duplicated: Tally::count(&tally.duplicated),
+        delivered_per_s: delivered_in_window as f64 / seconds,
+        latency_ms: tally.overall(),
+        relay,
+        bench_cpu_cores: bench_cpu / seconds,
+        timeline,
+    };
+    report.print();
+    let canary_found = match (&args.plaintext_canary, &target.child) {
+        (Some(canary), Some(child)) => {
+            let found = scan_for(child.dir(), canary.as_bytes());
+            if found.is_empty() {
+                println!(
+                    "  plaintext canary    not found in {} (data dir and log)",
+                    child.dir().display()
+                );
+            } else {
+                println!("  plaintext canary    FOUND in {found:?}");
+            }
+            !found.is_empty()
+        }
+        (Some(_), None) => {
+            println!("  plaintext canary    not scanned: the relay was not started by the bench");
+            false
+        }
+        _ => false,
+    };
+    if let Some(path) = &args.json {
+        report::write_json(path, std::slice::from_ref(&report))?;
+    }
+    if let Some(path) = &args.plot {
+        report::plot(path, std::slice::from_ref(&report))?;
+    }
+    if let (Some(dir), Some(_)) = (&args.relay.keep_data, &target.child) {
+        println!("  relay data and log kept in {}", dir.display());
+    }
+    if let Some(child) = target.child {
+        child.stop().await;
+    }
+    if report.lost > 0 || report.duplicated > 0 {
+        bail!(
+            "{} acknowledged messages lost, {} duplicated",
+            report.lost,
+            report.duplicated
+        );
+    }
+    if canary_found {
+        bail!("the plaintext canary is in the relay's files");
+    }
+    Ok(())
+}
+
+/// Files under `dir` that contain `needle`.
+fn scan_for(dir: &std::path::Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(scan_for(&path, needle));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            if bytes.windows(needle.len()).any(|window| window == needle) {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// One simulated user.
+#[derive(Clone)]
+enum Party {
+    Raw {
+        connection: Arc<Connection>,
+        address: DeviceAddress,
+    },
+    E2e {
+        client: Arc<Client>,
+        account: AccountId,
+    },
+}
+
+/// Whom a party writes to.
+#[derive(Clone, Copy)]
+enum Address {
+    Device(DeviceAddress),
+    Account(AccountId),
+}
+
+impl Party {
+    fn address(&self) -> Address {
+        match self {
+            Party::Raw { address, .. } => Address::Device(*address),
+            Party::E2e { account, .. } => Address::Account(*account),
+        }
+    }
+
+    fn close(&self) {
+        match self {
+            Party::Raw { connection, .. } => connection.close(),
+            Party::E2e { client, .. } => client.close(),
+        }
+    }
+
+    async fn send(&self, to: Address, message: Vec<u8>) -> bool {
+        match (self, to) {
+            (Party::Raw { connection, .. }, Address::Device(to)) => {
+                connection.send_to(&[to], message).await.is_ok()
+            }
+            (Party::E2e { client, .. }, Address::Account(to)) => {
+                // The message is ASCII (hex header, canary, filler) by construction.
+                let text = String::from_utf8_lossy(&message).into_owned();
+                client.send_text(to, &text).await.is_ok()
+            }
+            _ => false,
+        }
+    }
+
+    async fn receive(self, tally: Arc<Tally>, epoch: Instant, stop: Arc<AtomicBool>) {
+        match self {
+            Party::Raw { connection, .. } => receive_raw(connection, tally, epoch, stop).await,
+            Party::E2e { client, .. } => receive_e2e(client, tally, epoch, stop).await,
+        }
+    }
+}
+
+async fn raw_parties(options: &ConnectOptions, users: usize) -> anyhow::Result<Vec<Party>> {
+    let mut parties = Vec::with_capacity(users);
+    for _ in 0..users {
+        let connection = Connection::connect(options)
+            .await
+            .context("connecting a user")?;
+        let address = connection
+            .register(b"bench", &DeviceKey::generate(), None)
+            .await?;
+        parties.push(Party::Raw {
+            connection: Arc::new(connection),
+            address,
+        });
+    }
+    Ok(parties)
+}
+
+/// Registers `users` full clients, each with its own encrypted store, and makes partners
+/// contacts of each other.
+async fn e2e_parties(
+    options: &ConnectOptions,
+    users: usize,
+    dirs: &std::path::Path,
+) -> anyhow::Result<Vec<Party>> {
+    let mut clients = Vec::with_capacity(users);
+    for index in 0..users {
+        let mut key = [0u8; 32];
+        OsRng.fill_bytes(&mut key);
+        let config = ClientConfig {
+            relay: options.clone(),
+            data_dir: dirs.join(index.to_string()),
+            storage_key: StorageKey::from_bytes(key),
+        };
+        clients.push(
+            Client::create(config, None)
+                .await
+                .context("creating a user")?,
+        );
+    }
+    let mut parties = Vec::with_capacity(users);
+    for pair in clients.chunks(2) {
+        let [a, b] = pair else { continue };
+        let b_account = a.add_contact(&b.contact_card().await).await?;
+        let a_account = b.add_contact(&a.contact_card().await).await?;
+        parties.push((a_account, b_account));
+    }
+    Ok(clients
+        .into_iter()
+        .enumerate()
+        .map(|(index, client)| {
+            let (a, b) = parties[index / 2];
+            Party::E2e {
+                client: Arc::new(client),
+                account: if index % 2 == 0 { a } else { b },
+            }
+        })
+        .collect())
+}
+
+/// What one user sends, and until when.
+#[derive(Clone)]
+struct SendPlan {
+    party: Party,
+    to: Address,
+    index: u32,
+    size: usize,
+    canary: Option<String>,
+    epoch: Instant,
+    deadline: Instant,
+    tally: Arc<Tally>,
+}
+
+impl SendPlan {
+    fn message(&self, sequence: u32, due: Instant) -> Vec<u8> {
+        let nanos = u64::try_from(due.duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
+        let mut message = match self.party {
+            Party::Raw { .. } => {
+                let mut bytes = Vec::with_capacity(self.size);
+                bytes.extend_from_slice(&self.index.to_be_bytes());
+                bytes.extend_from_slice(&sequence.to_be_bytes());
+                bytes.extend_from_slice(&nanos.to_be_bytes());
+                bytes
+            }
+            Party::E2e { .. } => {
+                let mut text = format!("{:08x}{sequence:08x}{nanos:016x}", self.index);
+                text.push_str(self.canary.as_deref().unwrap_or_default());
+                text.into_bytes()
+            }
+        };
+        message.resize(self.size, b'~');
+        message
+    }
+
+    async fn send(&self, sequence: u32, due: Instant) {
+        if self.party.send(self.to, self.message(sequence, due)).await {
+            self.tally.sent();
+        } else {
+            self.tally.failed();
+        }
+    }
+
+    /// Keeps one send in flight on this lane; lanes interleave sequence numbers.
+    async fn closed_loop(self, lane: usize, lanes: usize) {
+        let mut sequence = lane as u32;
+        while Instant::now() < self.deadline {
+            self.send(sequence, Instant::now()).await;
+            sequence += lanes as u32;
+        }
+    }
+
+    /// Sends on a fixed schedule, whether or not earlier sends have returned.
+    async fn open_loop(self, per_second: f64) {
+        let interval = Duration::from_secs_f64(1.0 / per_second);
+        // Users start spread over one interval, not all at once.
+        let start = Instant::now() + interval.mul_f64(f64::from(self.index % 64) / 64.0);
+        let mut in_flight = JoinSet::new();
+        let mut sequence = 0u32;
+        loop {
+            let due = start + interval * sequence;
+            if due >= self.deadline {
+                break;
+            }
+            tokio::time::sleep_until(due.into()).await;
+            let plan = self.clone();
+            in_flight.spawn(async move { plan.send(sequence, due).await });
+            sequence += 1;
+            while in_flight.try_join_next().is_some() {}
+        }
+        while in_flight.join_next().await.is_some() {}
+    }
+}
+
+async fn receive_raw(
+    connection: Arc<Connection>,
+    tally: Arc<Tally>,
+    epoch: Instant,
+    stop: Arc<AtomicBool>,
+) {
+    let mut pending: Vec<EnvelopeId> = Vec::new();
+    loop {
+        let event = tokio::select! {
+            event = connection.next_event() => event,
+            () = tokio::time::sleep(Duration::from_millis(2)), if !pending.is_empty() => {
+                flush(&connection, &mut pending);
+                continue;
+            }
+        };
+        match event {
+            Some(Event::Envelope(envelope)) => {
+                if let Some((key, due)) = parse_raw(&envelope.payload) {
+                    let due = epoch + Duration::from_nanos(due);
+                    tally.delivered(key, due.elapsed());
+                }
+                pending.push(envelope.id);
+                if pending.len() >= 256 {
+                    flush(&connection, &mut pending);
+                }
+            }
+            Some(Event::Closed(_)) | None => break,
+            Some(_) => {}
+        }
+        if stop.load(Ordering::Relaxed) && pending.is_empty() {
+            break;
+        }
+    }
+}
+
+fn parse_raw(payload: &[u8]) -> Option<(u64, u64)> {
+    let sender = u32::from_be_bytes(payload.get(..4)?.try_into().ok()?);
+    let sequence = u32::from_be_bytes(payload.get(4..8)?.try_into().ok()?);
+    let due = u64::from_be_bytes(payload.get(8..16)?.try_into().ok()?);
+    Some((message_key(sender, sequence), due))
+}
+
+/// Acknowledges in the background so that receiving never waits for a commit.
+fn flush(connection: &Arc<Connection>, pending: &mut Vec<EnvelopeId>) {
+    let ids = std::mem::take(pending);
+    let connection = connection.clone();
+    tokio::spawn(async move {
+        let _ = connection.ack(&ids).await;
+    });
+}
+
+async fn receive_e2e(
+    client: Arc<Client>,
+    tally: Arc<Tally>,
+    epoch: Instant,
+    stop: Arc<AtomicBool>,
+) {
+    loop {
+        let event = tokio::select! {
+            event = client.next_event() => event,
+            () = tokio::time::sleep(Duration::from_millis(50)) => {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                continue;
+            }
+        };
+        match event {
+            Some(ClientEvent::Message { message, .. }) => {
+                if let Body::Text { text } = &message.body {
+                    if let Some((key, due)) = parse_text(text) {
+                        let due = epoch + Duration::from_nanos(due);
+                        tally.delivered(key, due.elapsed());
+                    }
+                }
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+}
+
+fn parse_text(text: &str) -> Option<(u64, u64)> {
+    let sender = u32::from_str_radix(text.get(..8)?, 16).ok()?;
+    let sequence = u32::from_str_radix(text.get(8..16)?, 16).ok()?;
+    let due = u64::from_str_radix(text.get(16..32)?, 16).ok()?;
+    Some((message_key(sender, sequence), due))
+}
