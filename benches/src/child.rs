@@ -65,10 +65,37 @@ impl Child {
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
+
+    /// Asks the child to shut down gracefully (SIGTERM), waits up to `limit` before
+    /// killing it, and hands back its working directory.
+    pub async fn terminate(mut self, limit: Duration) -> WorkdirGuard {
+        if let Some(pid) = self.pid() {
+            let _ = tokio::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+        }
+        if tokio::time::timeout(limit, self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+        WorkdirGuard(self.dir)
+    }
 }
 
-/// Keeps a working directory alive (or marks it as kept) until the child owns it.
+/// Keeps a working directory alive (or marks it as kept) until a child owns it.
 pub struct WorkdirGuard(Workdir);
+
+impl WorkdirGuard {
+    pub fn path(&self) -> &Path {
+        match &self.0 {
+            Workdir::Temporary(dir) => dir.path(),
+            Workdir::Kept(path) => path,
+        }
+    }
+}
 
 /// Starts `hush-relay serve` (the binary next to this one) on a free loopback port, with
 /// its data in `<workdir>/data`, its log in `<workdir>/relay.log` and `config` (TOML) as
@@ -77,15 +104,27 @@ pub async fn start_hush_relay(
     config: &str,
     keep: Option<&Path>,
 ) -> anyhow::Result<(ConnectOptions, Child)> {
+    let (_, guard) = Child::workdir(keep)?;
+    start_hush_relay_in(guard, config).await
+}
+
+/// Starts `hush-relay serve` in an existing working directory (a restart keeps its data).
+pub async fn start_hush_relay_in(
+    guard: WorkdirGuard,
+    config: &str,
+) -> anyhow::Result<(ConnectOptions, Child)> {
+    let dir = guard.path().to_owned();
     let binary = std::env::current_exe()?
         .parent()
         .map(|dir| dir.join("hush-relay"))
         .filter(|path| path.exists())
         .context("hush-relay not found next to hush-bench: cargo build --release -p hush-server")?;
-    let (dir, guard) = Child::workdir(keep)?;
     let config_path = dir.join("relay.toml");
     std::fs::write(&config_path, config)?;
-    let log = std::fs::File::create(dir.join("relay.log"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("relay.log"))?;
     let mut child = tokio::process::Command::new(&binary)
         .arg("serve")
         .arg("--listen")

@@ -1,15 +1,20 @@
 //! `hush-bench`: drives a relay with simulated users over loopback QUIC and reports what
 //! it delivered, how fast, with what latency, and at what cost to the relay.
 //!
-//! Scenarios: `chat` (users in pairs, full E2E clients or `--raw-envelopes`; see
-//! `chat.rs`) and `calls` (concurrent 1:1 call media, beside coturn; see `calls.rs`).
+//! Scenarios: `chat` (users in pairs, full E2E clients or `--raw-envelopes`), `backlog`
+//! (offline receivers, a restart, then a drain), `reconnect-storm`, `idle` (memory per
+//! connection) and `calls` (concurrent 1:1 call media, beside coturn); one module each.
 
+mod backlog;
 mod calls;
 mod chat;
 mod child;
+mod devices;
+mod idle;
 mod monitor;
 mod report;
 mod stats;
+mod storm;
 mod turn;
 
 use std::net::SocketAddr;
@@ -32,6 +37,12 @@ struct Cli {
 enum Scenario {
     /// Users in pairs writing to each other: full E2E clients, or opaque envelopes.
     Chat(chat::ChatArgs),
+    /// Receivers offline while envelopes queue; a relay restart; then all drain at once.
+    Backlog(backlog::BacklogArgs),
+    /// Every device reconnects at the same moment and fetches what waited for it.
+    ReconnectStorm(storm::StormArgs),
+    /// Connected, quiet devices: the relay's memory per connection.
+    Idle(idle::IdleArgs),
     /// Concurrent 1:1 calls (50 frames/s each way, 160 B), optionally beside coturn.
     Calls(calls::CallArgs),
 }
@@ -77,6 +88,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.scenario {
         Scenario::Chat(args) => runtime.block_on(chat::chat(args)),
+        Scenario::Backlog(args) => runtime.block_on(backlog::backlog(args)),
+        Scenario::ReconnectStorm(args) => runtime.block_on(storm::storm(args)),
+        Scenario::Idle(args) => runtime.block_on(idle::idle(args)),
         Scenario::Calls(args) => runtime.block_on(calls::calls(args)),
     }
 }
