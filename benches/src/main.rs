@@ -9,9 +9,11 @@ mod backlog;
 mod calls;
 mod chat;
 mod child;
+mod compare;
 mod devices;
 mod idle;
 mod monitor;
+mod nats;
 mod report;
 mod stats;
 mod storm;
@@ -45,11 +47,13 @@ enum Scenario {
     Idle(idle::IdleArgs),
     /// Concurrent 1:1 calls (50 frames/s each way, 160 B), optionally beside coturn.
     Calls(calls::CallArgs),
+    /// The same raw chat load through Hush and through NATS JetStream, side by side.
+    Compare(compare::CompareArgs),
 }
 
 /// Which relay a run uses: by default one the bench starts (a child `hush-relay` with a
 /// temporary data dir), or a running one.
-#[derive(clap::Args, Clone)]
+#[derive(clap::Args, Clone, Default)]
 pub struct RelayArgs {
     /// A running relay to use instead of starting one (needs --fingerprint).
     #[arg(long, requires = "fingerprint")]
@@ -92,5 +96,6 @@ fn main() -> anyhow::Result<()> {
         Scenario::ReconnectStorm(args) => runtime.block_on(storm::storm(args)),
         Scenario::Idle(args) => runtime.block_on(idle::idle(args)),
         Scenario::Calls(args) => runtime.block_on(calls::calls(args)),
+        Scenario::Compare(args) => runtime.block_on(compare::compare(args)),
     }
 }

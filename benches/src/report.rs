@@ -29,6 +29,8 @@ pub struct Report {
     /// The bench's own CPU over the measured window, in cores.
     pub bench_cpu_cores: f64,
     pub timeline: Vec<Sample>,
+    /// Whether the plaintext canary turned up in the relay's files (None: not checked).
+    pub canary_found: Option<bool>,
 }
 
 /// What the bench measured of a relay it started itself.
@@ -82,6 +84,49 @@ impl Report {
         println!(
             "  bench               CPU {:.2} cores",
             self.bench_cpu_cores
+        );
+    }
+}
+
+impl Report {
+    /// The run's outcome for the exit code: a lost or duplicated message, or a canary in
+    /// the relay's files, fails it.
+    pub fn verdict(&self) -> anyhow::Result<()> {
+        if self.lost > 0 || self.duplicated > 0 {
+            anyhow::bail!(
+                "{}: {} acknowledged messages lost, {} duplicated",
+                self.system,
+                self.lost,
+                self.duplicated
+            );
+        }
+        if self.canary_found == Some(true) {
+            anyhow::bail!("the plaintext canary is in the relay's files");
+        }
+        Ok(())
+    }
+}
+
+/// Several runs side by side.
+pub fn print_table(reports: &[Report]) {
+    println!(
+        "\n{:<16} {:>10} {:>7} {:>5} {:>8} {:>8} {:>9} {:>10}  acknowledges",
+        "system", "msgs/s", "lost", "dup", "p50 ms", "p99 ms", "p99.9 ms", "CPU cores"
+    );
+    for r in reports {
+        println!(
+            "{:<16} {:>10.0} {:>7} {:>5} {:>8.2} {:>8.2} {:>9.2} {:>10}  {}",
+            r.system,
+            r.delivered_per_s,
+            r.lost,
+            r.duplicated,
+            r.latency_ms.p50,
+            r.latency_ms.p99,
+            r.latency_ms.p99_9,
+            r.relay
+                .as_ref()
+                .map_or("-".to_owned(), |relay| format!("{:.2}", relay.cpu_cores)),
+            r.durability
         );
     }
 }

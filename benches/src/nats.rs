@@ -1,0 +1,378 @@
+//! The chat load through NATS JetStream, for the comparison: a child `nats-server` (Debian's
+//! package) on loopback with file storage, one work-queue stream, one durable push
+//! consumer with explicit acks per user, and publishes that wait for JetStream's ack.
+//!
+//! The client speaks the NATS text protocol directly (CONNECT, SUB, PUB with a reply
+//! subject, MSG/HMSG, PING/PONG): a few lines, and no second async runtime in the bench.
+//! Durability: nats-server 2.9 acknowledges a JetStream publish once it is written to the
+//! OS's buffers and fsyncs on a timer (2 minutes); the `sync_interval: always` setting
+//! that fsyncs every write arrived in 2.10, so this is the strongest the installed version
+//! offers, and it is weaker than Hush's promise P4.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::child::{self, which, Child};
+use crate::stats::{message_key, Tally};
+
+/// What a JetStream publish acknowledgement means with the installed server.
+pub const DURABILITY: &str = "after a write to OS buffers; fsync every 2 min";
+const STREAM: &str = "BENCH";
+
+/// Starts `nats-server` with JetStream on a free loopback port.
+pub async fn start() -> anyhow::Result<(SocketAddr, Child)> {
+    let binary = which("nats-server").context("nats-server is not installed")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let (dir, guard) = Child::workdir(None)?;
+    let config = dir.join("nats.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n}}\n",
+            dir.join("js").display()
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("nats.log"))?;
+    let process = tokio::process::Command::new(&binary)
+        .arg("-c")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let child = Child::new(process, guard);
+    let address = SocketAddr::from(([127, 0, 0, 1], port));
+    let started = Instant::now();
+    while TcpStream::connect(address).await.is_err() {
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("nats-server did not listen within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((address, child))
+}
+
+/// A message the server sent us.
+struct Message {
+    subject: String,
+    reply: Option<String>,
+    payload: Vec<u8>,
+}
+
+/// One NATS connection: a writer task fed by a channel, and a reader the owner drives.
+struct Conn {
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    reader: BufReader<OwnedReadHalf>,
+}
+
+impl Conn {
+    async fn open(address: SocketAddr) -> anyhow::Result<Self> {
+        let stream = TcpStream::connect(address).await?;
+        stream.set_nodelay(true)?;
+        let (read, mut write) = stream.into_split();
+        let (out, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
+        tokio::spawn(async move {
+            while let Some(mut buffer) = queue.recv().await {
+                while let Ok(more) = queue.try_recv() {
+                    buffer.extend_from_slice(&more);
+                    if buffer.len() > 64 * 1024 {
+                        break;
+                    }
+                }
+                if write.write_all(&buffer).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let conn = Conn {
+            out,
+            reader: BufReader::new(read),
+        };
+        conn.send(
+            b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true,\"no_responders\":true}\r\n"
+                .to_vec(),
+        );
+        Ok(conn)
+    }
+
+    fn send(&self, bytes: Vec<u8>) {
+        let _ = self.out.send(bytes);
+    }
+
+    fn publish(&self, subject: &str, reply: Option<&str>, payload: &[u8]) {
+        let mut bytes = match reply {
+            Some(reply) => format!("PUB {subject} {reply} {}\r\n", payload.len()),
+            None => format!("PUB {subject} {}\r\n", payload.len()),
+        }
+        .into_bytes();
+        bytes.extend_from_slice(payload);
+        bytes.extend_from_slice(b"\r\n");
+        self.send(bytes);
+    }
+
+    /// The next message, answering pings on the way; `None` when the connection ends.
+    async fn next(&mut self) -> anyhow::Result<Option<Message>> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line).await? == 0 {
+                return Ok(None);
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.first().copied() {
+                Some("PING") => self.send(b"PONG\r\n".to_vec()),
+                Some("-ERR") => bail!("nats-server: {}", line.trim()),
+                Some("MSG") => {
+                    // MSG <subject> <sid> [reply] <bytes>
+                    let (reply, len) = match words.len() {
+                        5 => (Some(words[3].to_owned()), words[4]),
+                        _ => (None, *words.last().context("short MSG")?),
+                    };
+                    let payload = self.body(len.parse()?).await?;
+                    return Ok(Some(Message {
+                        subject: words[1].to_owned(),
+                        reply,
+                        payload,
+                    }));
+                }
+                Some("HMSG") => {
+                    // HMSG <subject> <sid> [reply] <header bytes> <total bytes>
+                    let (reply, header, total) = match words.len() {
+                        6 => (Some(words[3].to_owned()), words[4], words[5]),
+                        _ => (None, words[3], words[4]),
+                    };
+                    let body = self.body(total.parse()?).await?;
+                    let header: usize = header.parse()?;
+                    return Ok(Some(Message {
+                        subject: words[1].to_owned(),
+                        reply,
+                        payload: body.get(header..).unwrap_or_default().to_vec(),
+                    }));
+                }
+                _ => {} // INFO, PONG, +OK
+            }
+        }
+    }
+
+    async fn body(&mut self, len: usize) -> anyhow::Result<Vec<u8>> {
+        let mut body = vec![0; len + 2];
+        self.reader.read_exact(&mut body).await?;
+        body.truncate(len);
+        Ok(body)
+    }
+
+    /// A request and its reply, before the connection is shared out.
+    async fn request(&mut self, subject: &str, payload: &str) -> anyhow::Result<String> {
+        self.send(b"SUB _INBOX.setup 99\r\n".to_vec());
+        self.publish(subject, Some("_INBOX.setup"), payload.as_bytes());
+        let reply = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match self.next().await? {
+                    Some(message) if message.subject == "_INBOX.setup" => {
+                        return anyhow::Ok(String::from_utf8_lossy(&message.payload).into_owned())
+                    }
+                    Some(_) => {}
+                    None => bail!("nats-server closed the connection"),
+                }
+            }
+        })
+        .await
+        .context("no reply from nats-server")??;
+        self.send(b"UNSUB 99\r\n".to_vec());
+        if reply.contains("\"error\"") {
+            bail!("{subject}: {reply}");
+        }
+        Ok(reply)
+    }
+}
+
+/// What one run through JetStream needs.
+pub struct Load {
+    pub users: usize,
+    pub window: usize,
+    pub rate: Option<f64>,
+    pub size: usize,
+    pub duration: Duration,
+}
+
+/// Runs the chat load through JetStream; counts go to `tally`.
+pub async fn run(address: SocketAddr, load: &Load, tally: Arc<Tally>) -> anyhow::Result<()> {
+    let mut admin = Conn::open(address).await?;
+    let subjects: Vec<String> = (0..load.users).map(|u| format!("bench.u{u}")).collect();
+    admin
+        .request(
+            &format!("$JS.API.STREAM.CREATE.{STREAM}"),
+            &serde_json::json!({
+                "name": STREAM, "subjects": ["bench.>"], "retention": "workqueue",
+                "storage": "file", "num_replicas": 1,
+            })
+            .to_string(),
+        )
+        .await?;
+    let epoch = Instant::now();
+    let deadline = epoch + load.duration;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut users = JoinSet::new();
+    let mut ready = Vec::new();
+    for user in 0..load.users {
+        let mut conn = Conn::open(address).await?;
+        conn.request(
+            &format!("$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.c{user}"),
+            &serde_json::json!({
+                "stream_name": STREAM,
+                "config": {
+                    "durable_name": format!("c{user}"), "deliver_subject": format!("deliver.u{user}"),
+                    "filter_subject": subjects[user], "ack_policy": "explicit",
+                    "deliver_policy": "all", "max_ack_pending": 65_536,
+                },
+            })
+            .to_string(),
+        )
+        .await?;
+        conn.send(format!("SUB _INBOX.u{user}.* 1\r\nSUB deliver.u{user} 2\r\n").into_bytes());
+        let (go, wait) = oneshot::channel::<()>();
+        ready.push(go);
+        let to = subjects[user ^ 1].clone();
+        let (tally, stop) = (tally.clone(), stop.clone());
+        let (window, rate, size) = (load.window, load.rate, load.size);
+        users.spawn(async move {
+            let _ = wait.await;
+            user_loop(
+                conn,
+                user as u32,
+                to,
+                window,
+                rate,
+                size,
+                epoch,
+                deadline,
+                tally,
+                stop,
+            )
+            .await
+        });
+    }
+    for go in ready {
+        let _ = go.send(());
+    }
+    let finished = tokio::time::sleep_until(deadline.into());
+    finished.await;
+    tally
+        .wait_for_delivery(Duration::from_secs(30) + Duration::from_millis(200))
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    while let Some(done) = users.join_next().await {
+        done??;
+    }
+    drop(admin);
+    Ok(())
+}
+
+/// One user: publishes to its partner's subject (closed loop with `window` in flight, or
+/// open loop at `rate`), and consumes and acks its own.
+#[allow(clippy::too_many_arguments)]
+async fn user_loop(
+    mut conn: Conn,
+    user: u32,
+    to: String,
+    window: usize,
+    rate: Option<f64>,
+    size: usize,
+    epoch: Instant,
+    deadline: Instant,
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let permits = Arc::new(Semaphore::new(if rate.is_some() {
+        Semaphore::MAX_PERMITS
+    } else {
+        window
+    }));
+    let out = conn.out.clone();
+    let publisher = {
+        let permits = permits.clone();
+        tokio::spawn(async move {
+            let interval = rate.map(|r| Duration::from_secs_f64(1.0 / r));
+            let start = Instant::now();
+            let mut sequence = 0u32;
+            loop {
+                let due = match interval {
+                    Some(interval) => {
+                        let due = start + interval * sequence;
+                        tokio::time::sleep_until(due.into()).await;
+                        due
+                    }
+                    None => Instant::now(),
+                };
+                if due >= deadline {
+                    break;
+                }
+                let Ok(permit) = permits.acquire().await else {
+                    break;
+                };
+                permit.forget();
+                let nanos = u64::try_from(due.duration_since(epoch).as_nanos()).unwrap_or(0);
+                let mut payload = Vec::with_capacity(size);
+                payload.extend_from_slice(&user.to_be_bytes());
+                payload.extend_from_slice(&sequence.to_be_bytes());
+                payload.extend_from_slice(&nanos.to_be_bytes());
+                payload.resize(size, 0x5A);
+                let mut bytes = format!("PUB {to} _INBOX.u{user}.{sequence} {}\r\n", payload.len())
+                    .into_bytes();
+                bytes.extend_from_slice(&payload);
+                bytes.extend_from_slice(b"\r\n");
+                if out.send(bytes).is_err() {
+                    break;
+                }
+                sequence += 1;
+            }
+        })
+    };
+    let inbox = format!("_INBOX.u{user}.");
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(next) = tokio::time::timeout(Duration::from_millis(100), conn.next()).await else {
+            continue;
+        };
+        let Some(message) = next? else { break };
+        if message.subject.starts_with(&inbox) {
+            // JetStream's publish ack: {"stream":..,"seq":..} or an error.
+            if message.payload.windows(7).any(|w| w == b"\"error\"") {
+                tally.failed();
+            } else {
+                tally.sent();
+            }
+            permits.add_permits(1);
+        } else if let Some(reply) = &message.reply {
+            let header = message.payload.get(..16).unwrap_or_default();
+            if header.len() == 16 {
+                let sender = u32::from_be_bytes(header[..4].try_into().unwrap_or_default());
+                let sequence = u32::from_be_bytes(header[4..8].try_into().unwrap_or_default());
+                let due = u64::from_be_bytes(header[8..16].try_into().unwrap_or_default());
+                let due = epoch + Duration::from_nanos(due);
+                tally.delivered(message_key(sender, sequence), due.elapsed());
+            }
+            conn.publish(reply, None, b"");
+        }
+    }
+    publisher.abort();
+    Ok(())
+}
+
+/// The server's store size.
+pub fn store_bytes(child: &Child) -> u64 {
+    child::dir_size(&child.dir().join("js"))
+}
