@@ -52,6 +52,10 @@ const SEEN_SETUPS_KEY: &[u8] = b"seen-setups";
 /// only the last-resort KEM key can never start a second session.
 const SEEN_SETUPS_SECS: u64 =
     crate::prekeys::ROTATE_AFTER_SECS + crate::prekeys::KEEP_ROTATED_SECS + 24 * 3600;
+const RETIRED_SESSIONS_KEY: &[u8] = b"retired-sessions";
+/// How long the sessions with a device that left its account are kept once we notice:
+/// what it sent before it left can wait on the relay that long at most, plus a day.
+const RETIRED_SESSIONS_SECS: u64 = crate::ratchet::MAX_SKIPPED_AGE_SECS + 24 * 3600;
 const CONTACT_CARD_PREFIX: &str = "hush-contact:1:";
 
 /// Something went wrong in the client.
@@ -313,6 +317,10 @@ pub(crate) struct State {
     /// Our account's other devices, as last learned (asking before every send would tell
     /// the relay when we send).
     own_devices: Option<Vec<DeviceId>>,
+    /// Devices that left their account, with when we noticed. We no longer send to them,
+    /// but keep their sessions for [`RETIRED_SESSIONS_SECS`]: what they sent before they
+    /// left may still be on the relay, or queued behind the send that noticed.
+    retired: BTreeMap<DeviceAddress, u64>,
 }
 
 pub(crate) struct Inner {
@@ -486,6 +494,15 @@ impl Client {
         }
 
         let now = now();
+        let mut retired: BTreeMap<DeviceAddress, u64> =
+            match store.get(Table::State, RETIRED_SESSIONS_KEY)? {
+                Some(bytes) => decode(&bytes)?,
+                None => BTreeMap::new(),
+            };
+        let purged = purge_retired(&store, &mut retired, &mut HashMap::new(), now);
+        if !purged.is_empty() {
+            store.commit(purged)?;
+        }
         let first_start = prekeys.one_time_counts().0 == 0;
         maintain_prekeys(
             &store,
@@ -521,6 +538,7 @@ impl Client {
                 pending_events: Vec::new(),
                 seen_setups,
                 own_devices: None,
+                retired,
                 calls: HashMap::new(),
             }),
             events: events_tx,
@@ -797,15 +815,10 @@ impl Client {
             account: state.address.account,
             device,
         };
-        state.sessions.remove(&address);
         if let Some(devices) = state.own_devices.as_mut() {
             devices.retain(|d| *d != device);
         }
-        self.inner.store.commit(vec![self
-            .inner
-            .store
-            .delete(Table::Sessions, &session_key(&address))])?;
-        Ok(())
+        self.inner.retire_sessions(&mut state, &[address])
     }
 
     /// Links a new device from the code it shows: adds its key to the account and sends it
@@ -1173,7 +1186,8 @@ impl Inner {
                     return Ok(());
                 }
                 Err(ConnectionError::Refused(ErrorCode::DeviceListChanged)) => {
-                    // A device came or went: drop sessions of devices no longer there.
+                    // A device came or went: retire the sessions of devices no longer
+                    // there (not delete: their last messages may still be on the way).
                     devices = self
                         .anonymous
                         .list_devices_with(to, access)
@@ -1185,17 +1199,39 @@ impl Inner {
                         .filter(|a| a.account == to && !devices.contains(&a.device))
                         .copied()
                         .collect();
-                    let mut changes = Vec::new();
-                    for address in stale {
-                        state.sessions.remove(&address);
-                        changes.push(self.store.delete(Table::Sessions, &session_key(&address)));
-                    }
-                    self.store.commit(changes)?;
+                    self.retire_sessions(state, &stale)?;
                 }
                 Err(error) => return Err(refusal(error)),
             }
         }
         Err(ClientError::DeviceListUnstable)
+    }
+
+    /// Marks the sessions with devices that left their account as retired (from now, unless
+    /// already), and deletes those retired long enough ago.
+    fn retire_sessions(
+        &self,
+        state: &mut State,
+        addresses: &[DeviceAddress],
+    ) -> Result<(), ClientError> {
+        let now = now();
+        let before = state.retired.len();
+        for address in addresses {
+            state.retired.entry(*address).or_insert(now);
+        }
+        let added = state.retired.len() != before;
+        let mut changes = purge_retired(&self.store, &mut state.retired, &mut state.sessions, now);
+        if changes.is_empty() && added {
+            changes.push(self.store.put(
+                Table::State,
+                RETIRED_SESSIONS_KEY,
+                encode(&state.retired),
+            ));
+        }
+        if !changes.is_empty() {
+            self.store.commit(changes)?;
+        }
+        Ok(())
     }
 
     /// Encrypts `plaintext` with the current session for `address` and seals it; the
@@ -1389,7 +1425,7 @@ impl Inner {
             }
         };
         let own = from.account == state.address.account;
-        if own {
+        if own && !state.retired.contains_key(&from) {
             if let Some(devices) = state.own_devices.as_mut() {
                 if !devices.contains(&from.device) {
                     // Linked from another of our devices.
@@ -1512,6 +1548,8 @@ impl Inner {
         changes: &mut Vec<Change>,
     ) -> (Option<ClientEvent>, Option<(AccountId, MessageId)>) {
         let account = from.account;
+        // A device that left still has its last messages read, but is not sent to again.
+        let retired = state.retired.contains_key(&from);
         let contact = state
             .contacts
             .entry(account)
@@ -1521,7 +1559,7 @@ impl Inner {
             contact.profile_key = content.profile_key;
             contact_changed = true;
         }
-        if !contact.devices.contains(&from.device.0) {
+        if !retired && !contact.devices.contains(&from.device.0) {
             contact.devices.push(from.device.0);
             contact.devices.sort_unstable();
             contact_changed = true;
@@ -1704,6 +1742,33 @@ async fn maintain_prekeys(
     )])?;
     connection.upload_prekeys(upload).await?;
     Ok(())
+}
+
+/// Deletes the sessions of devices retired at least [`RETIRED_SESSIONS_SECS`] before `now`:
+/// nothing they sent can still be on the relay. Returns the store changes, with the
+/// shortened list; none if nothing expired.
+fn purge_retired(
+    store: &LocalStore,
+    retired: &mut BTreeMap<DeviceAddress, u64>,
+    sessions: &mut HashMap<DeviceAddress, SessionSet>,
+    now: u64,
+) -> Vec<Change> {
+    let expired: Vec<DeviceAddress> = retired
+        .iter()
+        .filter(|(_, at)| now.saturating_sub(**at) >= RETIRED_SESSIONS_SECS)
+        .map(|(address, _)| *address)
+        .collect();
+    if expired.is_empty() {
+        return Vec::new();
+    }
+    let mut changes = Vec::with_capacity(expired.len() + 1);
+    for address in expired {
+        retired.remove(&address);
+        sessions.remove(&address);
+        changes.push(store.delete(Table::Sessions, &session_key(&address)));
+    }
+    changes.push(store.put(Table::State, RETIRED_SESSIONS_KEY, encode(retired)));
+    changes
 }
 
 /// Records the identity key seen for a contact (trust on first use). Returns whether it
@@ -1909,6 +1974,7 @@ mod tests {
             pending_events: Vec::new(),
             seen_setups: BTreeMap::new(),
             own_devices: None,
+            retired: BTreeMap::new(),
             calls: HashMap::new(),
         };
         let bob = AccountId([2; 16]);
@@ -1946,5 +2012,60 @@ mod tests {
         // Our own account is never a contact.
         let own = state.address.account;
         assert!(!record_identity(&store, &mut state, own, &second).unwrap());
+    }
+
+    /// A departed device's session is kept as long as something it sent may still arrive,
+    /// then deleted from memory and store.
+    #[test]
+    fn retired_sessions_are_purged_only_once_nothing_of_theirs_can_arrive() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), &StorageKey::from_bytes([1; 32])).unwrap();
+        let identity = IdentityKeyPair::generate();
+        let mut prekeys = PrekeySet::default();
+        let upload = prekeys.rotate(&identity, 0, &mut OsRng);
+        let bundle = hush_protocol::DeviceBundle {
+            device: DeviceId(2),
+            device_key: [0; 32],
+            signed_prekey: upload.signed_prekey,
+            one_time: None,
+            kem: upload.kem_last_resort,
+            kem_is_last_resort: true,
+        };
+        let peer = PeerBundle::verify(&identity.public().to_bytes(), &bundle).unwrap();
+        let set = SessionSet::new(Session::initiate(&identity, &peer, &mut OsRng).unwrap());
+        let address = DeviceAddress {
+            account: AccountId([2; 16]),
+            device: DeviceId(2),
+        };
+        store
+            .commit(vec![store.put(
+                Table::Sessions,
+                &session_key(&address),
+                pickle::pickle_session_set(&set),
+            )])
+            .unwrap();
+        let mut sessions = HashMap::from([(address, set)]);
+        let mut retired = BTreeMap::from([(address, 1000)]);
+
+        let almost = 1000 + RETIRED_SESSIONS_SECS - 1;
+        assert!(purge_retired(&store, &mut retired, &mut sessions, almost).is_empty());
+        assert!(sessions.contains_key(&address));
+
+        let changes = purge_retired(&store, &mut retired, &mut sessions, almost + 1);
+        store.commit(changes).unwrap();
+        assert!(retired.is_empty());
+        assert!(sessions.is_empty());
+        assert!(store
+            .get(Table::Sessions, &session_key(&address))
+            .unwrap()
+            .is_none());
+        let stored: BTreeMap<DeviceAddress, u64> = decode(
+            &store
+                .get(Table::State, RETIRED_SESSIONS_KEY)
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(stored.is_empty());
     }
 }

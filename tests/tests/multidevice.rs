@@ -92,6 +92,59 @@ async fn two_devices_each_exchange_sealed_messages_while_going_on_and_offline() 
     quiet(&bob1).await;
 }
 
+/// A message a device sent just before it was removed still opens, even when the recipient
+/// first sends to that account, hears that the device list changed and stops sending to
+/// the removed device. (Alice's second device once hit this: her delivery receipt to Bob
+/// learned of the removal while Bob's removed device's last receipt waited to be read.)
+#[tokio::test]
+async fn a_removed_devices_last_message_opens_after_a_send_learned_of_the_removal() {
+    let relay = TestRelay::start().await;
+    let users: Vec<User> = (30..33).map(User::new).collect();
+    let (alice_user, bob1_user, bob2_user) = (&users[0], &users[1], &users[2]);
+    let alice = alice_user.create(&relay).await;
+    let bob1 = bob1_user.create(&relay).await;
+    let bob_account = alice.add_contact(&bob1.contact_card().await).await.unwrap();
+    let alice_account = alice.address().await.account;
+    let bob2 = link(&relay, &bob1, bob2_user).await;
+    let bob2_device = bob2.address().await.device;
+    alice.send_text(bob_account, "hello").await.unwrap();
+    assert_eq!(text(&next_message(&bob1).await).0, "hello");
+    assert_eq!(text(&next_message(&bob2).await).0, "hello");
+
+    // While Alice is offline, Bob's second device answers on the session Alice started,
+    // and is then removed.
+    alice.shutdown().await;
+    bob2.send_text(alice_account, "last words").await.unwrap();
+    bob2.shutdown().await;
+    bob1.remove_device(bob2_device).await.unwrap();
+
+    // Alice writes before she has read what waited for her (on this single-threaded
+    // runtime the send holds her state until it is done, so the receive loop waits): the
+    // relay refuses the old device list, and the message goes to Bob's first device only.
+    let alice = alice_user.open(&relay).await;
+    alice.send_text(bob_account, "welcome back").await.unwrap();
+    loop {
+        match next_message(&bob1).await {
+            // The removed device's copy of its last message, if it got out in time.
+            ClientEvent::SentElsewhere { .. } => {}
+            other => {
+                assert_eq!(text(&other).0, "welcome back");
+                break;
+            }
+        }
+    }
+    match next_message(&alice).await {
+        ClientEvent::Message {
+            device, message, ..
+        } => {
+            assert_eq!(device, bob2_device);
+            assert_eq!(message.body, copy_body("last words"));
+        }
+        other => panic!("expected the removed device's last message, got {other:?}"),
+    }
+    quiet(&alice).await;
+}
+
 fn copy_body(text: &str) -> hush_client::Body {
     hush_client::Body::Text { text: text.into() }
 }
