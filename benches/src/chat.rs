@@ -244,8 +244,6 @@ pub async fn run(args: &ChatArgs) -> anyhow::Result<Report> {
     }
     while receivers.join_next().await.is_some() {}
 
-    let sent = Tally::count(&tally.sent);
-    let delivered = Tally::count(&tally.delivered);
     let relay = target.child.as_ref().map(|child| RelayFigures {
         cpu_cores: relay_cpu.unwrap_or_default() / seconds,
         rss_peak_bytes: timeline
@@ -270,13 +268,7 @@ pub async fn run(args: &ChatArgs) -> anyhow::Result<Report> {
             "plaintext_canary": args.plaintext_canary.is_some(),
         }),
         duration_s: seconds,
-        sent,
-        failed: Tally::count(&tally.failed),
-        delivered,
-        lost: sent.saturating_sub(delivered),
-        duplicated: Tally::count(&tally.duplicated),
-        delivered_per_s: delivered_in_window as f64 / seconds,
-        latency_ms: tally.overall(),
+        counts: tally.counts(seconds, delivered_in_window),
         relay,
         bench_cpu_cores: bench_cpu / seconds,
         timeline,

@@ -64,7 +64,7 @@ pub async fn compare(args: CompareArgs) -> anyhow::Result<()> {
     if let [hush, nats] = &reports[..] {
         println!(
             "\nhush delivers {:.2}x the rate of NATS JetStream",
-            hush.delivered_per_s / nats.delivered_per_s.max(1.0)
+            hush.counts.delivered_per_s / nats.counts.delivered_per_s.max(1.0)
         );
     }
     if let Some(path) = &args.json {
@@ -125,8 +125,6 @@ async fn run_nats(args: &CompareArgs, users: usize) -> anyhow::Result<Report> {
     let seconds = args.duration.as_secs_f64();
     let (cpu_after, bench_after) = cpu_at_deadline.await?;
     let delivered_in_window = delivered_at_deadline.await?;
-    let sent = Tally::count(&tally.sent);
-    let delivered = Tally::count(&tally.delivered);
     let report = Report {
         scenario: "chat --raw-envelopes".to_owned(),
         system: "nats-jetstream".to_owned(),
@@ -138,13 +136,7 @@ async fn run_nats(args: &CompareArgs, users: usize) -> anyhow::Result<Report> {
                        durable push consumers, explicit acks",
         }),
         duration_s: seconds,
-        sent,
-        failed: Tally::count(&tally.failed),
-        delivered,
-        lost: sent.saturating_sub(delivered),
-        duplicated: Tally::count(&tally.duplicated),
-        delivered_per_s: delivered_in_window as f64 / seconds,
-        latency_ms: tally.overall(),
+        counts: tally.counts(seconds, delivered_in_window),
         relay: Some(RelayFigures {
             cpu_cores: (cpu_after - cpu_before) / seconds,
             rss_peak_bytes: timeline

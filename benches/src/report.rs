@@ -6,7 +6,7 @@ use anyhow::Context;
 use plotters::prelude::*;
 use serde::Serialize;
 
-use crate::stats::{Percentiles, Sample};
+use crate::stats::{Counts, Percentiles, Sample};
 
 /// Everything one run measured.
 #[derive(Debug, Serialize)]
@@ -18,13 +18,8 @@ pub struct Report {
     pub durability: String,
     pub config: serde_json::Value,
     pub duration_s: f64,
-    pub sent: u64,
-    pub failed: u64,
-    pub delivered: u64,
-    pub lost: u64,
-    pub duplicated: u64,
-    pub delivered_per_s: f64,
-    pub latency_ms: Percentiles,
+    #[serde(flatten)]
+    pub counts: Counts,
     pub relay: Option<RelayFigures>,
     /// The bench's own CPU over the measured window, in cores.
     pub bench_cpu_cores: f64,
@@ -54,14 +49,17 @@ impl Report {
         );
         println!(
             "  sent (acknowledged) {:>10}   failed sends {:>6}",
-            self.sent, self.failed
+            self.counts.sent, self.counts.failed
         );
         println!(
             "  delivered           {:>10}   lost {}   duplicated {}",
-            self.delivered, self.lost, self.duplicated
+            self.counts.delivered, self.counts.lost, self.counts.duplicated
         );
-        println!("  delivered msgs/s    {:>10.0}", self.delivered_per_s);
-        let l = &self.latency_ms;
+        println!(
+            "  delivered msgs/s    {:>10.0}",
+            self.counts.delivered_per_s
+        );
+        let l = &self.counts.latency_ms;
         println!(
             "  send->deliver ms    p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
             l.p50, l.p90, l.p99, l.p99_9, l.max
@@ -92,12 +90,12 @@ impl Report {
     /// The run's outcome for the exit code: a lost or duplicated message, or a canary in
     /// the relay's files, fails it.
     pub fn verdict(&self) -> anyhow::Result<()> {
-        if self.lost > 0 || self.duplicated > 0 {
+        if self.counts.lost > 0 || self.counts.duplicated > 0 {
             anyhow::bail!(
                 "{}: {} acknowledged messages lost, {} duplicated",
                 self.system,
-                self.lost,
-                self.duplicated
+                self.counts.lost,
+                self.counts.duplicated
             );
         }
         if self.canary_found == Some(true) {
@@ -117,12 +115,12 @@ pub fn print_table(reports: &[Report]) {
         println!(
             "{:<16} {:>10.0} {:>7} {:>5} {:>8.2} {:>8.2} {:>9.2} {:>10}  {}",
             r.system,
-            r.delivered_per_s,
-            r.lost,
-            r.duplicated,
-            r.latency_ms.p50,
-            r.latency_ms.p99,
-            r.latency_ms.p99_9,
+            r.counts.delivered_per_s,
+            r.counts.lost,
+            r.counts.duplicated,
+            r.counts.latency_ms.p50,
+            r.counts.latency_ms.p99,
+            r.counts.latency_ms.p99_9,
             r.relay
                 .as_ref()
                 .map_or("-".to_owned(), |relay| format!("{:.2}", relay.cpu_cores)),

@@ -141,6 +141,40 @@ impl Tally {
     }
 }
 
+/// The counts and latencies of a finished run.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Counts {
+    /// Sends the system acknowledged.
+    pub sent: u64,
+    pub failed: u64,
+    /// Distinct messages delivered.
+    pub delivered: u64,
+    /// Acknowledged but never delivered.
+    pub lost: u64,
+    pub duplicated: u64,
+    /// Deliveries per second within the measured window.
+    pub delivered_per_s: f64,
+    pub latency_ms: Percentiles,
+}
+
+impl Tally {
+    /// The run's counts, `delivered_in_window` of the deliveries falling within the
+    /// measured `seconds`.
+    pub fn counts(&self, seconds: f64, delivered_in_window: u64) -> Counts {
+        let sent = Self::count(&self.sent);
+        let delivered = Self::count(&self.delivered);
+        Counts {
+            sent,
+            failed: Self::count(&self.failed),
+            delivered,
+            lost: sent.saturating_sub(delivered),
+            duplicated: Self::count(&self.duplicated),
+            delivered_per_s: delivered_in_window as f64 / seconds,
+            latency_ms: self.overall(),
+        }
+    }
+}
+
 /// A message key: sender index and sequence number.
 pub fn message_key(sender: u32, sequence: u32) -> u64 {
     (u64::from(sender) << 32) | u64::from(sequence)
