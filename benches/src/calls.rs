@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use hdrhistogram::Histogram;
-use hush_client::{ConnectOptions, Connection, Connector, DeviceKey, Trust};
+use hush_client::{Connection, Connector, DeviceKey};
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::child::{self, process_cpu_s, which, Child};
+use crate::chat::Target;
+use crate::child::{process_cpu_s, which, Child};
 use crate::turn;
 
 /// A 20 ms codec: 50 frames per second per direction.
@@ -64,15 +65,8 @@ pub struct CallArgs {
     /// UDP sockets per side (callers, callees) that the Hush connections share.
     #[arg(long, default_value_t = 8)]
     sockets: usize,
-    /// A running relay to use instead of starting one (needs --fingerprint).
-    #[arg(long, requires = "fingerprint")]
-    relay: Option<SocketAddr>,
-    /// The running relay's certificate fingerprint (hex).
-    #[arg(long)]
-    fingerprint: Option<String>,
-    /// The running relay's process id, to sample its CPU time.
-    #[arg(long)]
-    relay_pid: Option<u32>,
+    #[command(flatten)]
+    relay: crate::RelayArgs,
     /// Write every figure as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -479,17 +473,8 @@ async fn drive(
 }
 
 async fn run_hush(args: &CallArgs, calls: usize) -> anyhow::Result<Report> {
-    let (options, child) =
-        if let (Some(address), Some(fingerprint)) = (&args.relay, &args.fingerprint) {
-            let pin: [u8; 32] = hex::decode(fingerprint)?
-                .try_into()
-                .map_err(|_| anyhow!("fingerprint must be 32 bytes of hex"))?;
-            (ConnectOptions::new(*address, Trust::Pinned(pin)), None)
-        } else {
-            let (options, child) = start_hush_relay(calls).await?;
-            (options, Some(child))
-        };
-    let relay_pid = child.as_ref().and_then(Child::pid).or(args.relay_pid);
+    let target = Target::open(&args.relay, &relay_config(calls)).await?;
+    let (options, relay_pid, child) = (target.options, target.pid, target.child);
 
     let setup = Instant::now();
     let mut connectors = Vec::new();
@@ -545,16 +530,15 @@ async fn run_hush(args: &CallArgs, calls: usize) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// Starts a child hush-relay with room for `calls` calls. Address validation (QUIC
-/// Retry) is off: thousands of handshakes sharing a few client sockets intermittently fail
-/// with "invalid Retry Token" (or stall until the idle timeout) with it on, and it touches
-/// only the handshake, not the media path measured here.
-async fn start_hush_relay(calls: usize) -> anyhow::Result<(ConnectOptions, Child)> {
-    let config = format!(
+/// A child hush-relay's configuration with room for `calls` calls. Address validation
+/// (QUIC Retry) is off: thousands of handshakes sharing a few client sockets
+/// intermittently fail with "invalid Retry Token" (or stall until the idle timeout) with
+/// it on, and it touches only the handshake, not the media path measured here.
+fn relay_config(calls: usize) -> String {
+    format!(
         "[limits]\nmax_call_allocations = {}\nrequire_address_validation = false\n",
         (calls + 1000).max(10_000)
-    );
-    child::start_hush_relay(&config, None).await
+    )
 }
 
 const TURN_USER: &str = "bench";
