@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use crate::child::{self, Child};
 use crate::monitor::Monitor;
 use crate::report::{self, RelayFigures, Report};
-use crate::stats::{message_key, Tally};
+use crate::stats::{message_key, read_stamp, stamped, Tally};
 use crate::{parse_duration, RelayArgs};
 
 /// Sender, sequence and intended send time, at the front of every message.
@@ -455,22 +455,16 @@ struct SendPlan {
 impl SendPlan {
     fn message(&self, sequence: u32, due: Instant) -> Vec<u8> {
         let nanos = u64::try_from(due.duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
-        let mut message = match self.party {
-            Party::Raw { .. } => {
-                let mut bytes = Vec::with_capacity(self.size);
-                bytes.extend_from_slice(&self.index.to_be_bytes());
-                bytes.extend_from_slice(&sequence.to_be_bytes());
-                bytes.extend_from_slice(&nanos.to_be_bytes());
-                bytes
-            }
+        match self.party {
+            Party::Raw { .. } => stamped(self.index, sequence, nanos, self.size),
             Party::E2e { .. } => {
                 let mut text = format!("{:08x}{sequence:08x}{nanos:016x}", self.index);
                 text.push_str(self.canary.as_deref().unwrap_or_default());
-                text.into_bytes()
+                let mut message = text.into_bytes();
+                message.resize(self.size, b'~');
+                message
             }
-        };
-        message.resize(self.size, b'~');
-        message
+        }
     }
 
     async fn send(&self, sequence: u32, due: Instant) {
@@ -529,7 +523,7 @@ async fn receive_raw(
         };
         match event {
             Some(Event::Envelope(envelope)) => {
-                if let Some((key, due)) = parse_raw(&envelope.payload) {
+                if let Some((key, due)) = read_stamp(&envelope.payload) {
                     let due = epoch + Duration::from_nanos(due);
                     tally.delivered(key, due.elapsed());
                 }
@@ -545,13 +539,6 @@ async fn receive_raw(
             break;
         }
     }
-}
-
-fn parse_raw(payload: &[u8]) -> Option<(u64, u64)> {
-    let sender = u32::from_be_bytes(payload.get(..4)?.try_into().ok()?);
-    let sequence = u32::from_be_bytes(payload.get(4..8)?.try_into().ok()?);
-    let due = u64::from_be_bytes(payload.get(8..16)?.try_into().ok()?);
-    Some((message_key(sender, sequence), due))
 }
 
 /// Acknowledges in the background so that receiving never waits for a commit.

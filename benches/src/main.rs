@@ -6,6 +6,7 @@
 //! connection) and `calls` (concurrent 1:1 call media, beside coturn); one module each.
 
 mod backlog;
+mod broker;
 mod calls;
 mod chat;
 mod child;
@@ -13,6 +14,7 @@ mod compare;
 mod devices;
 mod idle;
 mod monitor;
+mod mqtt;
 mod nats;
 mod report;
 mod stats;

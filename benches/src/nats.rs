@@ -16,14 +16,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
 
+use crate::broker::{self, Load, Users};
 use crate::child::{self, which, Child};
-use crate::stats::{message_key, Tally};
+use crate::stats::{read_stamp, Tally};
 
 /// What a JetStream publish acknowledgement means with the installed server.
 pub const DURABILITY: &str = "after a write to OS buffers; fsync every 2 min";
@@ -83,21 +83,8 @@ impl Conn {
     async fn open(address: SocketAddr) -> anyhow::Result<Self> {
         let stream = TcpStream::connect(address).await?;
         stream.set_nodelay(true)?;
-        let (read, mut write) = stream.into_split();
-        let (out, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
-        tokio::spawn(async move {
-            while let Some(mut buffer) = queue.recv().await {
-                while let Ok(more) = queue.try_recv() {
-                    buffer.extend_from_slice(&more);
-                    if buffer.len() > 64 * 1024 {
-                        break;
-                    }
-                }
-                if write.write_all(&buffer).await.is_err() {
-                    break;
-                }
-            }
-        });
+        let (read, write) = stream.into_split();
+        let out = broker::spawn_writer(write);
         let conn = Conn {
             out,
             reader: BufReader::new(read),
@@ -200,15 +187,6 @@ impl Conn {
     }
 }
 
-/// What one run through JetStream needs.
-pub struct Load {
-    pub users: usize,
-    pub window: usize,
-    pub rate: Option<f64>,
-    pub size: usize,
-    pub duration: Duration,
-}
-
 /// Runs the chat load through JetStream; counts go to `tally`.
 pub async fn run(address: SocketAddr, load: &Load, tally: Arc<Tally>) -> anyhow::Result<()> {
     let mut admin = Conn::open(address).await?;
@@ -223,11 +201,7 @@ pub async fn run(address: SocketAddr, load: &Load, tally: Arc<Tally>) -> anyhow:
             .to_string(),
         )
         .await?;
-    let epoch = Instant::now();
-    let deadline = epoch + load.duration;
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut users = JoinSet::new();
-    let mut ready = Vec::new();
+    let mut users = Users::new(load);
     for user in 0..load.users {
         let mut conn = Conn::open(address).await?;
         conn.request(
@@ -244,40 +218,18 @@ pub async fn run(address: SocketAddr, load: &Load, tally: Arc<Tally>) -> anyhow:
         )
         .await?;
         conn.send(format!("SUB _INBOX.u{user}.* 1\r\nSUB deliver.u{user} 2\r\n").into_bytes());
-        let (go, wait) = oneshot::channel::<()>();
-        ready.push(go);
-        let to = subjects[user ^ 1].clone();
-        let (tally, stop) = (tally.clone(), stop.clone());
-        let (window, rate, size) = (load.window, load.rate, load.size);
-        users.spawn(async move {
-            let _ = wait.await;
-            user_loop(
-                conn,
-                user as u32,
-                to,
-                window,
-                rate,
-                size,
-                epoch,
-                deadline,
-                tally,
-                stop,
-            )
-            .await
-        });
+        users.add(user_loop(
+            conn,
+            user as u32,
+            subjects[user ^ 1].clone(),
+            *load,
+            users.epoch,
+            users.deadline,
+            tally.clone(),
+            users.stop.clone(),
+        ));
     }
-    for go in ready {
-        let _ = go.send(());
-    }
-    let finished = tokio::time::sleep_until(deadline.into());
-    finished.await;
-    tally
-        .wait_for_delivery(Duration::from_secs(30) + Duration::from_millis(200))
-        .await;
-    stop.store(true, Ordering::Relaxed);
-    while let Some(done) = users.join_next().await {
-        done??;
-    }
+    users.run(&tally).await?;
     drop(admin);
     Ok(())
 }
@@ -289,59 +241,28 @@ async fn user_loop(
     mut conn: Conn,
     user: u32,
     to: String,
-    window: usize,
-    rate: Option<f64>,
-    size: usize,
+    load: Load,
     epoch: Instant,
     deadline: Instant,
     tally: Arc<Tally>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
-    let permits = Arc::new(Semaphore::new(if rate.is_some() {
-        Semaphore::MAX_PERMITS
-    } else {
-        window
-    }));
+    let permits = load.permits();
     let out = conn.out.clone();
-    let publisher = {
-        let permits = permits.clone();
-        tokio::spawn(async move {
-            let interval = rate.map(|r| Duration::from_secs_f64(1.0 / r));
-            let start = Instant::now();
-            let mut sequence = 0u32;
-            loop {
-                let due = match interval {
-                    Some(interval) => {
-                        let due = start + interval * sequence;
-                        tokio::time::sleep_until(due.into()).await;
-                        due
-                    }
-                    None => Instant::now(),
-                };
-                if due >= deadline {
-                    break;
-                }
-                let Ok(permit) = permits.acquire().await else {
-                    break;
-                };
-                permit.forget();
-                let nanos = u64::try_from(due.duration_since(epoch).as_nanos()).unwrap_or(0);
-                let mut payload = Vec::with_capacity(size);
-                payload.extend_from_slice(&user.to_be_bytes());
-                payload.extend_from_slice(&sequence.to_be_bytes());
-                payload.extend_from_slice(&nanos.to_be_bytes());
-                payload.resize(size, 0x5A);
-                let mut bytes = format!("PUB {to} _INBOX.u{user}.{sequence} {}\r\n", payload.len())
-                    .into_bytes();
-                bytes.extend_from_slice(&payload);
-                bytes.extend_from_slice(b"\r\n");
-                if out.send(bytes).is_err() {
-                    break;
-                }
-                sequence += 1;
-            }
-        })
-    };
+    let publisher = tokio::spawn(broker::publish_until(
+        load,
+        user,
+        epoch,
+        deadline,
+        permits.clone(),
+        move |sequence, payload| {
+            let mut bytes =
+                format!("PUB {to} _INBOX.u{user}.{sequence} {}\r\n", payload.len()).into_bytes();
+            bytes.extend_from_slice(&payload);
+            bytes.extend_from_slice(b"\r\n");
+            out.send(bytes).is_ok()
+        },
+    ));
     let inbox = format!("_INBOX.u{user}.");
     while !stop.load(Ordering::Relaxed) {
         let Ok(next) = tokio::time::timeout(Duration::from_millis(100), conn.next()).await else {
@@ -357,13 +278,8 @@ async fn user_loop(
             }
             permits.add_permits(1);
         } else if let Some(reply) = &message.reply {
-            let header = message.payload.get(..16).unwrap_or_default();
-            if header.len() == 16 {
-                let sender = u32::from_be_bytes(header[..4].try_into().unwrap_or_default());
-                let sequence = u32::from_be_bytes(header[4..8].try_into().unwrap_or_default());
-                let due = u64::from_be_bytes(header[8..16].try_into().unwrap_or_default());
-                let due = epoch + Duration::from_nanos(due);
-                tally.delivered(message_key(sender, sequence), due.elapsed());
+            if let Some((key, due)) = read_stamp(&message.payload) {
+                tally.delivered(key, (epoch + Duration::from_nanos(due)).elapsed());
             }
             conn.publish(reply, None, b"");
         }

@@ -179,3 +179,22 @@ impl Tally {
 pub fn message_key(sender: u32, sequence: u32) -> u64 {
     (u64::from(sender) << 32) | u64::from(sequence)
 }
+
+/// A raw message: sender, sequence and due time (nanoseconds since the run's epoch) in
+/// its first 16 bytes, padded to `size` with `fill`.
+pub fn stamped(sender: u32, sequence: u32, due_nanos: u64, size: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(size.max(16));
+    bytes.extend_from_slice(&sender.to_be_bytes());
+    bytes.extend_from_slice(&sequence.to_be_bytes());
+    bytes.extend_from_slice(&due_nanos.to_be_bytes());
+    bytes.resize(size, b'~');
+    bytes
+}
+
+/// The message key and due time of a [`stamped`] message.
+pub fn read_stamp(payload: &[u8]) -> Option<(u64, u64)> {
+    let sender = u32::from_be_bytes(payload.get(..4)?.try_into().ok()?);
+    let sequence = u32::from_be_bytes(payload.get(4..8)?.try_into().ok()?);
+    let due = u64::from_be_bytes(payload.get(8..16)?.try_into().ok()?);
+    Some((message_key(sender, sequence), due))
+}
