@@ -69,6 +69,11 @@ pub struct ChatArgs {
     /// Draw throughput and latency percentiles over time to this SVG file.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Closed-loop ramp: run `--duration` at each load, doubling it from 1 message in
+    /// flight per user up to `--window` (E2E: from 2 users up to `--users`), report the
+    /// maximum sustained rate, then run open loop at half of it for the latency there.
+    #[arg(long, conflicts_with = "rate")]
+    ramp: bool,
 }
 
 impl ChatArgs {
@@ -91,6 +96,7 @@ impl ChatArgs {
             relay: RelayArgs::default(),
             json: None,
             plot: None,
+            ramp: false,
         }
     }
 }
@@ -137,14 +143,76 @@ impl Target {
 }
 
 pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
-    let report = run(&args).await?;
+    let reports = if args.ramp {
+        ramp(&args).await?
+    } else {
+        vec![run(&args).await?]
+    };
     if let Some(path) = &args.json {
-        report::write_json(path, std::slice::from_ref(&report))?;
+        report::write_json(path, &reports)?;
     }
     if let Some(path) = &args.plot {
-        report::plot(path, std::slice::from_ref(&report))?;
+        report::plot(path, &reports)?;
     }
-    report.verdict()
+    reports.iter().try_for_each(Report::verdict)
+}
+
+/// The closed-loop ramp: one run per load step (each on a fresh relay when the bench
+/// starts it), the highest delivered rate without loss, and an open-loop run at half that.
+async fn ramp(args: &ChatArgs) -> anyhow::Result<Vec<Report>> {
+    let (first, last) = if args.raw_envelopes {
+        (1, args.window.max(1))
+    } else {
+        (2, args.users.max(2))
+    };
+    let mut reports = Vec::new();
+    let mut step = first;
+    loop {
+        let mut load = args.clone();
+        if args.raw_envelopes {
+            load.window = step;
+        } else {
+            load.users = step;
+        }
+        let mut report = run(&load).await?;
+        report.system = if args.raw_envelopes {
+            format!("hush window {step}")
+        } else {
+            format!("hush {step} users")
+        };
+        reports.push(report);
+        if step >= last {
+            break;
+        }
+        step = (step * 2).min(last);
+    }
+    let best = reports
+        .iter()
+        .filter(|r| r.counts.lost == 0 && r.counts.duplicated == 0)
+        .max_by(|a, b| {
+            a.counts
+                .delivered_per_s
+                .total_cmp(&b.counts.delivered_per_s)
+        })
+        .map(|r| {
+            (
+                r.system.clone(),
+                r.counts.delivered_per_s,
+                r.config["users"].as_u64(),
+            )
+        });
+    let Some((at, max_rate, Some(users))) = best else {
+        bail!("no step of the ramp delivered everything it sent");
+    };
+    println!("\nmaximum sustained rate: {max_rate:.0} delivered msgs/s ({at})");
+    let mut half = args.clone();
+    half.users = users as usize;
+    half.rate = Some(max_rate / 2.0 / users as f64);
+    let mut report = run(&half).await?;
+    "hush at 50% open".clone_into(&mut report.system);
+    reports.push(report);
+    report::print_table(&reports);
+    Ok(reports)
 }
 
 /// Runs the scenario through Hush and prints the figures.
