@@ -100,7 +100,7 @@ impl Relay {
             SenderKey::open_or_create(&config.data_dir.join("sender-certificate-key"))?;
         let (committer, commit_thread) = Committer::start(store.clone())?;
         let server_config = transport::server_config(&config, identity)?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)?;
+        let endpoint = transport::bind(config.listen, server_config)?;
         let local_addr = endpoint.local_addr()?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);

@@ -1,6 +1,10 @@
-//! The QUIC endpoint: TLS 1.3 only, ALPN `hush/1`, no 0-RTT, and explicit limits.
+//! The QUIC endpoint: TLS 1.3 only, ALPN `hush/1`, no 0-RTT, explicit limits, and UDP
+//! socket buffers sized for bursts.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+
+use socket2::{Domain, Protocol, Socket, Type};
 
 use quinn::{IdleTimeout, VarInt};
 
@@ -10,6 +14,38 @@ use crate::tls::{ServerIdentity, TlsError};
 /// Concurrent bidirectional streams a client may open: the control stream, and room for
 /// one more while a reconnecting client replaces it. Blob streams will raise this.
 const MAX_BIDI_STREAMS: u32 = 2;
+
+/// The UDP receive and send buffers asked for. The kernel's default (about 208 KiB) holds
+/// some 150 full-size packets: a reconnect storm's handshakes, or a burst of call media,
+/// overflow it and are dropped before quinn sees them. Linux caps the request at
+/// `net.core.rmem_max` / `wmem_max`; the sizes granted are logged at start.
+const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
+/// Binds the relay's UDP socket with large buffers and makes it a QUIC endpoint.
+pub fn bind(listen: SocketAddr, server: quinn::ServerConfig) -> std::io::Result<quinn::Endpoint> {
+    let socket = Socket::new(
+        Domain::for_address(listen),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    // Best effort: a smaller buffer than asked for is still a working relay.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    tracing::info!(
+        receive_buffer = socket.recv_buffer_size().unwrap_or_default(),
+        send_buffer = socket.send_buffer_size().unwrap_or_default(),
+        "UDP socket buffers"
+    );
+    socket.bind(&listen.into())?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket.into(),
+        runtime,
+    )
+}
 
 /// Builds the endpoint's server configuration.
 pub fn server_config(
