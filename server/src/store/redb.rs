@@ -7,7 +7,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use hush_protocol::{
     AccountId, DeviceAddress, DeviceBundle, DeviceId, EnvelopeId, OutgoingEnvelope, Prekey,
@@ -125,7 +125,17 @@ pub struct RedbStore {
     db: Database,
     keys: Arc<Keyring>,
     next_sequence: AtomicU64,
+    /// Account records as the last committed write transaction left them, for the
+    /// commit thread's sends (every send checks its recipients' device lists; reading and
+    /// unsealing the records was a fifth of the commit thread's time). Used and changed
+    /// only inside write transactions, which are serial, so it never holds a record older
+    /// than the store's; emptied when a transaction fails, since it may then hold a
+    /// change that was never committed.
+    accounts: Mutex<HashMap<AccountId, Arc<AccountRecord>>>,
 }
+
+/// Most account records kept in memory; past it the cache starts again empty.
+const ACCOUNT_CACHE_ENTRIES: usize = 100_000;
 
 struct Tables<'txn> {
     accounts: Table<'txn, Tag, &'static [u8]>,
@@ -213,6 +223,7 @@ impl RedbStore {
             db,
             keys,
             next_sequence: AtomicU64::new(next_sequence),
+            accounts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -279,6 +290,44 @@ impl RedbStore {
     ) -> Result<Option<AccountRecord>, StoreError> {
         let sealed = table.get(tag)?.map(|v| v.value().to_vec());
         sealed.map(|s| self.open_account(tag, &s)).transpose()
+    }
+
+    /// An account's record inside a write transaction, from the cache when it is there.
+    fn cached_account(
+        &self,
+        t: &Tables<'_>,
+        account: &AccountId,
+    ) -> Result<Option<Arc<AccountRecord>>, StoreError> {
+        let mut cache = self.accounts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(record) = cache.get(account) {
+            return Ok(Some(record.clone()));
+        }
+        let Some(record) = self.load_account(&t.accounts, &self.account_tag(account))? else {
+            return Ok(None);
+        };
+        if cache.len() >= ACCOUNT_CACHE_ENTRIES {
+            cache.clear();
+        }
+        let record = Arc::new(record);
+        cache.insert(*account, record.clone());
+        Ok(Some(record))
+    }
+
+    /// Writes an account's record, keeping the cache in step.
+    fn put_account(
+        &self,
+        t: &mut Tables<'_>,
+        account: &AccountId,
+        tag: &Tag,
+        record: &AccountRecord,
+    ) -> Result<(), StoreError> {
+        self.accounts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(account);
+        t.accounts
+            .insert(tag, self.seal_account(tag, record)?.as_slice())?;
+        Ok(())
     }
 
     fn put_prekey(
@@ -423,8 +472,7 @@ impl RedbStore {
                     }],
                     next_device: DeviceId::PRIMARY.0 + 1,
                 };
-                t.accounts
-                    .insert(&tag, self.seal_account(&tag, &record)?.as_slice())?;
+                self.put_account(t, &account, &tag, &record)?;
                 Ok(Ok(Outcome::Registered))
             }
             Write::AddDevice {
@@ -448,8 +496,7 @@ impl RedbStore {
                     id,
                     key: device_key,
                 });
-                t.accounts
-                    .insert(&tag, self.seal_account(&tag, &record)?.as_slice())?;
+                self.put_account(t, &account, &tag, &record)?;
                 Ok(Ok(Outcome::DeviceAdded(DeviceId(id))))
             }
             Write::RemoveDevice { address } => {
@@ -464,8 +511,7 @@ impl RedbStore {
                     return Ok(Err(Refusal::UnknownDevice));
                 }
                 record.devices.retain(|d| d.id != address.device.0);
-                t.accounts
-                    .insert(&tag, self.seal_account(&tag, &record)?.as_slice())?;
+                self.put_account(t, &address.account, &tag, &record)?;
                 let device_tag = self.device_tag(&address);
                 for kind in [SIGNED, ONE_TIME, KEM_ONE_TIME, KEM_LAST_RESORT] {
                     t.prekeys.retain_in(
@@ -781,16 +827,15 @@ impl RedbStore {
         received_at: u64,
         expires_at: u64,
     ) -> Result<WriteResult, StoreError> {
-        let mut requested: HashMap<AccountId, (AccountRecord, Vec<u32>)> = HashMap::new();
+        let mut requested: HashMap<AccountId, (Arc<AccountRecord>, Vec<u32>)> = HashMap::new();
         for envelope in &envelopes {
             let entry = match requested.entry(envelope.account) {
                 std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::hash_map::Entry::Vacant(entry) => {
-                    let tag = self.account_tag(&envelope.account);
                     // An unknown account and a refused token give the same answer, checked
                     // before the device list, so that a sender without access learns
                     // nothing.
-                    let Some(record) = self.load_account(&t.accounts, &tag)? else {
+                    let Some(record) = self.cached_account(t, &envelope.account)? else {
                         return Ok(Err(Refusal::DeliveryRefused));
                     };
                     entry.insert((record, Vec::new()))
@@ -838,13 +883,12 @@ impl RedbStore {
         expires_at: u64,
     ) -> Result<WriteResult, StoreError> {
         // Check every recipient before writing anything: a send is all or nothing.
-        let mut accounts: HashMap<AccountId, AccountRecord> = HashMap::new();
+        let mut accounts: HashMap<AccountId, Arc<AccountRecord>> = HashMap::new();
         for recipient in envelopes.iter().flat_map(|e| &e.recipients) {
             let record = match accounts.entry(recipient.account) {
                 std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::hash_map::Entry::Vacant(entry) => {
-                    let tag = self.account_tag(&recipient.account);
-                    let Some(record) = self.load_account(&t.accounts, &tag)? else {
+                    let Some(record) = self.cached_account(t, &recipient.account)? else {
                         return Ok(Err(Refusal::UnknownRecipient));
                     };
                     entry.insert(record)
@@ -924,34 +968,14 @@ impl Store for RedbStore {
             _ => None,
         });
 
-        let txn = self.db.begin_write()?;
-        let mut results = Vec::with_capacity(writes.len());
-        {
-            let mut tables = Tables::open(&txn)?;
-            for write in writes {
-                results.push(self.apply_one(&mut tables, write)?);
-            }
-            let mut meta = txn.open_table(META)?;
-            meta.insert(
-                META_NEXT_SEQUENCE,
-                self.next_sequence.load(Ordering::Relaxed),
-            )?;
+        let applied = self.apply_in_transaction(writes, expire_now);
+        if applied.is_err() {
+            self.accounts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
         }
-        // The commit point: with redb's default `Durability::Immediate`, `commit` returns
-        // only after the data is fsynced. Senders are answered after this and not before.
-        txn.commit()?;
-
-        // Every envelope expiring before today has now been deleted (unless the sweep hit
-        // its batch limit and will come back), so the keys of past days can go.
-        if let Some(now) = expire_now {
-            let finished = results.iter().any(|r| {
-                matches!(r, Ok(Outcome::Expired { envelopes }) if *envelopes < EXPIRE_BATCH as u64)
-            });
-            if finished {
-                self.keys.drop_days_before(expiry_day(now))?;
-            }
-        }
-        Ok(results)
+        applied
     }
 
     fn device_key(&self, address: &DeviceAddress) -> Result<Option<[u8; 32]>, StoreError> {
@@ -1118,6 +1142,44 @@ impl Store for RedbStore {
             call_records: records.len()?,
             oldest_call_start,
         })
+    }
+}
+
+impl RedbStore {
+    /// One group commit's transaction: every write applied, then the commit (and fsync).
+    fn apply_in_transaction(
+        &self,
+        writes: Vec<Write>,
+        expire_now: Option<u64>,
+    ) -> Result<Vec<WriteResult>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut results = Vec::with_capacity(writes.len());
+        {
+            let mut tables = Tables::open(&txn)?;
+            for write in writes {
+                results.push(self.apply_one(&mut tables, write)?);
+            }
+            let mut meta = txn.open_table(META)?;
+            meta.insert(
+                META_NEXT_SEQUENCE,
+                self.next_sequence.load(Ordering::Relaxed),
+            )?;
+        }
+        // The commit point: with redb's default `Durability::Immediate`, `commit` returns
+        // only after the data is fsynced. Senders are answered after this and not before.
+        txn.commit()?;
+
+        // Every envelope expiring before today has now been deleted (unless the sweep hit
+        // its batch limit and will come back), so the keys of past days can go.
+        if let Some(now) = expire_now {
+            let finished = results.iter().any(|r| {
+                matches!(r, Ok(Outcome::Expired { envelopes }) if *envelopes < EXPIRE_BATCH as u64)
+            });
+            if finished {
+                self.keys.drop_days_before(expiry_day(now))?;
+            }
+        }
+        Ok(results)
     }
 }
 

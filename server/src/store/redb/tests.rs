@@ -105,6 +105,63 @@ fn a_refused_write_leaves_the_rest_of_its_batch_alone() {
 }
 
 #[test]
+fn sends_see_device_list_changes_at_once_despite_the_account_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    let bob = register(&store, 2);
+    store
+        .apply(vec![Write::SetDeliveryAccess {
+            account: bob.account,
+            token_hash: None,
+            allow_unknown_senders: true,
+        }])
+        .unwrap();
+    // Warm the cache with Bob's one-device record.
+    assert!(matches!(
+        store.apply(vec![enqueue(&[bob], b"one", NOW)]).unwrap()[0],
+        Ok(Outcome::Enqueued { .. })
+    ));
+    let added = store
+        .apply(vec![Write::AddDevice {
+            account: bob.account,
+            device_key: [42; 32],
+            max_devices: 5,
+        }])
+        .unwrap();
+    let Ok(Outcome::DeviceAdded(device)) = added[0] else {
+        panic!("{added:?}")
+    };
+    let bob2 = DeviceAddress {
+        account: bob.account,
+        device,
+    };
+    // The new device is a recipient at once, and so is it for a sealed send that must
+    // name both devices.
+    let results = store
+        .apply(vec![
+            enqueue(&[bob, bob2], b"two", NOW),
+            sealed(bob, &[1, device.0], None),
+        ])
+        .unwrap();
+    assert!(matches!(results[0], Ok(Outcome::Enqueued { .. })));
+    assert!(matches!(results[1], Ok(Outcome::Enqueued { .. })));
+    // Removed in the same batch as a send to it: the send after the removal is refused.
+    let results = store
+        .apply(vec![
+            Write::RemoveDevice { address: bob2 },
+            enqueue(&[bob, bob2], b"three", NOW),
+        ])
+        .unwrap();
+    assert_eq!(results[1], Err(Refusal::UnknownRecipient));
+    assert_eq!(
+        store
+            .apply(vec![sealed(bob, &[1, device.0], None)])
+            .unwrap()[0],
+        Err(Refusal::DeviceListChanged)
+    );
+}
+
+#[test]
 fn sequence_numbers_keep_growing_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let bob;
