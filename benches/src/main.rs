@@ -17,6 +17,7 @@ mod monitor;
 mod mqtt;
 mod nats;
 mod report;
+mod soak;
 mod stats;
 mod storm;
 mod turn;
@@ -49,8 +50,10 @@ enum Scenario {
     Idle(idle::IdleArgs),
     /// Concurrent 1:1 calls (50 frames/s each way, 160 B), optionally beside coturn.
     Calls(calls::CallArgs),
-    /// The same raw chat load through Hush and through NATS JetStream, side by side.
+    /// The same raw chat load through Hush, NATS JetStream and mosquitto, side by side.
     Compare(compare::CompareArgs),
+    /// Steady load with periodic reconnects for a long time: memory, descriptors, errors.
+    Soak(soak::SoakArgs),
 }
 
 /// Which relay a run uses: by default one the bench starts (a child `hush-relay` with a
@@ -99,5 +102,6 @@ fn main() -> anyhow::Result<()> {
         Scenario::Idle(args) => runtime.block_on(idle::idle(args)),
         Scenario::Calls(args) => runtime.block_on(calls::calls(args)),
         Scenario::Compare(args) => runtime.block_on(compare::compare(args)),
+        Scenario::Soak(args) => runtime.block_on(soak::soak(args)),
     }
 }
