@@ -282,6 +282,11 @@ impl ChildRelay {
         ConnectOptions::new(self.address, Trust::Pinned(self.fingerprint))
     }
 
+    /// The child's process id, for reading its state under /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no chance to flush anything.
     pub fn kill(mut self) {
         self.child.kill().unwrap();
