@@ -140,8 +140,8 @@ async fn rounds_of_reconnects_leave_no_descriptors_or_memory_behind() {
         "soak: {ROUNDS} rounds, {} reconnects; relay RSS {:.1} -> {:.1} MiB, fds {warm_fds} -> \
          {end_fds}",
         ROUNDS * USERS,
-        warm_rss as f64 / 1048576.0,
-        end_rss as f64 / 1048576.0
+        warm_rss as f64 / 1_048_576.0,
+        end_rss as f64 / 1_048_576.0
     );
     let per_partner: HashMap<usize, usize> = users
         .iter()
