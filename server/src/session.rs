@@ -271,7 +271,9 @@ impl Session {
             };
             match frame {
                 Ok(Some(ClientFrame::Request(request))) => {
-                    if let Err(end) = self.handle(request).await {
+                    // Boxed: handling a request needs far more state than waiting for
+                    // one, and an idle connection should not carry it.
+                    if let Err(end) = Box::pin(self.handle(request)).await {
                         return end;
                     }
                 }
