@@ -234,6 +234,17 @@ impl ChildRelay {
     /// `log` if given, and waits until it prints its address and fingerprint.
     /// `binary` is [`relay_binary!`]`()`.
     pub fn spawn(binary: &Path, data_dir: &Path, log: Option<&Path>, rust_log: &str) -> Self {
+        Self::spawn_configured(binary, None, data_dir, log, rust_log)
+    }
+
+    /// Like [`ChildRelay::spawn`], reading the TOML `config` file first if given.
+    pub fn spawn_configured(
+        binary: &Path,
+        config: Option<&Path>,
+        data_dir: &Path,
+        log: Option<&Path>,
+        rust_log: &str,
+    ) -> Self {
         let stderr = match log {
             Some(path) => Stdio::from(
                 std::fs::OpenOptions::new()
@@ -244,9 +255,14 @@ impl ChildRelay {
             ),
             None => Stdio::null(),
         };
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
+            .arg(data_dir);
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        let mut child = command
             .env("RUST_LOG", rust_log)
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -280,6 +296,16 @@ impl ChildRelay {
     /// Options that pin this relay.
     pub fn options(&self) -> ConnectOptions {
         ConnectOptions::new(self.address, Trust::Pinned(self.fingerprint))
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 
     /// SIGKILL: no chance to flush anything.
