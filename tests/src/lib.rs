@@ -201,6 +201,27 @@ pub async fn drain(connection: &Connection) -> Vec<Envelope> {
     .expect("Drained within the wait")
 }
 
+/// Collects and acknowledges envelopes until the relay says the backlog is drained; unlike
+/// [`drain`], any backlog fits, since the relay pushes only its delivery window ahead of
+/// the acks. Each wait for the next envelope is bounded by [`WAIT`].
+pub async fn drain_acking(connection: &Connection) -> Vec<Envelope> {
+    let mut envelopes = Vec::new();
+    loop {
+        let event = tokio::time::timeout(WAIT, connection.next_event())
+            .await
+            .expect("the backlog keeps coming");
+        match event {
+            Some(Event::Envelope(envelope)) => {
+                connection.ack(&[envelope.id]).await.unwrap();
+                envelopes.push(envelope);
+            }
+            Some(Event::Drained) => return envelopes,
+            Some(Event::LowPrekeys { .. }) => {}
+            other => panic!("connection ended while draining: {other:?}"),
+        }
+    }
+}
+
 /// Asserts that no envelope arrives within `quiet`.
 pub async fn assert_no_envelope(connection: &Connection, quiet: Duration) {
     let arrived = tokio::time::timeout(quiet, async {

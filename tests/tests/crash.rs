@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use hush_client::protocol::DeviceAddress;
 use hush_client::{ConnectOptions, Connection, DeviceKey, Event};
 use hush_server::store::{RedbStore, Store};
-use hush_tests::{relay_binary, ChildRelay, WAIT};
+use hush_tests::{drain_acking, relay_binary, ChildRelay, WAIT};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::task::JoinSet;
@@ -172,25 +172,6 @@ async fn receive(connection: Connection, receiver: usize, ledger: Arc<Mutex<Ledg
     }
 }
 
-/// Takes and acknowledges deliveries until the relay says the backlog is drained (the
-/// relay pushes no more than its delivery window ahead of the acks).
-async fn drain_and_ack(connection: &Connection, receiver: usize, ledger: &Mutex<Ledger>) {
-    loop {
-        let event = tokio::time::timeout(WAIT, connection.next_event())
-            .await
-            .expect("the backlog keeps coming");
-        match event {
-            Some(Event::Envelope(envelope)) => {
-                ledger.lock().unwrap().deliver(receiver, &envelope.payload);
-                connection.ack(&[envelope.id]).await.unwrap();
-            }
-            Some(Event::Drained) => return,
-            Some(Event::LowPrekeys { .. }) => {}
-            other => panic!("the connection ended while draining: {other:?}"),
-        }
-    }
-}
-
 fn env_u64(name: &str) -> Option<u64> {
     let value = std::env::var(name).ok()?;
     Some(
@@ -269,7 +250,9 @@ async fn kill_minus_nine_under_load_loses_and_duplicates_nothing_acknowledged() 
     let options = relay.options();
     for (index, account) in receivers.iter().enumerate() {
         let connection = login(&options, account).await.expect("receiver logs in");
-        drain_and_ack(&connection, index, &ledger).await;
+        for envelope in drain_acking(&connection).await {
+            ledger.lock().unwrap().deliver(index, &envelope.payload);
+        }
     }
     relay.kill();
 

@@ -6,8 +6,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use hush_client::protocol::ErrorCode;
-use hush_client::{Connection, ConnectionError, DeviceKey, Event};
-use hush_tests::{relay_binary, ChildRelay, WAIT};
+use hush_client::{Connection, ConnectionError, DeviceKey};
+use hush_tests::{drain_acking, relay_binary, ChildRelay};
 use rustix::process::{prlimit, Pid, Resource, Rlimit};
 
 /// Envelopes as large as the protocol allows fill the file fastest.
@@ -110,22 +110,11 @@ async fn a_full_disk_refuses_sends_with_a_typed_error_and_recovers_without_a_res
     // Bob gets exactly what was acknowledged: nothing lost, and no refused send.
     let bob = Connection::connect(&relay.options()).await.unwrap();
     bob.authenticate(bob_address, &bob_key).await.unwrap();
-    let mut delivered = Vec::new();
-    tokio::time::timeout(WAIT, async {
-        loop {
-            match bob.next_event().await {
-                Some(Event::Envelope(envelope)) => {
-                    bob.ack(&[envelope.id]).await.unwrap();
-                    delivered.push(envelope.payload);
-                }
-                Some(Event::Drained) => return,
-                Some(Event::LowPrekeys { .. }) => {}
-                other => panic!("the connection ended while draining: {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("the backlog within the wait");
+    let delivered: Vec<Vec<u8>> = drain_acking(&bob)
+        .await
+        .into_iter()
+        .map(|e| e.payload)
+        .collect();
     assert_eq!(delivered, acknowledged);
 
     relay.kill();
