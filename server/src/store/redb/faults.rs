@@ -12,13 +12,14 @@ use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use hush_protocol::{AccountId, DeviceAddress, DeviceId, OutgoingEnvelope};
+use hush_protocol::{DeviceAddress, OutgoingEnvelope};
 use redb::{Builder, Database, StorageBackend};
 
+use super::tests::register;
 use super::RedbStore;
 use crate::commit::{CommitError, Committer};
 use crate::keyring::DAY;
-use crate::store::{Outcome, Store, Write, WriteResult};
+use crate::store::{Store, Write, WriteResult};
 
 const NOW: u64 = 1_800_000_000;
 /// Envelopes that the sweeps in the run delete expire at `NOW + SHORT`.
@@ -196,27 +197,6 @@ impl Reference {
             (false, _) => Fate::Either,
         };
     }
-}
-
-fn address(account: u8) -> DeviceAddress {
-    DeviceAddress {
-        account: AccountId([account; 16]),
-        device: DeviceId::PRIMARY,
-    }
-}
-
-fn register(store: &RedbStore, account: u8) -> DeviceAddress {
-    let result = store
-        .apply(vec![Write::Register {
-            account: AccountId([account; 16]),
-            identity_key: vec![account],
-            device_key: [account; 32],
-            invite: None,
-            require_invite: false,
-        }])
-        .unwrap();
-    assert_eq!(result, vec![Ok(Outcome::Registered)]);
-    address(account)
 }
 
 /// Whether a commit was acknowledged. Failures must be typed storage errors: a panic in

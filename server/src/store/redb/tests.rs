@@ -14,7 +14,7 @@ use hush_protocol::CallOutcome;
 const NOW: u64 = 1_800_000_000;
 const TTL: u64 = 14 * DAY;
 
-fn register(store: &RedbStore, account: u8) -> DeviceAddress {
+pub(super) fn register(store: &RedbStore, account: u8) -> DeviceAddress {
     let result = store
         .apply(vec![Write::Register {
             account: AccountId([account; 16]),
