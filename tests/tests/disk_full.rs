@@ -66,6 +66,7 @@ async fn a_full_disk_refuses_sends_with_a_typed_error_and_recovers_without_a_res
         .unwrap()
         .len();
     limit_file_size(&relay, Some(size));
+    let before_the_limit = acknowledged.len();
     let mut refusal = None;
     for number in 0..MOST_SENDS_TO_FILL {
         let message = payload("filling", number, LARGE);
@@ -78,6 +79,10 @@ async fn a_full_disk_refuses_sends_with_a_typed_error_and_recovers_without_a_res
         }
     }
     let refusal = refusal.expect("a send fails once the file may not grow");
+    println!(
+        "disk full: {} sends of {LARGE} bytes acknowledged past the limit ({size} bytes)",
+        acknowledged.len() - before_the_limit
+    );
     assert!(
         matches!(refusal, ConnectionError::Refused(ErrorCode::StorageFailure)),
         "a typed refusal, not an ack or a dropped connection: {refusal:?}"
