@@ -34,6 +34,7 @@ mod relay;
 pub mod seal;
 pub mod sender_key;
 mod session;
+pub mod signals;
 pub mod store;
 pub mod tls;
 pub mod transport;

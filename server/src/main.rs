@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use hush_server::clock::SystemClock;
 use hush_server::config::Config;
 use hush_server::redact::RedactingWriter;
+use hush_server::signals;
 use hush_server::store::{RedbStore, Store, Write};
 use hush_server::Relay;
 use rand_core::{OsRng, RngCore};
@@ -142,6 +143,7 @@ fn admin(
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let _file_size_limit = signals::survive_file_size_limit()?;
     let data_dir = config.data_dir.clone();
     let relay = Relay::start(config, Arc::new(SystemClock))
         .await
@@ -153,18 +155,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         hex::encode(relay.fingerprint())
     );
     println!("data dir: {}", data_dir.display());
-    shutdown_signal().await?;
+    signals::shutdown().await?;
     println!("shutting down");
     relay.shutdown().await;
-    Ok(())
-}
-
-async fn shutdown_signal() -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result?,
-        _ = terminate.recv() => {}
-    }
     Ok(())
 }
 

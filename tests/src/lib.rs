@@ -201,6 +201,27 @@ pub async fn drain(connection: &Connection) -> Vec<Envelope> {
     .expect("Drained within the wait")
 }
 
+/// Collects and acknowledges envelopes until the relay says the backlog is drained; unlike
+/// [`drain`], any backlog fits, since the relay pushes only its delivery window ahead of
+/// the acks. Each wait for the next envelope is bounded by [`WAIT`].
+pub async fn drain_acking(connection: &Connection) -> Vec<Envelope> {
+    let mut envelopes = Vec::new();
+    loop {
+        let event = tokio::time::timeout(WAIT, connection.next_event())
+            .await
+            .expect("the backlog keeps coming");
+        match event {
+            Some(Event::Envelope(envelope)) => {
+                connection.ack(&[envelope.id]).await.unwrap();
+                envelopes.push(envelope);
+            }
+            Some(Event::Drained) => return envelopes,
+            Some(Event::LowPrekeys { .. }) => {}
+            other => panic!("connection ended while draining: {other:?}"),
+        }
+    }
+}
+
 /// Asserts that no envelope arrives within `quiet`.
 pub async fn assert_no_envelope(connection: &Connection, quiet: Duration) {
     let arrived = tokio::time::timeout(quiet, async {
@@ -234,6 +255,17 @@ impl ChildRelay {
     /// `log` if given, and waits until it prints its address and fingerprint.
     /// `binary` is [`relay_binary!`]`()`.
     pub fn spawn(binary: &Path, data_dir: &Path, log: Option<&Path>, rust_log: &str) -> Self {
+        Self::spawn_configured(binary, None, data_dir, log, rust_log)
+    }
+
+    /// Like [`ChildRelay::spawn`], reading the TOML `config` file first if given.
+    pub fn spawn_configured(
+        binary: &Path,
+        config: Option<&Path>,
+        data_dir: &Path,
+        log: Option<&Path>,
+        rust_log: &str,
+    ) -> Self {
         let stderr = match log {
             Some(path) => Stdio::from(
                 std::fs::OpenOptions::new()
@@ -244,9 +276,14 @@ impl ChildRelay {
             ),
             None => Stdio::null(),
         };
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
+            .arg(data_dir);
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        let mut child = command
             .env("RUST_LOG", rust_log)
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -285,6 +322,11 @@ impl ChildRelay {
     /// The child's process id, for reading its state under /proc.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 
     /// SIGKILL: no chance to flush anything.

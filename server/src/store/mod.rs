@@ -323,6 +323,9 @@ pub enum StoreError {
     /// The key file could not be read or written.
     #[error(transparent)]
     Keyring(#[from] KeyringError),
+    /// The database is closed after a failed write and could not be reopened yet.
+    #[error("database closed after a failed write; reopening")]
+    Reopening,
     /// A stored record failed to authenticate or decode.
     #[error("corrupt record in table {table}")]
     Corrupt {

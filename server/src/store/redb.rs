@@ -7,15 +7,15 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use hush_protocol::{
     AccountId, DeviceAddress, DeviceBundle, DeviceId, EnvelopeId, OutgoingEnvelope, Prekey,
     PrekeyBundles, SealedEnvelope,
 };
 use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
-    WriteTransaction,
+    Database, DatabaseError, ReadTransaction, ReadableDatabase, ReadableTable,
+    ReadableTableMetadata, Table, TableDefinition, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -120,9 +120,16 @@ impl AccountRecord {
     }
 }
 
+/// Opens the database; called again to reopen it after a failed write.
+type OpenDatabase = Box<dyn Fn() -> Result<Database, DatabaseError> + Send + Sync>;
+
 /// The redb-backed [`Store`].
 pub struct RedbStore {
-    db: Database,
+    /// `None` from a failed write until the reopen succeeds: after an IO error redb
+    /// refuses every operation (`PreviousIo`) until the database is closed and reopened,
+    /// so a full disk would otherwise stop the relay for good.
+    db: RwLock<Option<Database>>,
+    open_database: OpenDatabase,
     keys: Arc<Keyring>,
     next_sequence: AtomicU64,
     /// Account records as the last committed write transaction left them, for the
@@ -209,8 +216,18 @@ fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
 impl RedbStore {
     /// Opens (or creates) the store: `relay.redb` and its key file `storage-keys` in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let keys = Arc::new(Keyring::open_or_create(&dir.join("storage-keys"))?);
-        let db = Database::create(dir.join("relay.redb"))?;
+        let path = dir.join("relay.redb");
+        Self::open_with(dir, Box::new(move || Database::create(&path)))
+    }
+
+    /// Opens the store on the database `open_database` opens (a file, or in tests a
+    /// backend that injects faults), with its key file in `keys_dir`.
+    pub(crate) fn open_with(
+        keys_dir: &Path,
+        open_database: OpenDatabase,
+    ) -> Result<Self, StoreError> {
+        let keys = Arc::new(Keyring::open_or_create(&keys_dir.join("storage-keys"))?);
+        let db = open_database()?;
         let txn = db.begin_write()?;
         let next_sequence = {
             Tables::open(&txn)?;
@@ -220,11 +237,29 @@ impl RedbStore {
         };
         txn.commit()?;
         Ok(RedbStore {
-            db,
+            db: RwLock::new(Some(db)),
+            open_database,
             keys,
             next_sequence: AtomicU64::new(next_sequence),
             accounts: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A read transaction on the open database.
+    fn begin_read(&self) -> Result<ReadTransaction, StoreError> {
+        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        Ok(db.as_ref().ok_or(StoreError::Reopening)?.begin_read()?)
+    }
+
+    /// Closes the database and opens it again, which clears redb's latched IO failure
+    /// once the cause (a full disk, a file-size limit) is gone. If it cannot be opened
+    /// yet, the store stays closed and the next batch tries again.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut db = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        // The old handle must be closed first: it holds the file's lock.
+        drop(db.take());
+        *db = Some((self.open_database)()?);
+        Ok(())
     }
 
     /// The keyring, shared with whoever needs to blind identifiers the same way.
@@ -949,8 +984,9 @@ fn seal_envelope(
     value
 }
 
-impl Store for RedbStore {
-    fn apply(&self, writes: Vec<Write>) -> Result<Vec<WriteResult>, StoreError> {
+impl RedbStore {
+    /// One batch in one transaction; see [`Store::apply`].
+    fn apply_batch(&self, writes: Vec<Write>) -> Result<Vec<WriteResult>, StoreError> {
         // Day keys are made durable before the transaction that seals under them.
         for write in &writes {
             if let Write::Enqueue { expires_at, .. }
@@ -977,9 +1013,31 @@ impl Store for RedbStore {
         }
         applied
     }
+}
+
+impl Store for RedbStore {
+    fn apply(&self, writes: Vec<Write>) -> Result<Vec<WriteResult>, StoreError> {
+        // Only the commit thread writes, so only it reopens: a closed store is retried at
+        // the next batch, and a batch that hit redb's error reopens it for the next one.
+        let closed = self
+            .db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none();
+        if closed {
+            self.reopen()?;
+        }
+        let result = self.apply_batch(writes);
+        if let Err(StoreError::Database(_)) = &result {
+            if let Err(error) = self.reopen() {
+                tracing::warn!(%error, "reopening the database failed; will retry");
+            }
+        }
+        result
+    }
 
     fn device_key(&self, address: &DeviceAddress) -> Result<Option<[u8; 32]>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let accounts = txn.open_table(ACCOUNTS)?;
         let record = self.load_account(&accounts, &self.account_tag(&address.account))?;
         Ok(record.and_then(|r| r.device(address.device).map(|d| d.key)))
@@ -994,7 +1052,7 @@ impl Store for RedbStore {
     ) -> Result<Vec<StoredEnvelope>, StoreError> {
         let tag = self.device_tag(address);
         let start = after.map_or(0, |id| id.0.saturating_add(1));
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let mailbox = txn.open_table(MAILBOX)?;
         let mut out = Vec::new();
         for entry in mailbox.range((tag, start)..=(tag, u64::MAX))? {
@@ -1033,7 +1091,7 @@ impl Store for RedbStore {
     }
 
     fn account(&self, account: &AccountId) -> Result<Option<AccountView>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let accounts = txn.open_table(ACCOUNTS)?;
         let record = self.load_account(&accounts, &self.account_tag(account))?;
         Ok(record.map(|r| {
@@ -1047,7 +1105,7 @@ impl Store for RedbStore {
     }
 
     fn admits(&self, account: &AccountId, token: Option<&[u8; 16]>) -> Result<bool, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let tag = self.account_tag(account);
         if self
             .load_account(&txn.open_table(ACCOUNTS)?, &tag)?
@@ -1060,13 +1118,13 @@ impl Store for RedbStore {
     }
 
     fn prekey_counts(&self, address: &DeviceAddress) -> Result<PrekeyCounts, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let prekeys = txn.open_table(PREKEYS)?;
         Self::counts(&prekeys, self.device_tag(address))
     }
 
     fn stats(&self) -> Result<StoreStats, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         Ok(StoreStats {
             accounts: txn.open_table(ACCOUNTS)?.len()?,
             envelopes: txn.open_table(MAILBOX)?.len()?,
@@ -1084,7 +1142,7 @@ impl Store for RedbStore {
 
     fn records_of(&self, account: &AccountId) -> Result<Vec<CallRecord>, StoreError> {
         let tag = self.account_tag(account);
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let index = txn.open_table(CALL_ACCOUNTS)?;
         let records = txn.open_table(CALL_RECORDS)?;
         let mut out = Vec::new();
@@ -1099,7 +1157,7 @@ impl Store for RedbStore {
     }
 
     fn records_between(&self, from: u64, to: u64) -> Result<Vec<CallRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let records = txn.open_table(CALL_RECORDS)?;
         let mut out = Vec::new();
         if from >= to {
@@ -1114,7 +1172,7 @@ impl Store for RedbStore {
     }
 
     fn day_stats(&self) -> Result<Vec<DayStats>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let days = txn.open_table(CALL_DAYS)?;
         let mut out = Vec::new();
         for entry in days.iter()? {
@@ -1131,7 +1189,7 @@ impl Store for RedbStore {
     }
 
     fn retention_summary(&self) -> Result<RetentionSummary, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let expiry = txn.open_table(EXPIRY)?;
         let records = txn.open_table(CALL_RECORDS)?;
         let oldest_envelope_expiry = expiry.first()?.map(|(k, _)| k.value().0);
@@ -1152,7 +1210,10 @@ impl RedbStore {
         writes: Vec<Write>,
         expire_now: Option<u64>,
     ) -> Result<Vec<WriteResult>, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = {
+            let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+            db.as_ref().ok_or(StoreError::Reopening)?.begin_write()?
+        };
         let mut results = Vec::with_capacity(writes.len());
         {
             let mut tables = Tables::open(&txn)?;
@@ -1183,5 +1244,7 @@ impl RedbStore {
     }
 }
 
+#[cfg(test)]
+mod faults;
 #[cfg(test)]
 mod tests;

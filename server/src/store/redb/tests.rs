@@ -14,7 +14,7 @@ use hush_protocol::CallOutcome;
 const NOW: u64 = 1_800_000_000;
 const TTL: u64 = 14 * DAY;
 
-fn register(store: &RedbStore, account: u8) -> DeviceAddress {
+pub(super) fn register(store: &RedbStore, account: u8) -> DeviceAddress {
     let result = store
         .apply(vec![Write::Register {
             account: AccountId([account; 16]),
@@ -250,7 +250,14 @@ fn a_corrupted_value_is_skipped_not_delivered() {
     let bob = register(&store, 2);
     store.apply(vec![enqueue(&[bob], b"x", NOW)]).unwrap();
     let tag = store.device_tag(&bob);
-    let txn = store.db.begin_write().unwrap();
+    let txn = store
+        .db
+        .read()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .begin_write()
+        .unwrap();
     {
         let mut mailbox = txn.open_table(MAILBOX).unwrap();
         let key = mailbox
@@ -370,7 +377,7 @@ fn the_retract_index_goes_with_acked_expired_and_removed_envelopes() {
         .unwrap();
     let stats = store.stats().unwrap();
     assert_eq!((stats.envelopes, stats.retract_entries), (1, 1));
-    let txn = store.db.begin_read().unwrap();
+    let txn = store.begin_read().unwrap();
     assert_eq!(txn.open_table(RETRACT_ENTRIES).unwrap().len().unwrap(), 1);
 }
 
