@@ -3,15 +3,21 @@
 //! unacknowledged publishes), a coalescing TCP writer, and the users' start and stop.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::{bail, Context};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::child::{which, Child};
 use crate::stats::{stamped, Tally};
 
 /// One run's load through a broker.
@@ -140,4 +146,41 @@ impl Users {
         }
         Ok(())
     }
+}
+
+/// Starts the broker `binary` on a free loopback port, in a temporary directory: `config`
+/// gets the port and the directory and returns the configuration file's text, which the
+/// broker reads with `-c`; its log goes to `<binary>.log` beside it. Returns once the port
+/// accepts connections.
+pub async fn start(
+    binary: &str,
+    config: impl FnOnce(u16, &Path) -> anyhow::Result<String>,
+) -> anyhow::Result<(SocketAddr, Child)> {
+    let path = which(binary).with_context(|| format!("{binary} is not installed"))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let (dir, guard) = Child::workdir(None)?;
+    let config_path = dir.join(format!("{binary}.conf"));
+    std::fs::write(&config_path, config(port, &dir)?)?;
+    let log = std::fs::File::create(dir.join(format!("{binary}.log")))?;
+    let process = tokio::process::Command::new(&path)
+        .arg("-c")
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", path.display()))?;
+    let child = Child::new(process, guard);
+    let address = SocketAddr::from(([127, 0, 0, 1], port));
+    let started = Instant::now();
+    while TcpStream::connect(address).await.is_err() {
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("{binary} did not listen within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((address, child))
 }

@@ -12,7 +12,6 @@
 //! change, which rewrites the whole database for every message.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::broker::{self, Load, Users};
-use crate::child::{self, which, Child};
+use crate::child::{self, Child};
 use crate::stats::{read_stamp, Tally};
 
 /// How often the broker saves its state, in seconds.
@@ -46,44 +45,18 @@ const MAX_REMAINING: usize = 268_435_455;
 /// Starts `mosquitto` on a free loopback port, with persistence and no queue limits (the
 /// defaults drop QoS 1 messages beyond 1,000 queued per client).
 pub async fn start() -> anyhow::Result<(SocketAddr, Child)> {
-    let binary = which("mosquitto").context("mosquitto is not installed")?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let (dir, guard) = Child::workdir(None)?;
-    let store = dir.join("store");
-    std::fs::create_dir_all(&store)?;
-    let config = dir.join("mosquitto.conf");
-    std::fs::write(
-        &config,
-        format!(
+    broker::start("mosquitto", |port, dir| {
+        let store = dir.join("store");
+        std::fs::create_dir_all(&store)?;
+        Ok(format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
              persistence_location {}/\nautosave_interval {AUTOSAVE_SECS}\n\
              max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 0\n\
              log_dest stderr\nlog_type error\nlog_type warning\n",
             store.display()
-        ),
-    )?;
-    let log = std::fs::File::create(dir.join("mosquitto.log"))?;
-    let process = tokio::process::Command::new(&binary)
-        .arg("-c")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", binary.display()))?;
-    let child = Child::new(process, guard);
-    let address = SocketAddr::from(([127, 0, 0, 1], port));
-    let started = Instant::now();
-    while TcpStream::connect(address).await.is_err() {
-        if started.elapsed() > Duration::from_secs(10) {
-            bail!("mosquitto did not listen within 10 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok((address, child))
+        ))
+    })
+    .await
 }
 
 /// One MQTT packet: the fixed header's first byte and the rest.

@@ -10,7 +10,6 @@
 //! offers, and it is weaker than Hush's promise P4.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::broker::{self, Load, Users};
-use crate::child::{self, which, Child};
+use crate::child::{self, Child};
 use crate::stats::{read_stamp, Tally};
 
 /// What a JetStream publish acknowledgement means with the installed server.
@@ -31,39 +30,13 @@ const STREAM: &str = "BENCH";
 
 /// Starts `nats-server` with JetStream on a free loopback port.
 pub async fn start() -> anyhow::Result<(SocketAddr, Child)> {
-    let binary = which("nats-server").context("nats-server is not installed")?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let (dir, guard) = Child::workdir(None)?;
-    let config = dir.join("nats.conf");
-    std::fs::write(
-        &config,
-        format!(
+    broker::start("nats-server", |port, dir| {
+        Ok(format!(
             "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n}}\n",
             dir.join("js").display()
-        ),
-    )?;
-    let log = std::fs::File::create(dir.join("nats.log"))?;
-    let process = tokio::process::Command::new(&binary)
-        .arg("-c")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", binary.display()))?;
-    let child = Child::new(process, guard);
-    let address = SocketAddr::from(([127, 0, 0, 1], port));
-    let started = Instant::now();
-    while TcpStream::connect(address).await.is_err() {
-        if started.elapsed() > Duration::from_secs(10) {
-            bail!("nats-server did not listen within 10 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok((address, child))
+        ))
+    })
+    .await
 }
 
 /// A message the server sent us.

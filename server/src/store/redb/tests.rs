@@ -31,6 +31,24 @@ pub(super) fn register(store: &RedbStore, account: u8) -> DeviceAddress {
     }
 }
 
+/// Adds a device with key `[key; 32]` to `primary`'s account.
+fn add_device(store: &RedbStore, primary: DeviceAddress, key: u8) -> DeviceAddress {
+    let added = store
+        .apply(vec![Write::AddDevice {
+            account: primary.account,
+            device_key: [key; 32],
+            max_devices: 5,
+        }])
+        .unwrap();
+    let Ok(Outcome::DeviceAdded(device)) = added[0] else {
+        panic!("{added:?}")
+    };
+    DeviceAddress {
+        account: primary.account,
+        device,
+    }
+}
+
 fn enqueue(to: &[DeviceAddress], payload: &[u8], at: u64) -> Write {
     Write::Enqueue {
         envelopes: vec![OutgoingEnvelope {
@@ -121,26 +139,13 @@ fn sends_see_device_list_changes_at_once_despite_the_account_cache() {
         store.apply(vec![enqueue(&[bob], b"one", NOW)]).unwrap()[0],
         Ok(Outcome::Enqueued { .. })
     ));
-    let added = store
-        .apply(vec![Write::AddDevice {
-            account: bob.account,
-            device_key: [42; 32],
-            max_devices: 5,
-        }])
-        .unwrap();
-    let Ok(Outcome::DeviceAdded(device)) = added[0] else {
-        panic!("{added:?}")
-    };
-    let bob2 = DeviceAddress {
-        account: bob.account,
-        device,
-    };
+    let bob2 = add_device(&store, bob, 42);
     // The new device is a recipient at once, and so is it for a sealed send that must
     // name both devices.
     let results = store
         .apply(vec![
             enqueue(&[bob, bob2], b"two", NOW),
-            sealed(bob, &[1, device.0], None),
+            sealed(bob, &[1, bob2.device.0], None),
         ])
         .unwrap();
     assert!(matches!(results[0], Ok(Outcome::Enqueued { .. })));
@@ -155,7 +160,7 @@ fn sends_see_device_list_changes_at_once_despite_the_account_cache() {
     assert_eq!(results[1], Err(Refusal::UnknownRecipient));
     assert_eq!(
         store
-            .apply(vec![sealed(bob, &[1, device.0], None)])
+            .apply(vec![sealed(bob, &[1, bob2.device.0], None)])
             .unwrap()[0],
         Err(Refusal::DeviceListChanged)
     );
@@ -354,20 +359,7 @@ fn the_retract_index_goes_with_acked_expired_and_removed_envelopes() {
     assert_eq!(store.stats().unwrap().retract_entries, 0);
 
     // Device removal.
-    let added = store
-        .apply(vec![Write::AddDevice {
-            account: bob.account,
-            device_key: [42; 32],
-            max_devices: 5,
-        }])
-        .unwrap();
-    let Ok(Outcome::DeviceAdded(device)) = added[0] else {
-        panic!("{added:?}")
-    };
-    let bob2 = DeviceAddress {
-        account: bob.account,
-        device,
-    };
+    let bob2 = add_device(&store, bob, 42);
     store
         .apply(vec![enqueue_retractable(&[bob, bob2], 3, NOW)])
         .unwrap();
