@@ -203,7 +203,15 @@ impl Connector {
         let connection = self
             .endpoint
             .connect(self.options.address, &self.options.server_name)?
-            .await?;
+            .await
+            .map_err(|error| match error {
+                quinn::ConnectionError::ConnectionClosed(close)
+                    if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+                {
+                    ConnectionError::ConnectionRefused
+                }
+                other => other.into(),
+            })?;
         let (send, recv) = connection.open_bi().await?;
         Ok(RawStream {
             connection,
@@ -727,6 +735,13 @@ async fn read_loop(
                 let reply = lock(&waiting).replies.remove(&response.id);
                 if let Some(reply) = reply {
                     let _ = reply.send(response.result.map_err(ConnectionError::Refused));
+                }
+            }
+            Ok(Some(ServerFrame::RateLimited(limited))) => {
+                let reply = lock(&waiting).replies.remove(&limited.id);
+                if let Some(reply) = reply {
+                    let retry_after = Duration::from_millis(u64::from(limited.retry_after_ms));
+                    let _ = reply.send(Err(ConnectionError::RateLimited { retry_after }));
                 }
             }
             Ok(Some(ServerFrame::Deliver(deliver))) => {

@@ -26,9 +26,22 @@ pub enum ConnectionError {
         /// Ours.
         client: VersionRange,
     },
-    /// The relay refused the request; the connection is still usable.
+    /// The relay refused the request; the connection is still usable. Among the codes:
+    /// [`ErrorCode::MailboxFull`] (a recipient device holds as much as it may; nothing of
+    /// the send was stored: try again later, it frees up as that device reads).
     #[error("the relay refused the request: {0}")]
     Refused(ErrorCode),
+    /// A rate limit of the relay refused the request; nothing of it was done, the
+    /// connection is still usable, and the same request may succeed after `retry_after`.
+    #[error("rate limited by the relay; retry after {} ms", retry_after.as_millis())]
+    RateLimited {
+        /// How long the relay says to wait.
+        retry_after: std::time::Duration,
+    },
+    /// The relay refused a new connection before the handshake: it is at its connection
+    /// limit, or this address has as many connections as it may. Try again later.
+    #[error("the relay refused the connection")]
+    ConnectionRefused,
     /// The relay closed the connection, giving this code where it gave one.
     #[error("the relay closed the connection ({})", .0.map_or("no code".to_owned(), |c| c.to_string()))]
     Closed(Option<ErrorCode>),

@@ -163,6 +163,7 @@ mod kind {
     pub const FATAL: u8 = 0x86;
     pub const PROVISIONING_MESSAGE: u8 = 0x87;
     pub const CALL_ENDED: u8 = 0x88;
+    pub const RATE_LIMITED: u8 = 0x89;
 }
 
 impl Frame for ClientFrame {
@@ -284,7 +285,11 @@ impl Frame for ServerFrame {
             kind::HELLO_OK => limit::HELLO_OK,
             kind::RESPONSE => limit::RESPONSE,
             kind::DELIVER => limit::DELIVER,
-            kind::DRAINED | kind::LOW_PREKEYS | kind::FATAL | kind::CALL_ENDED => limit::SMALL,
+            kind::DRAINED
+            | kind::LOW_PREKEYS
+            | kind::FATAL
+            | kind::CALL_ENDED
+            | kind::RATE_LIMITED => limit::SMALL,
             kind::PROVISIONING_MESSAGE => limit::PROVISIONING_MESSAGE,
             _ => return None,
         })
@@ -300,6 +305,7 @@ impl Frame for ServerFrame {
             ServerFrame::Fatal(_) => kind::FATAL,
             ServerFrame::ProvisioningMessage(_) => kind::PROVISIONING_MESSAGE,
             ServerFrame::CallEnded(_) => kind::CALL_ENDED,
+            ServerFrame::RateLimited(_) => kind::RATE_LIMITED,
         }
     }
 
@@ -313,6 +319,7 @@ impl Frame for ServerFrame {
             ServerFrame::Fatal(b) => append(b, out),
             ServerFrame::ProvisioningMessage(b) => append(b, out),
             ServerFrame::CallEnded(b) => append(b, out),
+            ServerFrame::RateLimited(b) => append(b, out),
         }
     }
 
@@ -329,6 +336,7 @@ impl Frame for ServerFrame {
             kind::FATAL => ServerFrame::Fatal(parse(kind, body)?),
             kind::PROVISIONING_MESSAGE => ServerFrame::ProvisioningMessage(parse(kind, body)?),
             kind::CALL_ENDED => ServerFrame::CallEnded(parse(kind, body)?),
+            kind::RATE_LIMITED => ServerFrame::RateLimited(parse(kind, body)?),
             other => return Err(DecodeError::UnknownFrameType(other)),
         };
         frame.check_limits()?;

@@ -163,6 +163,12 @@ error_codes! {
     CallAlreadyJoined = 29,
     /// The account has as many live call allocations as it may.
     CallLimitReached = 30,
+    /// A rate limit refused the request; nothing of it was done. The relay answers with a
+    /// `RateLimited` frame saying when to try again; the connection carries on.
+    RateLimited = 31,
+    /// A recipient device's mailbox is at its size limit (envelopes or bytes); nothing of
+    /// the send was stored. It frees up as that device reads, or as its envelopes expire.
+    MailboxFull = 32,
 }
 
 impl fmt::Debug for ErrorCode {

@@ -528,6 +528,16 @@ pub struct Fatal {
     pub supported_versions: VersionRange,
 }
 
+/// The answer to a request that a rate limit refused: nothing of it was done, and the
+/// same request may succeed after `retry_after_ms`. The connection carries on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimited {
+    /// The request's id.
+    pub id: RequestId,
+    /// Milliseconds until the limit has room for this request again.
+    pub retry_after_ms: u32,
+}
+
 /// Frames the relay sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerFrame {
@@ -547,6 +557,8 @@ pub enum ServerFrame {
     ProvisioningMessage(ProvisioningMessage),
     /// See [`CallEnded`].
     CallEnded(CallEnded),
+    /// See [`RateLimited`].
+    RateLimited(RateLimited),
 }
 
 fn check(ok: bool, what: &'static str) -> Result<(), DecodeError> {

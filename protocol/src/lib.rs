@@ -42,8 +42,9 @@ pub use frames::{
     Ack, AddDevice, AllocateCall, Authenticate, CallEndCause, CallEnded, CallOutcome, CallToken,
     ClientFrame, Deliver, DeviceBundle, EndCall, Fatal, FetchPrekeys, Hello, HelloOk, JoinCall,
     ListDevices, LowPrekeys, OutgoingEnvelope, Prekey, PrekeyBundles, Provision,
-    ProvisioningMessage, Register, RemoveDevice, Request, RequestBody, Response, ResponseBody,
-    Retract, SealedSend, Send, ServerFrame, SetDeliveryAccess, UploadPrekeys, VersionRange,
+    ProvisioningMessage, RateLimited, Register, RemoveDevice, Request, RequestBody, Response,
+    ResponseBody, Retract, SealedSend, Send, ServerFrame, SetDeliveryAccess, UploadPrekeys,
+    VersionRange,
 };
 pub use ids::{AccountId, DeviceAddress, DeviceId, EnvelopeId, RequestId};
 pub use sealed::{SealedEnvelope, SenderCertificate};

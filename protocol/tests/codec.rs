@@ -8,9 +8,9 @@ use hush_protocol::{
     CallEnded, CallOutcome, CallToken, ClientFrame, DecodeError, Deliver, DeviceAddress,
     DeviceBundle, DeviceId, EndCall, EnvelopeId, ErrorCode, Fatal, FetchPrekeys, Frame,
     FrameDecoder, FrameHeader, Hello, HelloOk, JoinCall, ListDevices, LowPrekeys, OutgoingEnvelope,
-    Prekey, PrekeyBundles, Provision, ProvisioningMessage, Register, RemoveDevice, Request,
-    RequestBody, RequestId, Response, ResponseBody, Retract, SealedSend, Send, ServerFrame,
-    SetDeliveryAccess, Signature, UploadPrekeys, VersionRange, HEADER_LEN,
+    Prekey, PrekeyBundles, Provision, ProvisioningMessage, RateLimited, Register, RemoveDevice,
+    Request, RequestBody, RequestId, Response, ResponseBody, Retract, SealedSend, Send,
+    ServerFrame, SetDeliveryAccess, Signature, UploadPrekeys, VersionRange, HEADER_LEN,
 };
 use proptest::collection::vec;
 use proptest::option;
@@ -326,6 +326,12 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
                 allocation,
                 cause
             })),
+        (any::<u32>(), any::<u32>()).prop_map(|(id, retry_after_ms)| ServerFrame::RateLimited(
+            RateLimited {
+                id: RequestId(id),
+                retry_after_ms
+            }
+        )),
     ]
 }
 

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::rate::Rate;
+
 /// P3: undelivered messages live at most this long. Configurable downward only.
 pub const MAX_MESSAGE_EXPIRY_DAYS: u32 = 14;
 
@@ -65,6 +67,34 @@ pub struct Limits {
     /// Bytes of outgoing media datagrams buffered per connection before the oldest are
     /// dropped (forwarding never waits).
     pub datagram_send_buffer: usize,
+    /// Envelope copies (one per recipient device) one connection may submit, through
+    /// `Send` or `SealedSend`. Beyond it: `RateLimited`.
+    pub connection_envelopes: Rate,
+    /// Envelope copies one account may submit, all its connections together
+    /// (authenticated sends). Beyond it: `RateLimited`.
+    pub account_envelopes: Rate,
+    /// Envelope copies of sealed sends on unauthenticated connections, per source address
+    /// (IPv4 address or IPv6 /64). Beyond it: `RateLimited`.
+    pub address_sealed_sends: Rate,
+    /// Prekey fetches per requesting account, or per source address for anonymous
+    /// fetches. Beyond it: `RateLimited`.
+    pub prekey_fetches: Rate,
+    /// Registration attempts per source address. Beyond it: `RateLimited`.
+    pub registrations: Rate,
+    /// Most live connections from one source address; further ones are refused before
+    /// the handshake.
+    pub connections_per_address: u32,
+    /// Most envelopes waiting in one device's mailbox. A send that would go beyond it is
+    /// refused with `MailboxFull`.
+    pub mailbox_max_envelopes: u64,
+    /// Most payload bytes waiting in one device's mailbox. A send that would go beyond it
+    /// is refused with `MailboxFull`.
+    pub mailbox_max_bytes: u64,
+    /// Most keys (accounts, addresses) each shared rate limit tracks; idle ones are
+    /// forgotten first. Bounds the limiter's own memory.
+    pub rate_limit_keys: usize,
+    /// The store's page cache in bytes (redb's default is 1 GiB).
+    pub store_cache_bytes: usize,
 }
 
 impl Default for Limits {
@@ -82,6 +112,16 @@ impl Default for Limits {
             max_calls_per_account: 4,
             datagram_receive_buffer: 256 * 1024,
             datagram_send_buffer: 256 * 1024,
+            connection_envelopes: Rate::per_second(2_000, 1_000),
+            account_envelopes: Rate::per_second(5_000, 2_000),
+            address_sealed_sends: Rate::per_second(5_000, 2_000),
+            prekey_fetches: Rate::per_hour(1_000, 1_000),
+            registrations: Rate::per_hour(20, 20),
+            connections_per_address: 1_000,
+            mailbox_max_envelopes: 50_000,
+            mailbox_max_bytes: 512 * 1024 * 1024,
+            rate_limit_keys: 100_000,
+            store_cache_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -285,6 +325,47 @@ impl Config {
             self.limits.connection_receive_window >= self.limits.stream_receive_window,
             "limits.connection_receive_window",
             "at least limits.stream_receive_window",
+        )?;
+        for (rate, field) in [
+            (
+                self.limits.connection_envelopes,
+                "limits.connection_envelopes",
+            ),
+            (self.limits.account_envelopes, "limits.account_envelopes"),
+            (
+                self.limits.address_sealed_sends,
+                "limits.address_sealed_sends",
+            ),
+            (self.limits.prekey_fetches, "limits.prekey_fetches"),
+            (self.limits.registrations, "limits.registrations"),
+        ] {
+            range(
+                rate.is_valid(),
+                field,
+                "a rate with burst, refill and period_secs each at least 1",
+            )?;
+        }
+        range(
+            self.limits.connections_per_address >= 1,
+            "limits.connections_per_address",
+            "at least 1",
+        )?;
+        range(
+            self.limits.mailbox_max_envelopes >= 1
+                && self.limits.mailbox_max_bytes
+                    >= hush_protocol::limits::MAX_SEND_PAYLOAD_TOTAL as u64,
+            "limits.mailbox_max_envelopes and limits.mailbox_max_bytes",
+            "at least 1 envelope and at least the largest send (1 MiB)",
+        )?;
+        range(
+            self.limits.rate_limit_keys >= 1,
+            "limits.rate_limit_keys",
+            "at least 1",
+        )?;
+        range(
+            self.limits.store_cache_bytes >= 1024 * 1024,
+            "limits.store_cache_bytes",
+            "at least 1 MiB",
         )
     }
 
@@ -389,6 +470,45 @@ mod tests {
         }
         assert!(Config::from_toml("call_media_idle_secs = 0").is_err());
         assert!(Config::from_toml("[limits]\nmax_call_allocations = 0").is_err());
+    }
+
+    #[test]
+    fn rate_limits_have_defaults_and_are_checked() {
+        let config = Config::from_toml(
+            "[limits]\nconnections_per_address = 3\n\
+             [limits.registrations]\nburst = 2\nrefill = 1\nperiod_secs = 60\n",
+        )
+        .unwrap();
+        assert_eq!(config.limits.connections_per_address, 3);
+        assert_eq!(
+            config.limits.registrations,
+            Rate {
+                burst: 2,
+                refill: 1,
+                period_secs: 60
+            }
+        );
+        assert_eq!(
+            config.limits.prekey_fetches,
+            Limits::default().prekey_fetches
+        );
+        for bad in [
+            "[limits.prekey_fetches]\nburst = 0\nrefill = 1\nperiod_secs = 1",
+            "[limits.account_envelopes]\nburst = 1\nrefill = 0\nperiod_secs = 1",
+            "[limits]\nconnections_per_address = 0",
+            "[limits]\nmailbox_max_envelopes = 0",
+            "[limits]\nmailbox_max_bytes = 1000",
+        ] {
+            assert!(
+                matches!(Config::from_toml(bad), Err(ConfigError::OutOfRange { .. })),
+                "{bad}"
+            );
+        }
+        // A rate must say all three numbers.
+        assert!(matches!(
+            Config::from_toml("[limits.registrations]\nburst = 2"),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub mod keyring;
 mod mailbox;
 pub mod metrics;
 pub mod provisioning;
+pub mod quota;
+pub mod rate;
 pub mod redact;
 mod relay;
 pub mod seal;

@@ -15,6 +15,20 @@ pub struct Metrics {
     pub connections_opened: AtomicU64,
     /// Connections refused at the connection limit.
     pub connections_refused: AtomicU64,
+    /// Connections refused: their source address had as many as it may.
+    pub connections_refused_per_address: AtomicU64,
+    /// Requests refused: the connection's envelope rate.
+    pub rate_limited_connection_envelopes: AtomicU64,
+    /// Requests refused: the sending account's envelope rate.
+    pub rate_limited_account_envelopes: AtomicU64,
+    /// Requests refused: the source address's rate of anonymous sealed sends.
+    pub rate_limited_address_sealed_sends: AtomicU64,
+    /// Requests refused: the requester's prekey fetch rate.
+    pub rate_limited_prekey_fetches: AtomicU64,
+    /// Requests refused: the source address's registration rate.
+    pub rate_limited_registrations: AtomicU64,
+    /// Sends refused: a recipient device's mailbox was full.
+    pub mailbox_full_refusals: AtomicU64,
     /// Retry packets sent to validate new addresses.
     pub address_validations: AtomicU64,
     /// Handshakes that failed or timed out.
@@ -90,6 +104,34 @@ impl Metrics {
         let counters = [
             ("hush_connections_opened_total", &self.connections_opened),
             ("hush_connections_refused_total", &self.connections_refused),
+            (
+                "hush_connections_refused_per_address_total",
+                &self.connections_refused_per_address,
+            ),
+            (
+                "hush_rate_limited_connection_envelopes_total",
+                &self.rate_limited_connection_envelopes,
+            ),
+            (
+                "hush_rate_limited_account_envelopes_total",
+                &self.rate_limited_account_envelopes,
+            ),
+            (
+                "hush_rate_limited_address_sealed_sends_total",
+                &self.rate_limited_address_sealed_sends,
+            ),
+            (
+                "hush_rate_limited_prekey_fetches_total",
+                &self.rate_limited_prekey_fetches,
+            ),
+            (
+                "hush_rate_limited_registrations_total",
+                &self.rate_limited_registrations,
+            ),
+            (
+                "hush_mailbox_full_refusals_total",
+                &self.mailbox_full_refusals,
+            ),
             ("hush_address_validations_total", &self.address_validations),
             ("hush_handshake_failures_total", &self.handshake_failures),
             ("hush_registrations_total", &self.registrations),

@@ -16,6 +16,7 @@ use crate::keyring::KeyringError;
 use crate::mailbox::Hub;
 use crate::metrics::Metrics;
 use crate::provisioning::Provisioning;
+use crate::quota::Quotas;
 use crate::sender_key::SenderKey;
 use crate::session::PartyLink;
 use crate::store::{Outcome, RedbStore, RetentionSummary, Store, StoreError, StoreStats, Write};
@@ -37,6 +38,7 @@ pub(crate) struct Shared {
     pub sender_key: SenderKey,
     pub provisioning: Provisioning,
     pub calls: Calls<PartyLink>,
+    pub quotas: Quotas,
 }
 
 /// The relay could not start.
@@ -92,10 +94,12 @@ impl Relay {
         let identity = tls::load_or_create(config.tls.as_ref(), &config.data_dir)?;
         let fingerprint = identity.fingerprint;
         let data_dir = config.data_dir.clone();
-        let store: Arc<dyn Store> = tokio::task::spawn_blocking(move || RedbStore::open(&data_dir))
-            .await
-            .map_err(|e| StartError::Io(std::io::Error::other(e)))??
-            .into_arc();
+        let cache = config.limits.store_cache_bytes;
+        let store: Arc<dyn Store> =
+            tokio::task::spawn_blocking(move || RedbStore::open_with_cache(&data_dir, cache))
+                .await
+                .map_err(|e| StartError::Io(std::io::Error::other(e)))??
+                .into_arc();
         let sender_key =
             SenderKey::open_or_create(&config.data_dir.join("sender-certificate-key"))?;
         let (committer, commit_thread) = Committer::start(store.clone())?;
@@ -112,6 +116,7 @@ impl Relay {
             config.limits.max_calls_per_account,
         );
         let admin_path = config.data_dir.join(admin::SOCKET_NAME);
+        let quotas = Quotas::new(&config.limits);
         let shared = Arc::new(Shared {
             config,
             store,
@@ -122,6 +127,7 @@ impl Relay {
             sender_key,
             provisioning,
             calls,
+            quotas,
         });
         let admin = admin::AdminSocket::start(&admin_path, shared.clone())?;
         let call_timer = tokio::spawn(call_timer_loop(shared.clone(), shutdown_rx.clone()));
@@ -258,6 +264,27 @@ impl Relay {
         self.shared.provisioning.open_count()
     }
 
+    /// Source addresses with a live connection, and keys tracked by the shared rate
+    /// limits (each bounded by `limits.rate_limit_keys`).
+    pub fn tracked_limit_keys(&self) -> (usize, usize) {
+        let quotas = &self.shared.quotas;
+        (
+            quotas.connections.tracked(),
+            quotas.account_envelopes.tracked()
+                + quotas.address_sealed_sends.tracked()
+                + quotas.prekey_fetches.tracked()
+                + quotas.registrations.tracked(),
+        )
+    }
+
+    /// What a device's mailbox holds, as its quota counts it.
+    pub async fn mailbox_usage(
+        &self,
+        address: hush_protocol::DeviceAddress,
+    ) -> Result<crate::store::MailboxUsage, StoreError> {
+        self.read(move |store| store.mailbox_usage(&address)).await
+    }
+
     /// Devices connected now.
     pub fn connected_devices(&self) -> usize {
         self.shared.hub.connected()
@@ -356,11 +383,22 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         };
+        // Counted only once the address is validated (above), so that nobody can use up
+        // another address's connections with spoofed packets.
+        let Some(address_slot) = shared
+            .quotas
+            .connections
+            .acquire(incoming.remote_address().ip())
+        else {
+            Metrics::inc(&shared.metrics.connections_refused_per_address);
+            incoming.refuse();
+            continue;
+        };
         sessions.spawn(session::run(
             incoming,
             shared.clone(),
             shutdown.clone(),
-            slot,
+            (slot, address_slot),
         ));
     }
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {

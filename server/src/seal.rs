@@ -13,6 +13,8 @@ use rand_core::{OsRng, RngCore};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 const NONCE_LEN: usize = 24;
+/// Bytes sealing adds to a plaintext: the nonce and the tag.
+pub const SEAL_OVERHEAD: usize = NONCE_LEN + 16;
 
 /// A 256-bit storage key. Zeroized on drop, never printed.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]

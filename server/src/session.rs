@@ -11,6 +11,8 @@
 //! connection carries on, because honest clients meet them too.
 
 use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,8 +23,8 @@ use hush_protocol::sealed::{retract_tag, SenderCertificateBody};
 use hush_protocol::{
     encode_frame, AccountId, CallEnded, CallOutcome, CallToken, ClientFrame, DecodeError, Deliver,
     DeviceAddress, DeviceId, EnvelopeId, ErrorCode, Fatal, Frame, FrameHeader, HelloOk, LowPrekeys,
-    Provision, ProvisioningMessage, Request, RequestBody, RequestId, Response, ResponseBody,
-    Retract, SealedSend, ServerFrame, HEADER_LEN, SUPPORTED_VERSIONS,
+    Provision, ProvisioningMessage, RateLimited, Request, RequestBody, RequestId, Response,
+    ResponseBody, Retract, SealedSend, ServerFrame, HEADER_LEN, SUPPORTED_VERSIONS,
 };
 use quinn::{ReadExactError, RecvStream, SendStream, VarInt};
 use rand_core::{OsRng, RngCore};
@@ -35,8 +37,10 @@ use crate::commit::CommitError;
 use crate::mailbox::DeviceLink;
 use crate::metrics::Metrics;
 use crate::provisioning::ProvisioningError;
+use crate::quota::{address_key, AddressSlot, Requester};
+use crate::rate::TokenBucket;
 use crate::relay::Shared;
-use crate::store::{AccountView, Outcome, PrekeyCounts, Refusal, Write, WriteResult};
+use crate::store::{AccountView, MailboxQuota, Outcome, PrekeyCounts, Refusal, Write, WriteResult};
 
 /// How long a client has to complete the QUIC handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -90,7 +94,7 @@ pub(crate) async fn run(
     incoming: quinn::Incoming,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
-    _connection_slot: OwnedSemaphorePermit,
+    _connection_slots: (OwnedSemaphorePermit, AddressSlot),
 ) {
     let Ok(Ok(connection)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await else {
         Metrics::inc(&shared.metrics.handshake_failures);
@@ -106,7 +110,13 @@ pub(crate) async fn run(
 
     let (outbox, frames) = mpsc::channel(OUTBOX_DEPTH);
     let writer = tokio::spawn(write_loop(send, frames));
+    let envelope_budget = TokenBucket::full(
+        shared.config.limits.connection_envelopes,
+        shared.clock.now_millis(),
+    );
     let mut session = Session {
+        peer: address_key(connection.remote_address().ip()),
+        envelope_budget,
         connection: connection.clone(),
         shared: shared.clone(),
         number,
@@ -224,6 +234,10 @@ impl DeliveryWindow {
 }
 
 struct Session {
+    /// The source address as rate limits key it; never logged.
+    peer: IpAddr,
+    /// Envelope copies this connection may still submit (`limits.connection_envelopes`).
+    envelope_budget: TokenBucket,
     connection: quinn::Connection,
     shared: Arc<Shared>,
     number: u64,
@@ -289,7 +303,8 @@ impl Session {
         let Some(address) = self.device.as_ref().map(|d| d.address) else {
             return self.handle_anonymous(id, body).await;
         };
-        let config = &self.shared.config;
+        let shared = self.shared.clone();
+        let config = &shared.config;
         let write = match body {
             RequestBody::AddDevice(add) => Write::AddDevice {
                 account: address.account,
@@ -303,15 +318,27 @@ impl Session {
                 },
             },
             RequestBody::UploadPrekeys(upload) => Write::UploadPrekeys { address, upload },
-            RequestBody::FetchPrekeys(fetch) => Write::TakePrekeys {
-                account: fetch.account,
-                device: fetch.device,
-                low_threshold: config.low_prekey_threshold,
-            },
+            RequestBody::FetchPrekeys(fetch) => {
+                if let Err(wait) = self.charge_prekey_fetch(Requester::Account(address.account)) {
+                    self.rate_limited(id, wait).await;
+                    return Ok(());
+                }
+                Write::TakePrekeys {
+                    account: fetch.account,
+                    device: fetch.device,
+                    low_threshold: config.low_prekey_threshold,
+                }
+            }
             RequestBody::Send(send) => {
+                let copies = send.envelopes.iter().map(|e| e.recipients.len()).sum();
+                if let Err(wait) = self.charge_envelopes(Some(address.account), copies) {
+                    self.rate_limited(id, wait).await;
+                    return Ok(());
+                }
                 let now = self.shared.clock.now();
                 Write::Enqueue {
                     envelopes: send.envelopes,
+                    quota: self.mailbox_quota(),
                     received_at: now,
                     expires_at: now.saturating_add(config.message_expiry_secs()),
                 }
@@ -325,7 +352,15 @@ impl Session {
                     ids: ack.ids,
                 }
             }
-            RequestBody::SealedSend(send) => self.sealed_write(send),
+            RequestBody::SealedSend(send) => {
+                if let Err(wait) =
+                    self.charge_envelopes(Some(address.account), sealed_copies(&send))
+                {
+                    self.rate_limited(id, wait).await;
+                    return Ok(());
+                }
+                self.sealed_write(send)
+            }
             RequestBody::Retract(retract) => retract_write(&retract),
             RequestBody::SetDeliveryAccess(set) => Write::SetDeliveryAccess {
                 account: address.account,
@@ -364,9 +399,22 @@ impl Session {
     /// authentication, and what needs no identity (sealed sends, retraction, provisioning).
     async fn handle_anonymous(&mut self, id: RequestId, body: RequestBody) -> Result<(), End> {
         match body {
-            RequestBody::Register(register) => self.register(id, register).await,
+            RequestBody::Register(register) => {
+                // Checked before the signature, which costs more than the check.
+                let now = self.shared.clock.now_millis();
+                if let Err(wait) = self.shared.quotas.registrations.take(&self.peer, 1, now) {
+                    Metrics::inc(&self.shared.metrics.rate_limited_registrations);
+                    self.rate_limited(id, wait).await;
+                    return Ok(());
+                }
+                self.register(id, register).await
+            }
             RequestBody::Authenticate(auth) => self.authenticate(id, auth).await,
             RequestBody::SealedSend(send) => {
+                if let Err(wait) = self.charge_envelopes(None, sealed_copies(&send)) {
+                    self.rate_limited(id, wait).await;
+                    return Ok(());
+                }
                 let write = self.sealed_write(send);
                 self.submit(id, write).await
             }
@@ -374,6 +422,10 @@ impl Session {
             // A sealed sender sets up sessions without saying who it is: with the
             // recipient's delivery token (or where the recipient admits anyone).
             RequestBody::FetchPrekeys(fetch) => {
+                if let Err(wait) = self.charge_prekey_fetch(Requester::Address(self.peer)) {
+                    self.rate_limited(id, wait).await;
+                    return Ok(());
+                }
                 if !self.admitted(fetch.account, fetch.access).await? {
                     self.respond(id, Err(ErrorCode::DeliveryRefused)).await;
                     return Ok(());
@@ -404,9 +456,71 @@ impl Session {
         let now = self.shared.clock.now();
         Write::SealedEnqueue {
             envelopes: send.envelopes,
+            quota: self.mailbox_quota(),
             received_at: now,
             expires_at: now.saturating_add(self.shared.config.message_expiry_secs()),
         }
+    }
+
+    fn mailbox_quota(&self) -> MailboxQuota {
+        let limits = &self.shared.config.limits;
+        MailboxQuota {
+            max_envelopes: limits.mailbox_max_envelopes,
+            max_bytes: limits.mailbox_max_bytes,
+        }
+    }
+
+    /// Charges `copies` envelope copies to this connection, and to the sending account
+    /// (or, on an anonymous connection, to its source address). On refusal, nothing stays
+    /// charged and the answer is how long to wait, in milliseconds.
+    fn charge_envelopes(&mut self, account: Option<AccountId>, copies: usize) -> Result<(), u32> {
+        let copies = u32::try_from(copies).unwrap_or(u32::MAX);
+        let limits = &self.shared.config.limits;
+        let quotas = &self.shared.quotas;
+        let metrics = &self.shared.metrics;
+        let now = self.shared.clock.now_millis();
+        if let Err(wait) = self
+            .envelope_budget
+            .take(limits.connection_envelopes, copies, now)
+        {
+            Metrics::inc(&metrics.rate_limited_connection_envelopes);
+            return Err(wait);
+        }
+        let shared: Result<(), (u32, &AtomicU64)> = match account {
+            Some(account) => quotas
+                .account_envelopes
+                .take(&account, copies, now)
+                .map_err(|wait| (wait, &metrics.rate_limited_account_envelopes)),
+            None => quotas
+                .address_sealed_sends
+                .take(&self.peer, copies, now)
+                .map_err(|wait| (wait, &metrics.rate_limited_address_sealed_sends)),
+        };
+        shared.map_err(|(wait, refused)| {
+            self.envelope_budget
+                .refund(limits.connection_envelopes, copies);
+            Metrics::inc(refused);
+            wait
+        })
+    }
+
+    /// Charges one prekey fetch to `requester`.
+    fn charge_prekey_fetch(&self, requester: Requester) -> Result<(), u32> {
+        let now = self.shared.clock.now_millis();
+        self.shared
+            .quotas
+            .prekey_fetches
+            .take(&requester, 1, now)
+            .inspect_err(|_| Metrics::inc(&self.shared.metrics.rate_limited_prekey_fetches))
+    }
+
+    /// Answers a request that a rate limit refused.
+    async fn rate_limited(&self, id: RequestId, retry_after_ms: u32) {
+        self.send(&ServerFrame::RateLimited(RateLimited {
+            id,
+            retry_after_ms,
+        }))
+        .await;
     }
 
     /// Hands a write to the committer and answers once it is durable.
@@ -844,7 +958,12 @@ fn respond_to_write(
     shared: &Shared,
     outcome: Result<WriteResult, CommitError>,
 ) -> Result<ResponseBody, ErrorCode> {
-    let outcome = outcome.map_err(commit_error_code)?.map_err(Refusal::code)?;
+    let outcome = outcome.map_err(commit_error_code)?.map_err(|refusal| {
+        if refusal == Refusal::MailboxFull {
+            Metrics::inc(&shared.metrics.mailbox_full_refusals);
+        }
+        refusal.code()
+    })?;
     Ok(match outcome {
         Outcome::Enqueued { recipients } => {
             Metrics::add(&shared.metrics.envelopes_accepted, recipients.len() as u64);
@@ -879,6 +998,11 @@ fn respond_to_write(
         | Outcome::InviteAdded
         | Outcome::CallsDeleted { .. } => return Err(ErrorCode::Internal),
     })
+}
+
+/// Envelope copies a sealed send asks for: one per named device.
+fn sealed_copies(send: &SealedSend) -> usize {
+    send.envelopes.iter().map(|e| e.devices.len()).sum()
 }
 
 /// Retraction by secret: the store sees only the derived tags.

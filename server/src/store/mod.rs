@@ -63,10 +63,13 @@ pub enum Write {
         /// Devices left with fewer one-time keys than this are reported as low.
         low_threshold: u32,
     },
-    /// Appends envelopes to every recipient's mailbox.
+    /// Appends envelopes to every recipient's mailbox; refused whole if one mailbox would
+    /// go over `quota`.
     Enqueue {
         /// The envelopes.
         envelopes: Vec<OutgoingEnvelope>,
+        /// How much a mailbox may hold.
+        quota: MailboxQuota,
         /// Seconds since the epoch, now.
         received_at: u64,
         /// Seconds since the epoch, when they expire.
@@ -77,6 +80,8 @@ pub enum Write {
     SealedEnqueue {
         /// The envelopes.
         envelopes: Vec<SealedEnvelope>,
+        /// How much a mailbox may hold.
+        quota: MailboxQuota,
         /// Seconds since the epoch, now.
         received_at: u64,
         /// Seconds since the epoch, when they expire.
@@ -134,6 +139,23 @@ pub enum Write {
         /// The account.
         account: AccountId,
     },
+}
+
+/// How much one device's mailbox may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MailboxQuota {
+    /// Envelopes.
+    pub max_envelopes: u64,
+    /// Payload bytes (as the sender sent them, before sealing at rest).
+    pub max_bytes: u64,
+}
+
+impl MailboxQuota {
+    /// No limit that a test would reach.
+    pub const UNLIMITED: MailboxQuota = MailboxQuota {
+        max_envelopes: u64::MAX,
+        max_bytes: u64::MAX,
+    };
 }
 
 /// What an applied write did.
@@ -223,6 +245,9 @@ pub enum Refusal {
     /// A sealed envelope's device list is not the account's current one.
     #[error("device list changed")]
     DeviceListChanged,
+    /// A recipient device's mailbox would go over its quota.
+    #[error("mailbox full")]
+    MailboxFull,
 }
 
 impl Refusal {
@@ -239,6 +264,7 @@ impl Refusal {
             Refusal::NotPermitted => ErrorCode::NotPermitted,
             Refusal::DeliveryRefused => ErrorCode::DeliveryRefused,
             Refusal::DeviceListChanged => ErrorCode::DeviceListChanged,
+            Refusal::MailboxFull => ErrorCode::MailboxFull,
         }
     }
 }
@@ -250,6 +276,15 @@ pub struct PrekeyCounts {
     pub one_time: u32,
     /// One-time ML-KEM prekeys.
     pub kem_one_time: u32,
+}
+
+/// What a device's mailbox holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MailboxUsage {
+    /// Envelopes.
+    pub envelopes: u64,
+    /// Payload bytes.
+    pub bytes: u64,
 }
 
 /// An envelope as read back for delivery.
@@ -378,6 +413,9 @@ pub trait Store: Send + Sync + 'static {
     /// Whether an anonymous sender presenting `token` may reach `account` (false for an
     /// unknown account, so the two cannot be told apart).
     fn admits(&self, account: &AccountId, token: Option<&[u8; 16]>) -> Result<bool, StoreError>;
+
+    /// What a device's mailbox holds: envelopes and payload bytes, as its quota counts them.
+    fn mailbox_usage(&self, address: &DeviceAddress) -> Result<MailboxUsage, StoreError>;
 
     /// One-time prekeys a device has left.
     fn prekey_counts(&self, address: &DeviceAddress) -> Result<PrekeyCounts, StoreError>;

@@ -22,12 +22,12 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::{
-    AccountView, Outcome, PrekeyCounts, Refusal, RetentionSummary, Store, StoreError, StoreStats,
-    StoredEnvelope, Write, WriteResult,
+    AccountView, MailboxQuota, MailboxUsage, Outcome, PrekeyCounts, Refusal, RetentionSummary,
+    Store, StoreError, StoreStats, StoredEnvelope, Write, WriteResult,
 };
 use crate::cdr::{CallRecord, DayStats};
 use crate::keyring::{Keyring, Tag, DAY};
-use crate::seal::SealingKey;
+use crate::seal::{SealingKey, SEAL_OVERHEAD};
 
 /// Accounts by account tag: sealed [`AccountRecord`].
 const ACCOUNTS: TableDefinition<Tag, &[u8]> = TableDefinition::new("accounts");
@@ -57,6 +57,9 @@ const CALL_RECORDS: TableDefinition<(u64, Tag), &[u8]> = TableDefinition::new("c
 const CALL_ACCOUNTS: TableDefinition<(Tag, u64, Tag), ()> = TableDefinition::new("call_accounts");
 /// Day statistics of calls by UTC day of the start: sealed [`DayStats`], no identities.
 const CALL_DAYS: TableDefinition<u32, &[u8]> = TableDefinition::new("call_days");
+/// What each mailbox holds, by device tag: (envelopes, payload bytes). No row: empty.
+/// Kept in the transaction that adds or deletes envelopes, so quotas cost no scan.
+const MAILBOX_USAGE: TableDefinition<Tag, (u64, u64)> = TableDefinition::new("mailbox_usage");
 /// Counters.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -156,6 +159,7 @@ struct Tables<'txn> {
     call_records: Table<'txn, (u64, Tag), &'static [u8]>,
     call_accounts: Table<'txn, (Tag, u64, Tag), ()>,
     call_days: Table<'txn, u32, &'static [u8]>,
+    mailbox_usage: Table<'txn, Tag, (u64, u64)>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -172,6 +176,7 @@ impl<'txn> Tables<'txn> {
             call_records: txn.open_table(CALL_RECORDS)?,
             call_accounts: txn.open_table(CALL_ACCOUNTS)?,
             call_days: txn.open_table(CALL_DAYS)?,
+            mailbox_usage: txn.open_table(MAILBOX_USAGE)?,
         })
     }
 }
@@ -216,8 +221,20 @@ fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
 impl RedbStore {
     /// Opens (or creates) the store: `relay.redb` and its key file `storage-keys` in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(dir, crate::config::Limits::default().store_cache_bytes)
+    }
+
+    /// [`RedbStore::open`] with a page cache of `cache_bytes` (reopening keeps it).
+    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         let path = dir.join("relay.redb");
-        Self::open_with(dir, Box::new(move || Database::create(&path)))
+        Self::open_with(
+            dir,
+            Box::new(move || {
+                redb::Builder::new()
+                    .set_cache_size(cache_bytes)
+                    .create(&path)
+            }),
+        )
     }
 
     /// Opens the store on the database `open_database` opens (a file, or in tests a
@@ -447,12 +464,22 @@ impl RedbStore {
         let removed = match t.mailbox.remove((tag, sequence))? {
             Some(value) => {
                 let expires_at = read_u64(value.value(), 0).unwrap_or(0);
+                let payload = value
+                    .value()
+                    .len()
+                    .saturating_sub(ENVELOPE_HEADER + SEAL_OVERHEAD);
                 drop(value);
                 t.expiry.remove((expires_at, tag, sequence))?;
-                true
+                Some(payload as u64)
             }
-            None => false,
+            None => None,
         };
+        if let Some(payload) = removed {
+            Self::change_usage(t, tag, |(count, bytes)| {
+                (count.saturating_sub(1), bytes.saturating_sub(payload))
+            })?;
+        }
+        let removed = removed.is_some();
         let blind = t
             .retract_entries
             .remove((tag, sequence))?
@@ -461,6 +488,29 @@ impl RedbStore {
             t.retract.remove((blind, tag, sequence))?;
         }
         Ok(removed)
+    }
+
+    /// What a mailbox holds (nothing, for a mailbox without a row).
+    fn usage<T: ReadableTable<Tag, (u64, u64)>>(
+        table: &T,
+        tag: Tag,
+    ) -> Result<(u64, u64), StoreError> {
+        Ok(table.get(&tag)?.map_or((0, 0), |v| v.value()))
+    }
+
+    /// Rewrites a mailbox's usage row; an empty mailbox has none.
+    fn change_usage(
+        t: &mut Tables<'_>,
+        tag: Tag,
+        change: impl FnOnce((u64, u64)) -> (u64, u64),
+    ) -> Result<(), StoreError> {
+        let usage = change(Self::usage(&t.mailbox_usage, tag)?);
+        if usage == (0, 0) {
+            t.mailbox_usage.remove(&tag)?;
+        } else {
+            t.mailbox_usage.insert(&tag, usage)?;
+        }
+        Ok(())
     }
 
     /// Deletes a device's mailbox and its index entries.
@@ -641,14 +691,16 @@ impl RedbStore {
             }
             Write::Enqueue {
                 envelopes,
+                quota,
                 received_at,
                 expires_at,
-            } => self.enqueue(t, &envelopes, received_at, expires_at),
+            } => self.enqueue(t, &envelopes, quota, received_at, expires_at),
             Write::SealedEnqueue {
                 envelopes,
+                quota,
                 received_at,
                 expires_at,
-            } => self.sealed_enqueue(t, envelopes, received_at, expires_at),
+            } => self.sealed_enqueue(t, envelopes, quota, received_at, expires_at),
             Write::SetDeliveryAccess {
                 account,
                 token_hash,
@@ -859,6 +911,7 @@ impl RedbStore {
         &self,
         t: &mut Tables<'_>,
         envelopes: Vec<SealedEnvelope>,
+        quota: MailboxQuota,
         received_at: u64,
         expires_at: u64,
     ) -> Result<WriteResult, StoreError> {
@@ -907,13 +960,14 @@ impl RedbStore {
                 }
             })
             .collect();
-        self.enqueue(t, &outgoing, received_at, expires_at)
+        self.enqueue(t, &outgoing, quota, received_at, expires_at)
     }
 
     fn enqueue(
         &self,
         t: &mut Tables<'_>,
         envelopes: &[OutgoingEnvelope],
+        quota: MailboxQuota,
         received_at: u64,
         expires_at: u64,
     ) -> Result<WriteResult, StoreError> {
@@ -932,6 +986,30 @@ impl RedbStore {
             if record.device(recipient.device).is_none() {
                 return Ok(Err(Refusal::UnknownRecipient));
             }
+        }
+        // What each mailbox would hold afterwards: a send that would overfill one is
+        // refused whole, like any other refusal of a send.
+        let mut added: HashMap<DeviceAddress, (u64, u64)> = HashMap::new();
+        for envelope in envelopes {
+            let distinct: BTreeSet<&DeviceAddress> = envelope.recipients.iter().collect();
+            for recipient in distinct {
+                let entry = added.entry(*recipient).or_default();
+                entry.0 += 1;
+                entry.1 += envelope.payload.len() as u64;
+            }
+        }
+        let mut usage = Vec::with_capacity(added.len());
+        for (recipient, (count, bytes)) in added {
+            let tag = self.device_tag(&recipient);
+            let (held, held_bytes) = Self::usage(&t.mailbox_usage, tag)?;
+            let after = (held.saturating_add(count), held_bytes.saturating_add(bytes));
+            if after.0 > quota.max_envelopes || after.1 > quota.max_bytes {
+                return Ok(Err(Refusal::MailboxFull));
+            }
+            usage.push((tag, after));
+        }
+        for (tag, after) in usage {
+            t.mailbox_usage.insert(&tag, after)?;
         }
 
         let key = self.keys.day_or_create(expiry_day(expires_at))?;
@@ -1115,6 +1193,13 @@ impl Store for RedbStore {
         }
         let access = self.load_delivery_access(&txn.open_table(DELIVERY_ACCESS)?, &tag)?;
         Ok(access.admits(token))
+    }
+
+    fn mailbox_usage(&self, address: &DeviceAddress) -> Result<MailboxUsage, StoreError> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(MAILBOX_USAGE)?;
+        let (envelopes, bytes) = Self::usage(&table, self.device_tag(address))?;
+        Ok(MailboxUsage { envelopes, bytes })
     }
 
     fn prekey_counts(&self, address: &DeviceAddress) -> Result<PrekeyCounts, StoreError> {

@@ -19,7 +19,7 @@ use super::tests::register;
 use super::RedbStore;
 use crate::commit::{CommitError, Committer};
 use crate::keyring::DAY;
-use crate::store::{Store, Write, WriteResult};
+use crate::store::{MailboxQuota, Store, Write, WriteResult};
 
 const NOW: u64 = 1_800_000_000;
 /// Envelopes that the sweeps in the run delete expire at `NOW + SHORT`.
@@ -265,6 +265,7 @@ fn run(budget: Option<u64>, fault: Fault) -> Run {
                         payload: payload.clone(),
                         retract_tag: None,
                     }],
+                    quota: MailboxQuota::UNLIMITED,
                     received_at: NOW,
                     expires_at,
                 };

@@ -8,7 +8,7 @@ use hush_protocol::{
 use super::*;
 use crate::cdr::CallRecord;
 use crate::clock::{Clock, ManualClock};
-use crate::store::{Outcome, Refusal, Store, Write};
+use crate::store::{MailboxQuota, MailboxUsage, Outcome, Refusal, Store, Write};
 use hush_protocol::CallOutcome;
 
 const NOW: u64 = 1_800_000_000;
@@ -56,6 +56,7 @@ fn enqueue(to: &[DeviceAddress], payload: &[u8], at: u64) -> Write {
             payload: payload.to_vec(),
             retract_tag: None,
         }],
+        quota: MailboxQuota::UNLIMITED,
         received_at: at,
         expires_at: at + TTL,
     }
@@ -69,6 +70,7 @@ fn enqueue_retractable(to: &[DeviceAddress], secret: u8, at: u64) -> Write {
             payload: vec![secret],
             retract_tag: Some(retract_tag(&[secret; 32])),
         }],
+        quota: MailboxQuota::UNLIMITED,
         received_at: at,
         expires_at: at + TTL,
     }
@@ -89,9 +91,84 @@ fn sealed(to: DeviceAddress, devices: &[u32], access: Option<[u8; 16]>) -> Write
             retract_tag: None,
             payload: b"sealed".to_vec(),
         }],
+        quota: MailboxQuota::UNLIMITED,
         received_at: NOW,
         expires_at: NOW + TTL,
     }
+}
+
+#[test]
+fn mailbox_quota_refuses_the_whole_send_and_frees_up_as_envelopes_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    let alice = register(&store, 1);
+    let bob = register(&store, 2);
+    let quota = MailboxQuota {
+        max_envelopes: 3,
+        max_bytes: 10,
+    };
+    let send = |to: &[DeviceAddress], payload: &[u8]| match enqueue(to, payload, NOW) {
+        Write::Enqueue {
+            envelopes,
+            received_at,
+            expires_at,
+            ..
+        } => Write::Enqueue {
+            envelopes,
+            quota,
+            received_at,
+            expires_at,
+        },
+        _ => unreachable!(),
+    };
+    let results = store
+        .apply(vec![
+            send(&[bob], b"1234"),
+            send(&[bob], b"1234"),
+            // 12 bytes: over the byte quota; refused for Alice too, nothing stored.
+            send(&[alice, bob], b"1234"),
+            send(&[bob], b"12"),
+            // A fourth envelope: over the count quota.
+            send(&[bob], b""),
+        ])
+        .unwrap();
+    assert!(matches!(results[0], Ok(Outcome::Enqueued { .. })));
+    assert!(matches!(results[1], Ok(Outcome::Enqueued { .. })));
+    assert_eq!(results[2], Err(Refusal::MailboxFull));
+    assert!(matches!(results[3], Ok(Outcome::Enqueued { .. })));
+    assert_eq!(results[4], Err(Refusal::MailboxFull));
+    assert_eq!(
+        store.mailbox_usage(&bob).unwrap(),
+        MailboxUsage {
+            envelopes: 3,
+            bytes: 10
+        }
+    );
+    assert_eq!(
+        store.mailbox_usage(&alice).unwrap(),
+        MailboxUsage::default()
+    );
+    let first = store.backlog(&bob, None, NOW, 1).unwrap()[0].id;
+    store
+        .apply(vec![Write::Ack {
+            address: bob,
+            ids: vec![first],
+        }])
+        .unwrap();
+    assert_eq!(
+        store.mailbox_usage(&bob).unwrap(),
+        MailboxUsage {
+            envelopes: 2,
+            bytes: 6
+        }
+    );
+    assert!(matches!(
+        store.apply(vec![send(&[bob], b"1234")]).unwrap()[0],
+        Ok(Outcome::Enqueued { .. })
+    ));
+    // Expiry empties the mailbox and its usage with it.
+    store.apply(vec![Write::Expire { now: NOW + TTL }]).unwrap();
+    assert_eq!(store.mailbox_usage(&bob).unwrap(), MailboxUsage::default());
 }
 
 #[test]
@@ -465,6 +542,7 @@ fn per_device_sealed_envelopes_must_cover_the_device_list_together() {
             .collect();
         Write::SealedEnqueue {
             envelopes,
+            quota: MailboxQuota::UNLIMITED,
             received_at: NOW,
             expires_at: NOW + TTL,
         }
