@@ -120,7 +120,7 @@ pub async fn start_hush_relay_in(
         .filter(|path| path.exists())
         .context("hush-relay not found next to hush-bench: cargo build --release -p hush-server")?;
     let config_path = dir.join("relay.toml");
-    std::fs::write(&config_path, config)?;
+    std::fs::write(&config_path, with_bench_limits(config))?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -251,4 +251,61 @@ pub fn which(program: &str) -> Option<PathBuf> {
         ])
         .map(|dir| dir.join(program))
         .find(|candidate| candidate.is_file())
+}
+
+/// The bench plays a whole population of users from one loopback address, so the limits
+/// that guard a relay against one address or one account doing that are lifted.
+const BENCH_RATES: &str = "
+[limits.connection_envelopes]
+burst = 1000000000
+refill = 1000000000
+period_secs = 1
+[limits.account_envelopes]
+burst = 1000000000
+refill = 1000000000
+period_secs = 1
+[limits.address_sealed_sends]
+burst = 1000000000
+refill = 1000000000
+period_secs = 1
+[limits.prekey_fetches]
+burst = 1000000000
+refill = 1000000000
+period_secs = 1
+[limits.registrations]
+burst = 1000000000
+refill = 1000000000
+period_secs = 1
+";
+
+/// `config` with the per-address, per-account and per-device limits lifted (see
+/// [`BENCH_RATES`]); the scenario's own `[limits]` settings stay.
+fn with_bench_limits(config: &str) -> String {
+    let scalars = "connections_per_address = 1000000000\n\
+                   mailbox_max_envelopes = 1000000000000\n\
+                   mailbox_max_bytes = 1000000000000000\n";
+    let base = match config.split_once("[limits]\n") {
+        Some((before, after)) => format!("{before}[limits]\n{scalars}{after}"),
+        None => format!("{config}\n[limits]\n{scalars}"),
+    };
+    format!("{base}{BENCH_RATES}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_limits_merge_into_every_scenario_config() {
+        for config in [
+            "",
+            "[limits]\nmax_connections = 5\nrequire_address_validation = false\n",
+        ] {
+            let merged = with_bench_limits(config);
+            let parsed = hush_server::config::Config::from_toml(&merged)
+                .unwrap_or_else(|e| panic!("{merged}: {e}"));
+            assert_eq!(parsed.limits.connections_per_address, 1_000_000_000);
+            assert_eq!(parsed.limits.registrations.burst, 1_000_000_000);
+        }
+    }
 }

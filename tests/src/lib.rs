@@ -18,6 +18,7 @@ use hush_client::protocol::DeviceAddress;
 use hush_client::{ConnectOptions, Connection, DeviceKey, Envelope, Event, Trust};
 use hush_server::clock::ManualClock;
 use hush_server::config::Config;
+use hush_server::rate::Rate;
 use hush_server::Relay;
 use tempfile::TempDir;
 
@@ -41,6 +42,15 @@ pub fn test_config(data_dir: &Path) -> Config {
         ..Config::default()
     };
     config.sweep_interval_secs = 3600;
+    // The test clock stands still unless a test moves it, so no bucket would ever refill,
+    // and every test registers all its accounts from one loopback address: the rate limits
+    // are out of reach here. `tests/limits.rs` sets small ones of its own.
+    let unlimited = Rate::per_second(u32::MAX, u32::MAX);
+    config.limits.connection_envelopes = unlimited;
+    config.limits.account_envelopes = unlimited;
+    config.limits.address_sealed_sends = unlimited;
+    config.limits.prekey_fetches = unlimited;
+    config.limits.registrations = unlimited;
     config
 }
 
