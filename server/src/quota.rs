@@ -19,22 +19,13 @@ use crate::rate::KeyedBuckets;
 pub fn address_key(address: IpAddr) -> IpAddr {
     match address {
         IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let segments = v6.segments();
-                IpAddr::V6(Ipv6Addr::new(
-                    segments[0],
-                    segments[1],
-                    segments[2],
-                    segments[3],
-                    0,
-                    0,
-                    0,
-                    0,
-                ))
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
             }
-        },
+            let [a, b, c, d, ..] = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0))
+        }
     }
 }
 
@@ -159,9 +150,9 @@ mod tests {
         assert!(slots.acquire(here).is_none());
         let _elsewhere = slots.acquire(there).unwrap();
         drop(first);
-        let _third = slots.acquire(here).unwrap();
+        let third = slots.acquire(here).unwrap();
         drop(second);
-        drop(_third);
+        drop(third);
         // Addresses without live connections are forgotten.
         assert_eq!(slots.tracked(), 1);
     }

@@ -339,6 +339,27 @@ impl ChildRelay {
         self.child.try_wait().unwrap().is_none()
     }
 
+    /// The relay's resident memory now and at its peak so far, in bytes (Linux `/proc`).
+    pub fn memory(&self) -> Memory {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let field = |name: &str| -> u64 {
+            let line = status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("{name} in /proc status"));
+            let kib: u64 = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("a number in {line}"));
+            kib * 1024
+        };
+        Memory {
+            resident: field("VmRSS:"),
+            peak: field("VmHWM:"),
+        }
+    }
+
     /// SIGKILL: no chance to flush anything.
     pub fn kill(mut self) {
         self.child.kill().unwrap();
@@ -365,6 +386,15 @@ impl ChildRelay {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// A process's resident memory, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Memory {
+    /// Resident now.
+    pub resident: u64,
+    /// The most it has been resident at once (the high-water mark).
+    pub peak: u64,
 }
 
 impl Drop for ChildRelay {
