@@ -154,8 +154,10 @@ async fn read_again(raw: &mut RawStream, count: usize) -> Vec<u64> {
 #[tokio::test]
 async fn a_device_that_stops_reading_costs_bounded_memory_and_gets_everything_later() {
     let dir = tempfile::tempdir().unwrap();
-    let relay =
-        ChildRelay::spawn_configured(relay_binary!(), dir.path(), Some(CONFIG), None, "warn");
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let data = dir.path().join("data");
+    let relay = ChildRelay::spawn_configured(relay_binary!(), Some(&config), &data, None, "warn");
     let alice = Connection::connect(&relay.options()).await.unwrap();
     alice
         .register(b"alice", &DeviceKey::generate(), None)
@@ -189,9 +191,7 @@ async fn a_device_that_stops_reading_costs_bounded_memory_and_gets_everything_la
         "relay memory grew by {growth} bytes over a {flood_bytes}-byte flood"
     );
     // The flood is in the store, not in memory.
-    let stored = std::fs::metadata(dir.path().join("relay.redb"))
-        .unwrap()
-        .len();
+    let stored = std::fs::metadata(data.join("relay.redb")).unwrap().len();
     assert!(
         stored >= flood_bytes,
         "the store holds {stored} bytes of a {flood_bytes}-byte flood"
