@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hush_client::protocol::DeviceAddress;
-use hush_client::{ConnectOptions, Connection, DeviceKey, Envelope, Event, Trust};
+use hush_client::protocol::ErrorCode;
+use hush_client::{ConnectOptions, Connection, ConnectionError, DeviceKey, Envelope, Event, Trust};
 use hush_server::clock::ManualClock;
 use hush_server::config::Config;
 use hush_server::rate::Rate;
@@ -249,6 +250,14 @@ pub async fn assert_no_envelope(connection: &Connection, quiet: Duration) {
         "unexpected envelope {:?}",
         arrived.map(|e| e.id)
     );
+}
+
+/// Asserts that the relay refused a request with `code` (the connection carries on).
+pub fn refused<T: std::fmt::Debug>(result: Result<T, ConnectionError>, code: ErrorCode) {
+    match result {
+        Err(ConnectionError::Refused(got)) => assert_eq!(got, code),
+        other => panic!("expected a {code:?} refusal, got {other:?}"),
+    }
 }
 
 /// A `hush-relay` child process, for tests that kill or signal it.

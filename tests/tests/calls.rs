@@ -12,18 +12,11 @@ use hush_client::{Connection, ConnectionError};
 use hush_server::cdr::{day_of, format_date};
 use hush_server::clock::Clock;
 use hush_tests::{
-    add_device, assert_no_call_ended, collect_media, contains, next_call_ended, read_tree,
+    add_device, assert_no_call_ended, collect_media, contains, next_call_ended, read_tree, refused,
     relay_binary, wait_for_count, Device, TestRelay,
 };
 
 const QUIET: Duration = Duration::from_millis(300);
-
-fn refused(result: Result<impl std::fmt::Debug, ConnectionError>, code: ErrorCode) {
-    match result {
-        Err(ConnectionError::Refused(got)) => assert_eq!(got, code),
-        other => panic!("expected a {code:?} refusal, got {other:?}"),
-    }
-}
 
 fn count(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)

@@ -13,7 +13,7 @@ use hush_client::protocol::{
 use hush_client::{Connection, ConnectionError};
 use hush_server::metrics::Metrics;
 use hush_server::rate::Rate;
-use hush_tests::{add_device, drain, Device, TestRelay, WAIT};
+use hush_tests::{add_device, drain, refused, Device, TestRelay, WAIT};
 
 const TOKEN: [u8; 16] = [0x42; 16];
 
@@ -22,13 +22,6 @@ fn rate_limited(result: Result<impl std::fmt::Debug, ConnectionError>) -> Durati
     match result {
         Err(ConnectionError::RateLimited { retry_after }) => retry_after,
         other => panic!("expected RateLimited, got {other:?}"),
-    }
-}
-
-fn refused(result: Result<impl std::fmt::Debug, ConnectionError>, code: ErrorCode) {
-    match result {
-        Err(ConnectionError::Refused(got)) => assert_eq!(got, code),
-        other => panic!("expected a {code:?} refusal, got {other:?}"),
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use hush_client::protocol::ErrorCode;
 use hush_client::{Connection, ConnectionError, Event};
-use hush_tests::{contains, read_tree, TestRelay, WAIT};
+use hush_tests::{contains, read_tree, refused, TestRelay, WAIT};
 
 async fn provisioning_message(connection: &Connection) -> Vec<u8> {
     tokio::time::timeout(WAIT, async {
@@ -20,13 +20,6 @@ async fn provisioning_message(connection: &Connection) -> Vec<u8> {
     })
     .await
     .expect("a provisioning message within the wait")
-}
-
-fn refused(result: Result<(), ConnectionError>, code: ErrorCode) {
-    match result {
-        Err(ConnectionError::Refused(got)) => assert_eq!(got, code),
-        other => panic!("expected a {code:?} refusal, got {other:?}"),
-    }
 }
 
 #[tokio::test]

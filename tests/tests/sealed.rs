@@ -9,7 +9,9 @@ use hush_server::clock::Clock;
 use hush_client::protocol::sealed::{retract_tag, CertificateError, SealedEnvelope};
 use hush_client::protocol::{DeviceId, ErrorCode, OutgoingEnvelope};
 use hush_client::{Connection, ConnectionError};
-use hush_tests::{add_device, assert_no_envelope, drain, next_envelope, Device, TestRelay};
+use hush_tests::{
+    add_device, assert_no_envelope, drain, next_envelope, refused, Device, TestRelay,
+};
 
 const HOUR: u64 = 3600;
 const TOKEN: [u8; 16] = [0x5a; 16];
@@ -21,13 +23,6 @@ fn sealed_to(device: &Device, devices: &[DeviceId], access: Option<[u8; 16]>) ->
         access,
         retract_tag: None,
         payload: b"sealed ciphertext".to_vec(),
-    }
-}
-
-fn refused(result: Result<impl std::fmt::Debug, ConnectionError>, code: ErrorCode) {
-    match result {
-        Err(ConnectionError::Refused(got)) => assert_eq!(got, code),
-        other => panic!("expected a {code:?} refusal, got {other:?}"),
     }
 }
 
