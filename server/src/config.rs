@@ -512,6 +512,18 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_config_shows_the_defaults() {
+        let readme = include_str!("../../README.md");
+        let block = readme
+            .split("```toml\n")
+            .skip(1)
+            .filter_map(|rest| rest.split("```").next())
+            .find(|block| block.contains("[limits]"))
+            .unwrap();
+        assert_eq!(Config::from_toml(block).unwrap(), Config::default());
+    }
+
+    #[test]
     fn unknown_settings_are_errors_not_silently_ignored() {
         assert!(matches!(
             Config::from_toml("mesage_expiry_days = 3"),

@@ -264,19 +264,6 @@ impl Relay {
         self.shared.provisioning.open_count()
     }
 
-    /// Source addresses with a live connection, and keys tracked by the shared rate
-    /// limits (each bounded by `limits.rate_limit_keys`).
-    pub fn tracked_limit_keys(&self) -> (usize, usize) {
-        let quotas = &self.shared.quotas;
-        (
-            quotas.connections.tracked(),
-            quotas.account_envelopes.tracked()
-                + quotas.address_sealed_sends.tracked()
-                + quotas.prekey_fetches.tracked()
-                + quotas.registrations.tracked(),
-        )
-    }
-
     /// What a device's mailbox holds, as its quota counts it.
     pub async fn mailbox_usage(
         &self,

@@ -160,6 +160,9 @@ struct Tables<'txn> {
     call_accounts: Table<'txn, (Tag, u64, Tag), ()>,
     call_days: Table<'txn, u32, &'static [u8]>,
     mailbox_usage: Table<'txn, Tag, (u64, u64)>,
+    /// Mailbox usage as this transaction has changed it, written back once per mailbox by
+    /// [`Tables::flush_usage`]: a batch touches each busy mailbox many times.
+    usage: HashMap<Tag, (u64, u64)>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -177,8 +180,37 @@ impl<'txn> Tables<'txn> {
             call_accounts: txn.open_table(CALL_ACCOUNTS)?,
             call_days: txn.open_table(CALL_DAYS)?,
             mailbox_usage: txn.open_table(MAILBOX_USAGE)?,
+            usage: HashMap::new(),
         })
     }
+
+    /// What a mailbox holds, as this transaction has left it so far.
+    fn usage(&self, tag: Tag) -> Result<(u64, u64), StoreError> {
+        match self.usage.get(&tag) {
+            Some(usage) => Ok(*usage),
+            None => stored_usage(&self.mailbox_usage, tag),
+        }
+    }
+
+    /// Writes back this transaction's usage changes; an empty mailbox keeps no row.
+    fn flush_usage(&mut self) -> Result<(), StoreError> {
+        for (tag, usage) in self.usage.drain() {
+            if usage == (0, 0) {
+                self.mailbox_usage.remove(&tag)?;
+            } else {
+                self.mailbox_usage.insert(&tag, usage)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a mailbox holds by its usage row (nothing, without one).
+fn stored_usage<T: ReadableTable<Tag, (u64, u64)>>(
+    table: &T,
+    tag: Tag,
+) -> Result<(u64, u64), StoreError> {
+    Ok(table.get(&tag)?.map_or((0, 0), |v| v.value()))
 }
 
 fn expiry_day(expires_at: u64) -> u32 {
@@ -475,9 +507,11 @@ impl RedbStore {
             None => None,
         };
         if let Some(payload) = removed {
-            Self::change_usage(t, tag, |(count, bytes)| {
-                (count.saturating_sub(1), bytes.saturating_sub(payload))
-            })?;
+            let (count, bytes) = t.usage(tag)?;
+            t.usage.insert(
+                tag,
+                (count.saturating_sub(1), bytes.saturating_sub(payload)),
+            );
         }
         let removed = removed.is_some();
         let blind = t
@@ -488,29 +522,6 @@ impl RedbStore {
             t.retract.remove((blind, tag, sequence))?;
         }
         Ok(removed)
-    }
-
-    /// What a mailbox holds (nothing, for a mailbox without a row).
-    fn usage<T: ReadableTable<Tag, (u64, u64)>>(
-        table: &T,
-        tag: Tag,
-    ) -> Result<(u64, u64), StoreError> {
-        Ok(table.get(&tag)?.map_or((0, 0), |v| v.value()))
-    }
-
-    /// Rewrites a mailbox's usage row; an empty mailbox has none.
-    fn change_usage(
-        t: &mut Tables<'_>,
-        tag: Tag,
-        change: impl FnOnce((u64, u64)) -> (u64, u64),
-    ) -> Result<(), StoreError> {
-        let usage = change(Self::usage(&t.mailbox_usage, tag)?);
-        if usage == (0, 0) {
-            t.mailbox_usage.remove(&tag)?;
-        } else {
-            t.mailbox_usage.insert(&tag, usage)?;
-        }
-        Ok(())
     }
 
     /// Deletes a device's mailbox and its index entries.
@@ -1001,16 +1012,14 @@ impl RedbStore {
         let mut usage = Vec::with_capacity(added.len());
         for (recipient, (count, bytes)) in added {
             let tag = self.device_tag(&recipient);
-            let (held, held_bytes) = Self::usage(&t.mailbox_usage, tag)?;
+            let (held, held_bytes) = t.usage(tag)?;
             let after = (held.saturating_add(count), held_bytes.saturating_add(bytes));
             if after.0 > quota.max_envelopes || after.1 > quota.max_bytes {
                 return Ok(Err(Refusal::MailboxFull));
             }
             usage.push((tag, after));
         }
-        for (tag, after) in usage {
-            t.mailbox_usage.insert(&tag, after)?;
-        }
+        t.usage.extend(usage);
 
         let key = self.keys.day_or_create(expiry_day(expires_at))?;
         let mut woken = BTreeSet::new();
@@ -1198,7 +1207,7 @@ impl Store for RedbStore {
     fn mailbox_usage(&self, address: &DeviceAddress) -> Result<MailboxUsage, StoreError> {
         let txn = self.begin_read()?;
         let table = txn.open_table(MAILBOX_USAGE)?;
-        let (envelopes, bytes) = Self::usage(&table, self.device_tag(address))?;
+        let (envelopes, bytes) = stored_usage(&table, self.device_tag(address))?;
         Ok(MailboxUsage { envelopes, bytes })
     }
 
@@ -1305,6 +1314,7 @@ impl RedbStore {
             for write in writes {
                 results.push(self.apply_one(&mut tables, write)?);
             }
+            tables.flush_usage()?;
             let mut meta = txn.open_table(META)?;
             meta.insert(
                 META_NEXT_SEQUENCE,
