@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hush_client::protocol::DeviceAddress;
-use hush_client::protocol::ErrorCode;
+use hush_client::protocol::{ErrorCode, Prekey};
 use hush_client::{ConnectOptions, Connection, ConnectionError, DeviceKey, Envelope, Event, Trust};
 use hush_server::clock::ManualClock;
 use hush_server::config::Config;
@@ -250,6 +250,16 @@ pub async fn assert_no_envelope(connection: &Connection, quiet: Duration) {
         "unexpected envelope {:?}",
         arrived.map(|e| e.id)
     );
+}
+
+/// A prekey with id `id` and a public key of `size` bytes (the relay treats both as
+/// opaque; 32 for X25519, 1,184 for ML-KEM-768).
+pub fn prekey(id: u32, size: usize) -> Prekey {
+    Prekey {
+        id,
+        public_key: vec![id as u8; size],
+        signature: vec![0xEE; 64],
+    }
 }
 
 /// Asserts that the relay refused a request with `code` (the connection carries on).

@@ -7,13 +7,11 @@
 use std::time::Duration;
 
 use hush_client::protocol::sealed::SealedEnvelope;
-use hush_client::protocol::{
-    CallOutcome, DeviceId, ErrorCode, OutgoingEnvelope, Prekey, UploadPrekeys,
-};
+use hush_client::protocol::{CallOutcome, DeviceId, ErrorCode, OutgoingEnvelope, UploadPrekeys};
 use hush_client::{Connection, ConnectionError};
 use hush_server::metrics::Metrics;
 use hush_server::rate::Rate;
-use hush_tests::{add_device, drain, refused, Device, TestRelay, WAIT};
+use hush_tests::{add_device, drain, prekey, refused, Device, TestRelay, WAIT};
 
 const TOKEN: [u8; 16] = [0x42; 16];
 
@@ -200,14 +198,6 @@ async fn anonymous_sealed_sends_are_limited_per_source_address() {
         Metrics::get(&relay.relay().metrics().rate_limited_address_sealed_sends),
         2
     );
-}
-
-fn prekey(id: u32, size: usize) -> Prekey {
-    Prekey {
-        id,
-        public_key: vec![id as u8; size],
-        signature: vec![0xEE; 64],
-    }
 }
 
 #[tokio::test]

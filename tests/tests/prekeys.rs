@@ -1,17 +1,9 @@
 //! The prekey directory: one-time keys handed out once, last resort, low-prekey signal.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use hush_client::protocol::{AccountId, DeviceId, ErrorCode, Prekey, UploadPrekeys};
+use hush_client::protocol::{AccountId, DeviceId, ErrorCode, UploadPrekeys};
 use hush_client::{ConnectionError, Event};
-use hush_tests::{add_device, TestRelay, WAIT};
-
-fn key(id: u32, size: usize) -> Prekey {
-    Prekey {
-        id,
-        public_key: vec![id as u8; size],
-        signature: vec![0xEE; 64],
-    }
-}
+use hush_tests::{add_device, prekey, TestRelay, WAIT};
 
 async fn low_prekeys(connection: &hush_client::Connection) -> (u32, u32) {
     tokio::time::timeout(WAIT, async {
@@ -42,10 +34,10 @@ async fn one_time_prekeys_are_handed_out_once_then_the_last_resort_kem_key() {
     let counts = bob
         .connection
         .upload_prekeys(UploadPrekeys {
-            signed_prekey: Some(key(100, 32)),
-            one_time: vec![key(1, 32), key(2, 32), key(3, 32)],
-            kem_one_time: vec![key(11, 1184), key(12, 1184)],
-            kem_last_resort: Some(key(99, 1184)),
+            signed_prekey: Some(prekey(100, 32)),
+            one_time: vec![prekey(1, 32), prekey(2, 32), prekey(3, 32)],
+            kem_one_time: vec![prekey(11, 1184), prekey(12, 1184)],
+            kem_last_resort: Some(prekey(99, 1184)),
         })
         .await
         .unwrap();
