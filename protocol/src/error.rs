@@ -163,6 +163,10 @@ error_codes! {
     CallAlreadyJoined = 29,
     /// The account has as many live call allocations as it may.
     CallLimitReached = 30,
+    /// A frame began but did not arrive in full within the relay's frame deadline: a
+    /// stalled half-frame would otherwise hold the connection's buffers forever.
+    /// (31 and 32 are taken by the rate-limit codes.)
+    FrameTimeout = 33,
 }
 
 impl fmt::Debug for ErrorCode {

@@ -258,6 +258,11 @@ impl Relay {
         self.shared.provisioning.open_count()
     }
 
+    /// Connections holding a slot now: handshaking, saying `Hello`, or in session.
+    pub fn open_connections(&self) -> u64 {
+        Metrics::get(&self.shared.metrics.connections_open)
+    }
+
     /// Devices connected now.
     pub fn connected_devices(&self) -> usize {
         self.shared.hub.connected()

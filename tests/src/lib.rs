@@ -7,6 +7,8 @@
     clippy::missing_panics_doc
 )]
 
+pub mod flood;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
