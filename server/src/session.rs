@@ -1024,10 +1024,10 @@ async fn write_loop(mut send: SendStream, mut frames: mpsc::Receiver<Vec<u8>>) {
 }
 
 /// Reads one client frame: `None` at a clean end of stream. The body buffer is allocated
-/// only after the header passed its kind's size limit.
-/// Reads one frame. Waiting for a frame's first byte has no deadline (a quiet device
-/// waits for pushes, and the idle timeout covers a dead one); once it has come, the rest
-/// must follow within `rest_within`, so a half-sent frame cannot pin its buffer.
+/// only after the header passed its kind's size limit. Waiting for a frame's first byte
+/// has no deadline (a quiet device waits for pushes; the idle timeout covers a dead one);
+/// once it has come, the rest must follow within `rest_within`, so a half-sent frame
+/// cannot pin its buffer.
 async fn read_frame(
     recv: &mut RecvStream,
     rest_within: Duration,
