@@ -11,11 +11,11 @@ use hush_client::protocol::{
     encode_frame, ClientFrame, DeviceAddress, ErrorCode, Hello, Request, RequestBody, RequestId,
     ServerFrame,
 };
-use hush_client::{close_code, Connection, Connector, DeviceKey, RawStream};
+use hush_client::{close_code, Connection, Connector, DeviceKey};
 use hush_server::config::Config;
 use hush_server::metrics::Metrics;
 use hush_tests::flood::HandshakeFlood;
-use hush_tests::{next_envelope, TestRelay, WAIT};
+use hush_tests::{fatal, next_envelope, raw_after_hello, TestRelay, WAIT};
 
 /// Keep-alives for the well-behaved clients, well inside every idle timeout used here.
 const KEEP_ALIVE: Duration = Duration::from_millis(250);
@@ -102,36 +102,6 @@ impl World {
     fn closed_with(&self, code: ErrorCode) -> u64 {
         self.relay.relay().metrics().closed_count(code)
     }
-
-    /// A raw control stream past `Hello`.
-    async fn raw_after_hello(&self) -> RawStream {
-        let mut raw = self.connector.connect_raw().await.unwrap();
-        raw.write(&encode_frame(&ClientFrame::Hello(Hello::current())))
-            .await
-            .unwrap();
-        match raw.read_frame().await.unwrap() {
-            Some(ServerFrame::HelloOk(_)) => raw,
-            other => panic!("expected HelloOk, got {other:?}"),
-        }
-    }
-}
-
-/// Reads until the relay's `Fatal` frame and checks the connection closes with its code.
-async fn fatal(raw: &mut RawStream) -> ErrorCode {
-    let code = tokio::time::timeout(WAIT, async {
-        loop {
-            match raw.read_frame().await {
-                Ok(Some(ServerFrame::Fatal(fatal))) => return fatal.code,
-                Ok(Some(_)) => {}
-                other => panic!("expected a Fatal frame, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("a Fatal frame within the wait");
-    let closed = tokio::time::timeout(WAIT, raw.closed()).await.unwrap();
-    assert_eq!(closed, Some(code), "close code matches the Fatal frame");
-    code
 }
 
 /// Waits (bounded) for a QUIC connection to close; returns the relay's code, if any.
@@ -147,9 +117,9 @@ async fn a_half_sent_frame_is_closed_at_the_frame_deadline_though_keep_alives_fl
     let world = world(|config| config.limits.frame_read_timeout_secs = 1).await;
 
     // Three bytes of a header; then a full header promising 1,000 bytes and 10 of them.
-    let mut header_only = world.raw_after_hello().await;
+    let mut header_only = raw_after_hello(&world.connector).await.0;
     header_only.write(&[0, 0, 3]).await.unwrap();
-    let mut half_body = world.raw_after_hello().await;
+    let mut half_body = raw_after_hello(&world.connector).await.0;
     let mut frame = 1000u32.to_be_bytes().to_vec();
     frame.push(0x08); // Send
     frame.extend_from_slice(&[0; 10]);
@@ -185,7 +155,7 @@ async fn a_connection_that_never_says_hello_is_closed_at_the_hello_deadline() {
 #[tokio::test]
 async fn streams_beyond_the_control_stream_are_refused_by_flow_control() {
     let world = world(|_| {}).await;
-    let mut raw = world.raw_after_hello().await;
+    let mut raw = raw_after_hello(&world.connector).await.0;
 
     // MAX_STREAMS allows the control stream only: a second bidirectional stream and any
     // unidirectional one wait for credit the relay never gives.
