@@ -127,18 +127,34 @@ impl Target {
         })
     }
 
+    /// The admin socket of a relay the bench started.
+    pub fn admin_socket(&self) -> Option<PathBuf> {
+        Some(self.child.as_ref()?.dir().join("data").join("admin.sock"))
+    }
+
     /// The relay's group-commit counters (fsyncs, writes), asked over its admin socket.
     pub fn commit_counts(&self) -> Option<(u64, u64)> {
-        let socket = self.child.as_ref()?.dir().join("data").join("admin.sock");
-        let text = hush_server::admin::query(&socket, "metrics").ok()?;
+        let values =
+            self.metrics(&["hush_store_commits_total", "hush_store_commit_writes_total"])?;
+        Some((values[0], values[1]))
+    }
+
+    /// The relay's metrics of these names (with their labels, if any), asked over its
+    /// admin socket (only when the bench started it).
+    pub fn metrics<const N: usize>(&self, names: &[&str; N]) -> Option<[u64; N]> {
+        let text = hush_server::admin::query(&self.admin_socket()?, "metrics").ok()?;
         let value = |name: &str| {
-            text.lines()
-                .find_map(|line| line.strip_prefix(name)?.trim().parse::<u64>().ok())
+            text.lines().find_map(|line| {
+                let rest = line.strip_prefix(name)?.strip_prefix(' ')?;
+                rest.trim().parse::<u64>().ok()
+            })
         };
-        Some((
-            value("hush_store_commits_total ")?,
-            value("hush_store_commit_writes_total ")?,
-        ))
+        // A labelled counter is left out until it is first counted.
+        let mut values = [0; N];
+        for (slot, name) in values.iter_mut().zip(names) {
+            *slot = value(name).unwrap_or_default();
+        }
+        Some(values)
     }
 }
 
@@ -217,7 +233,6 @@ async fn ramp(args: &ChatArgs) -> anyhow::Result<Vec<Report>> {
 
 /// Runs the scenario through Hush and prints the figures.
 pub async fn run(args: &ChatArgs) -> anyhow::Result<Report> {
-    let users = args.users.max(2).div_ceil(2) * 2;
     let header = if args.raw_envelopes {
         HEADER
     } else {
@@ -238,6 +253,41 @@ pub async fn run(args: &ChatArgs) -> anyhow::Result<Report> {
         bail!("--rate must be positive");
     }
     let target = Target::open(&args.relay, "").await?;
+    let report = load(args, &target).await?;
+    report.print();
+    let mut report = report;
+    report.canary_found = match (&args.plaintext_canary, &target.child) {
+        (Some(canary), Some(child)) => {
+            let found = scan_for(child.dir(), canary.as_bytes());
+            if found.is_empty() {
+                println!(
+                    "  plaintext canary    not found in {} (data dir and log)",
+                    child.dir().display()
+                );
+            } else {
+                println!("  plaintext canary    FOUND in {found:?}");
+            }
+            Some(!found.is_empty())
+        }
+        (Some(_), None) => {
+            println!("  plaintext canary    not scanned: the relay was not started by the bench");
+            None
+        }
+        _ => None,
+    };
+    if let (Some(dir), Some(_)) = (&args.relay.keep_data, &target.child) {
+        println!("  relay data and log kept in {}", dir.display());
+    }
+    if let Some(child) = target.child {
+        child.stop().await;
+    }
+    Ok(report)
+}
+
+/// Registers the users on `target`, runs the load and measures it; prints only the live
+/// progress line.
+pub async fn load(args: &ChatArgs, target: &Target) -> anyhow::Result<Report> {
+    let users = args.users.max(2).div_ceil(2) * 2;
     let client_dirs = tempfile::tempdir()?;
     let parties = if args.raw_envelopes {
         raw_parties(&target.options, users).await?
@@ -342,33 +392,6 @@ pub async fn run(args: &ChatArgs) -> anyhow::Result<Report> {
         timeline,
         canary_found: None,
     };
-    report.print();
-    let mut report = report;
-    report.canary_found = match (&args.plaintext_canary, &target.child) {
-        (Some(canary), Some(child)) => {
-            let found = scan_for(child.dir(), canary.as_bytes());
-            if found.is_empty() {
-                println!(
-                    "  plaintext canary    not found in {} (data dir and log)",
-                    child.dir().display()
-                );
-            } else {
-                println!("  plaintext canary    FOUND in {found:?}");
-            }
-            Some(!found.is_empty())
-        }
-        (Some(_), None) => {
-            println!("  plaintext canary    not scanned: the relay was not started by the bench");
-            None
-        }
-        _ => None,
-    };
-    if let (Some(dir), Some(_)) = (&args.relay.keep_data, &target.child) {
-        println!("  relay data and log kept in {}", dir.display());
-    }
-    if let Some(child) = target.child {
-        child.stop().await;
-    }
     Ok(report)
 }
 

@@ -3,8 +3,10 @@
 //!
 //! Scenarios: `chat` (users in pairs, full E2E clients or `--raw-envelopes`), `backlog`
 //! (offline receivers, a restart, then a drain), `reconnect-storm`, `idle` (memory per
-//! connection) and `calls` (concurrent 1:1 call media, beside coturn); one module each.
+//! connection), `calls` (concurrent 1:1 call media, beside coturn) and `abuse` (a
+//! well-behaved load beside connection attacks); one module each.
 
+mod abuse;
 mod backlog;
 mod broker;
 mod calls;
@@ -54,6 +56,8 @@ enum Scenario {
     Compare(compare::CompareArgs),
     /// Steady load with periodic reconnects for a long time: memory, descriptors, errors.
     Soak(soak::SoakArgs),
+    /// A well-behaved raw chat load, alone and beside each connection attack in turn.
+    Abuse(abuse::AbuseArgs),
 }
 
 /// Which relay a run uses: by default one the bench starts (a child `hush-relay` with a
@@ -103,5 +107,6 @@ fn main() -> anyhow::Result<()> {
         Scenario::Calls(args) => runtime.block_on(calls::calls(args)),
         Scenario::Compare(args) => runtime.block_on(compare::compare(args)),
         Scenario::Soak(args) => runtime.block_on(soak::soak(args)),
+        Scenario::Abuse(args) => runtime.block_on(abuse::abuse(args)),
     }
 }

@@ -130,6 +130,15 @@ pub struct Connector {
 impl Connector {
     /// Binds a UDP socket and prepares TLS for `options`.
     pub fn new(options: ConnectOptions) -> Result<Self, ConnectionError> {
+        Self::with_keep_alive(options, Some(KEEP_ALIVE))
+    }
+
+    /// As [`Connector::new`], with QUIC keep-alives every `keep_alive`, or none. Without
+    /// them a quiet connection ends at the idle timeout; tests and tools use that.
+    pub fn with_keep_alive(
+        options: ConnectOptions,
+        keep_alive: Option<Duration>,
+    ) -> Result<Self, ConnectionError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?;
@@ -157,7 +166,7 @@ impl Connector {
             .max_concurrent_uni_streams(VarInt::from_u32(0))
             .receive_window(VarInt::from_u32(8 * 1024 * 1024))
             .stream_receive_window(VarInt::from_u32(4 * 1024 * 1024))
-            .keep_alive_interval(Some(KEEP_ALIVE))
+            .keep_alive_interval(keep_alive)
             .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(IDLE_TIMEOUT_MS))))
             // Call media: bounded buffers that drop the oldest datagrams when full.
             .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
@@ -200,8 +209,19 @@ impl Connector {
     /// Opens a QUIC connection and its control stream and stops there: no `Hello`, no
     /// framing. For conformance tests and tools that must speak to the relay byte by byte.
     pub async fn connect_raw(&self) -> Result<RawStream, ConnectionError> {
-        let connection = self
-            .endpoint
+        let connection = self.connect_quic().await?;
+        let (send, recv) = connection.open_bi().await?;
+        Ok(RawStream {
+            connection,
+            send,
+            recv,
+        })
+    }
+
+    /// Completes a QUIC handshake and stops there: no stream at all. For abuse tests and
+    /// tools that must do with streams and datagrams what no client would.
+    pub async fn connect_quic(&self) -> Result<quinn::Connection, ConnectionError> {
+        self.endpoint
             .connect(self.options.address, &self.options.server_name)?
             .await
             .map_err(|error| match error {
@@ -211,13 +231,7 @@ impl Connector {
                     ConnectionError::ConnectionRefused
                 }
                 other => other.into(),
-            })?;
-        let (send, recv) = connection.open_bi().await?;
-        Ok(RawStream {
-            connection,
-            send,
-            recv,
-        })
+            })
     }
 }
 
@@ -262,6 +276,11 @@ impl RawStream {
         close_code(&self.connection)
     }
 
+    /// The QUIC connection under the stream, for tests that open more streams on it.
+    pub fn quic(&self) -> &quinn::Connection {
+        &self.connection
+    }
+
     /// Waits until the connection is closed and returns the relay's code, if any.
     pub async fn closed(&self) -> Option<ErrorCode> {
         self.connection.closed().await;
@@ -269,7 +288,8 @@ impl RawStream {
     }
 }
 
-fn close_code(connection: &quinn::Connection) -> Option<ErrorCode> {
+/// The relay's close code on a closed QUIC connection, if it gave one.
+pub fn close_code(connection: &quinn::Connection) -> Option<ErrorCode> {
     match connection.close_reason()? {
         quinn::ConnectionError::ApplicationClosed(close) => {
             u16::try_from(close.error_code.into_inner())

@@ -52,7 +52,9 @@ pub use call::{CallEndReason, CallMedia};
 pub use client::{
     Client, ClientConfig, ClientError, ClientEvent, LinkRequest, Settings, StoredMessage,
 };
-pub use connection::{ConnectOptions, Connection, Connector, Envelope, Event, RawStream, Trust};
+pub use connection::{
+    close_code, ConnectOptions, Connection, Connector, Envelope, Event, RawStream, Trust,
+};
 pub use content::{Body, CallId, CallSignal, MessageId, ReceiptKind};
 pub use error::{ConnectionError, CryptoError};
 pub use hush_protocol as protocol;

@@ -169,6 +169,9 @@ error_codes! {
     /// A recipient device's mailbox is at its size limit (envelopes or bytes); nothing of
     /// the send was stored. It frees up as that device reads, or as its envelopes expire.
     MailboxFull = 32,
+    /// A frame began but did not arrive in full within the relay's frame deadline: a
+    /// stalled half-frame would otherwise hold the connection's buffers forever.
+    FrameTimeout = 33,
 }
 
 impl fmt::Debug for ErrorCode {

@@ -43,6 +43,14 @@ pub struct Limits {
     pub max_connections: usize,
     /// A connection silent for this long is closed (seconds).
     pub idle_timeout_secs: u64,
+    /// A connection gets this long (seconds) to open its control stream and send `Hello`;
+    /// after that it is closed with `HelloRequired`.
+    pub hello_timeout_secs: u64,
+    /// Once a frame's first byte has arrived, the rest of it must arrive within this many
+    /// seconds, or the connection is closed with `FrameTimeout`. Keep-alives keep a
+    /// connection from idling out, so without this deadline a half-sent frame would pin
+    /// its buffer for as long as the client likes (slowloris).
+    pub frame_read_timeout_secs: u64,
     /// Most requests of one connection being processed at once; further frames wait.
     pub max_in_flight_requests: usize,
     /// QUIC connection-level receive window in bytes (quinn's default is unbounded).
@@ -102,6 +110,8 @@ impl Default for Limits {
         Limits {
             max_connections: 100_000,
             idle_timeout_secs: 60,
+            hello_timeout_secs: 10,
+            frame_read_timeout_secs: 30,
             max_in_flight_requests: 256,
             connection_receive_window: 4 * 1024 * 1024,
             stream_receive_window: 2 * 1024 * 1024,
@@ -305,6 +315,12 @@ impl Config {
             "at least 1",
         )?;
         range(
+            (1..=3600).contains(&self.limits.hello_timeout_secs)
+                && (1..=3600).contains(&self.limits.frame_read_timeout_secs),
+            "limits.hello_timeout_secs and limits.frame_read_timeout_secs",
+            "between 1 and 3600",
+        )?;
+        range(
             self.limits.max_in_flight_requests >= 1,
             "limits.max_in_flight_requests",
             "at least 1",
@@ -387,6 +403,16 @@ impl Config {
     /// The idle timeout as a duration.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.limits.idle_timeout_secs)
+    }
+
+    /// How long a new connection has to say `Hello`.
+    pub fn hello_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.hello_timeout_secs)
+    }
+
+    /// How long the rest of a frame may take once its first byte has arrived.
+    pub fn frame_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.frame_read_timeout_secs)
     }
 }
 
@@ -536,5 +562,21 @@ mod tests {
         assert_eq!(config.registration, RegistrationPolicy::Invite);
         assert_eq!(config.limits.max_connections, 10);
         assert_eq!(config.limits.idle_timeout_secs, 60);
+    }
+
+    #[test]
+    fn read_deadlines_have_defaults_and_ranges() {
+        let config = Config::default();
+        assert_eq!(config.hello_timeout(), Duration::from_secs(10));
+        assert_eq!(config.frame_read_timeout(), Duration::from_secs(30));
+        let config = Config::from_toml("[limits]\nframe_read_timeout_secs = 5").unwrap();
+        assert_eq!(config.frame_read_timeout(), Duration::from_secs(5));
+        for bad in [
+            "[limits]\nframe_read_timeout_secs = 0",
+            "[limits]\nhello_timeout_secs = 0",
+            "[limits]\nhello_timeout_secs = 3601",
+        ] {
+            assert!(Config::from_toml(bad).is_err(), "{bad}");
+        }
     }
 }

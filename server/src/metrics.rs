@@ -5,14 +5,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use hush_protocol::ErrorCode;
 
-/// Codes 0..=31 have their own counter; later codes share the last slot.
-const CODE_SLOTS: usize = 32;
+/// Codes 0..=63 have their own counter; later codes share the last slot.
+const CODE_SLOTS: usize = 64;
 
 /// The relay's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// QUIC handshakes that became sessions.
     pub connections_opened: AtomicU64,
+    /// Connections holding a slot now, from the start of their handshake until they are
+    /// closed (a gauge, not a counter).
+    pub connections_open: AtomicU64,
     /// Connections refused at the connection limit.
     pub connections_refused: AtomicU64,
     /// Connections refused: their source address had as many as it may.
@@ -67,7 +70,17 @@ pub struct Metrics {
     pub media_dropped_malformed: AtomicU64,
     /// Media datagrams dropped: the other party's connection could not take them.
     pub media_dropped_send_failed: AtomicU64,
-    connections_closed_by_code: [AtomicU64; CODE_SLOTS],
+    connections_closed_by_code: CodeCounters,
+}
+
+/// One counter per error code (arrays this long have no derived `Default`).
+#[derive(Debug)]
+struct CodeCounters([AtomicU64; CODE_SLOTS]);
+
+impl Default for CodeCounters {
+    fn default() -> Self {
+        CodeCounters(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
 }
 
 impl Metrics {
@@ -86,16 +99,22 @@ impl Metrics {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Counts a connection as open until the returned guard is dropped.
+    pub fn open_connection(&self) -> OpenConnection<'_> {
+        Self::inc(&self.connections_open);
+        OpenConnection(&self.connections_open)
+    }
+
     /// Counts a connection closed by the relay with `code`.
     pub fn closed_with(&self, code: ErrorCode) {
         let slot = usize::from(code.as_u16()).min(CODE_SLOTS - 1);
-        Self::inc(&self.connections_closed_by_code[slot]);
+        Self::inc(&self.connections_closed_by_code.0[slot]);
     }
 
     /// Connections the relay closed with `code`.
     pub fn closed_count(&self, code: ErrorCode) -> u64 {
         let slot = usize::from(code.as_u16()).min(CODE_SLOTS - 1);
-        self.connections_closed_by_code[slot].load(Ordering::Relaxed)
+        self.connections_closed_by_code.0[slot].load(Ordering::Relaxed)
     }
 
     /// The counters in Prometheus text format.
@@ -180,8 +199,13 @@ impl Metrics {
                 value.load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "# TYPE hush_connections_open gauge\nhush_connections_open {}",
+            self.connections_open.load(Ordering::Relaxed)
+        );
         let _ = writeln!(out, "# TYPE hush_connections_closed_total counter");
-        for (slot, value) in self.connections_closed_by_code.iter().enumerate() {
+        for (slot, value) in self.connections_closed_by_code.0.iter().enumerate() {
             let count = value.load(Ordering::Relaxed);
             if count > 0 {
                 let code = ErrorCode::from_u16(slot as u16);
@@ -192,5 +216,15 @@ impl Metrics {
             }
         }
         out
+    }
+}
+
+/// A connection counted in `connections_open`; dropping it counts the connection closed,
+/// however its task ends (return, panic, abort at shutdown).
+pub struct OpenConnection<'a>(&'a AtomicU64);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -272,6 +272,11 @@ impl Relay {
         self.read(move |store| store.mailbox_usage(&address)).await
     }
 
+    /// Connections holding a slot now: handshaking, saying `Hello`, or in session.
+    pub fn open_connections(&self) -> u64 {
+        Metrics::get(&self.shared.metrics.connections_open)
+    }
+
     /// Devices connected now.
     pub fn connected_devices(&self) -> usize {
         self.shared.hub.connected()

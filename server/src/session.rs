@@ -44,8 +44,6 @@ use crate::store::{AccountView, MailboxQuota, Outcome, PrekeyCounts, Refusal, Wr
 
 /// How long a client has to complete the QUIC handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client has to open its control stream and say `Hello`.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Encoded frames waiting for the writer; bounds a connection's memory.
 const OUTBOX_DEPTH: usize = 128;
 /// Envelopes read from the store per delivery round.
@@ -77,6 +75,8 @@ impl From<DecodeError> for End {
 /// Reading a frame failed.
 enum ReadFailure {
     Decode(DecodeError),
+    /// The frame began but its rest did not arrive within the frame deadline.
+    Stalled,
     Gone,
 }
 
@@ -84,6 +84,7 @@ impl From<ReadFailure> for End {
     fn from(f: ReadFailure) -> Self {
         match f {
             ReadFailure::Decode(e) => e.into(),
+            ReadFailure::Stalled => End::Close(ErrorCode::FrameTimeout),
             ReadFailure::Gone => End::Peer,
         }
     }
@@ -96,14 +97,18 @@ pub(crate) async fn run(
     shutdown: watch::Receiver<bool>,
     _connection_slots: (OwnedSemaphorePermit, AddressSlot),
 ) {
+    let _open = shared.metrics.open_connection();
     let Ok(Ok(connection)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await else {
         Metrics::inc(&shared.metrics.handshake_failures);
         return;
     };
     Metrics::inc(&shared.metrics.connections_opened);
     let number = shared.hub.connection_number();
-    let stream = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await;
+    // One deadline for opening the control stream and sending `Hello`, not one each.
+    let hello_deadline = tokio::time::Instant::now() + shared.config.hello_timeout();
+    let stream = tokio::time::timeout_at(hello_deadline, connection.accept_bi()).await;
     let Ok(Ok((send, mut recv))) = stream else {
+        shared.metrics.closed_with(ErrorCode::HelloRequired);
         connection.close(code_of(ErrorCode::HelloRequired), b"HelloRequired");
         return;
     };
@@ -127,7 +132,7 @@ pub(crate) async fn run(
         in_flight: Arc::new(Semaphore::new(shared.config.limits.max_in_flight_requests)),
         challenge: random_challenge(),
     };
-    let end = session.serve(&mut recv, shutdown).await;
+    let end = session.serve(&mut recv, hello_deadline, shutdown).await;
     session.finish(end, writer).await;
     tracing::debug!(connection = number, end = ?end, "connection ended");
 }
@@ -252,15 +257,22 @@ struct Session {
 }
 
 impl Session {
-    async fn serve(&mut self, recv: &mut RecvStream, mut shutdown: watch::Receiver<bool>) -> End {
-        let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(recv)).await {
-            Ok(Ok(Some(ClientFrame::Hello(hello)))) => hello,
-            Ok(Ok(Some(ClientFrame::Request(_)))) | Err(_) => {
-                return End::Close(ErrorCode::HelloRequired)
-            }
-            Ok(Ok(None)) => return End::Peer,
-            Ok(Err(failure)) => return failure.into(),
-        };
+    async fn serve(
+        &mut self,
+        recv: &mut RecvStream,
+        hello_deadline: tokio::time::Instant,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> End {
+        let rest_within = self.shared.config.frame_read_timeout();
+        let hello =
+            match tokio::time::timeout_at(hello_deadline, read_frame(recv, rest_within)).await {
+                Ok(Ok(Some(ClientFrame::Hello(hello)))) => hello,
+                Ok(Ok(Some(ClientFrame::Request(_)))) | Err(_) => {
+                    return End::Close(ErrorCode::HelloRequired)
+                }
+                Ok(Ok(None)) => return End::Peer,
+                Ok(Err(failure)) => return failure.into(),
+            };
         let Some(version) = SUPPORTED_VERSIONS.negotiate(hello.versions) else {
             return End::Close(ErrorCode::UnsupportedVersion);
         };
@@ -281,7 +293,7 @@ impl Session {
                 biased;
                 _ = shutdown.changed() => return End::Close(ErrorCode::ShuttingDown),
                 () = evicted => return End::Close(ErrorCode::ConnectionReplaced),
-                frame = read_frame(recv) => frame,
+                frame = read_frame(recv, rest_within) => frame,
             };
             match frame {
                 Ok(Some(ClientFrame::Request(request))) => {
@@ -1136,12 +1148,31 @@ async fn write_loop(mut send: SendStream, mut frames: mpsc::Receiver<Vec<u8>>) {
 }
 
 /// Reads one client frame: `None` at a clean end of stream. The body buffer is allocated
-/// only after the header passed its kind's size limit.
-async fn read_frame(recv: &mut RecvStream) -> Result<Option<ClientFrame>, ReadFailure> {
+/// only after the header passed its kind's size limit. Waiting for a frame's first byte
+/// has no deadline (a quiet device waits for pushes; the idle timeout covers a dead one);
+/// once it has come, the rest must follow within `rest_within`, so a half-sent frame
+/// cannot pin its buffer.
+async fn read_frame(
+    recv: &mut RecvStream,
+    rest_within: Duration,
+) -> Result<Option<ClientFrame>, ReadFailure> {
     let mut header = [0u8; HEADER_LEN];
-    match recv.read_exact(&mut header).await {
+    match recv.read_exact(&mut header[..1]).await {
         Ok(()) => {}
-        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(ReadExactError::FinishedEarly(_)) => return Ok(None),
+        Err(ReadExactError::ReadError(_)) => return Err(ReadFailure::Gone),
+    }
+    tokio::time::timeout(rest_within, read_rest_of_frame(recv, header))
+        .await
+        .map_err(|_| ReadFailure::Stalled)?
+}
+
+async fn read_rest_of_frame(
+    recv: &mut RecvStream,
+    mut header: [u8; HEADER_LEN],
+) -> Result<Option<ClientFrame>, ReadFailure> {
+    match recv.read_exact(&mut header[1..]).await {
+        Ok(()) => {}
         Err(ReadExactError::FinishedEarly(_)) => {
             return Err(ReadFailure::Decode(DecodeError::Truncated))
         }

@@ -11,9 +11,12 @@ use quinn::{IdleTimeout, VarInt};
 use crate::config::Config;
 use crate::tls::{ServerIdentity, TlsError};
 
-/// Concurrent bidirectional streams a client may open: the control stream, and room for
-/// one more while a reconnecting client replaces it. Blob streams will raise this.
-const MAX_BIDI_STREAMS: u32 = 2;
+/// Bidirectional streams a client may have open: the control stream only. The relay
+/// accepts one stream per connection, so a second one would sit unaccepted, pinning up to
+/// a stream window of buffered bytes; with a limit of 1, QUIC flow control (MAX_STREAMS)
+/// refuses it instead, and finishing or resetting the control stream ends the session, so
+/// stream churn holds nothing. Blob streams will raise this, with an acceptor for them.
+const MAX_BIDI_STREAMS: u32 = 1;
 
 /// The UDP receive and send buffers asked for. The kernel's default (about 208 KiB) holds
 /// some 150 full-size packets: a reconnect storm's handshakes, or a burst of call media,

@@ -7,6 +7,8 @@
     clippy::missing_panics_doc
 )]
 
+pub mod flood;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,9 +16,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hush_client::protocol::DeviceAddress;
-use hush_client::protocol::{ErrorCode, Prekey};
-use hush_client::{ConnectOptions, Connection, ConnectionError, DeviceKey, Envelope, Event, Trust};
+use hush_client::protocol::{
+    encode_frame, ClientFrame, DeviceAddress, ErrorCode, Hello, Prekey, ServerFrame,
+};
+use hush_client::{
+    ConnectOptions, Connection, ConnectionError, Connector, DeviceKey, Envelope, Event,
+    RawStream, Trust,
+};
 use hush_server::clock::ManualClock;
 use hush_server::config::Config;
 use hush_server::rate::Rate;
@@ -605,6 +611,42 @@ pub async fn collect_media(connection: &Connection, quiet: Duration) -> Vec<(u32
         }
     }
     out
+}
+
+/// A raw control stream past `Hello`, with the relay's challenge.
+pub async fn raw_after_hello(connector: &Connector) -> (RawStream, [u8; 32]) {
+    let mut raw = tokio::time::timeout(WAIT, connector.connect_raw())
+        .await
+        .unwrap()
+        .unwrap();
+    raw.write(&encode_frame(&ClientFrame::Hello(Hello::current())))
+        .await
+        .unwrap();
+    match tokio::time::timeout(WAIT, raw.read_frame()).await.unwrap() {
+        Ok(Some(ServerFrame::HelloOk(ok))) => (raw, ok.challenge),
+        other => panic!("expected HelloOk, got {other:?}"),
+    }
+}
+
+/// Reads until the relay's `Fatal` frame, checks that the connection closes with the same
+/// code, and returns it.
+pub async fn fatal(raw: &mut RawStream) -> ErrorCode {
+    let code = tokio::time::timeout(WAIT, async {
+        loop {
+            match raw.read_frame().await {
+                Ok(Some(ServerFrame::Fatal(fatal))) => return fatal.code,
+                Ok(Some(_)) => {}
+                other => panic!("expected a Fatal frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a Fatal frame within the wait");
+    let closed = tokio::time::timeout(WAIT, raw.closed())
+        .await
+        .expect("the relay closes the connection");
+    assert_eq!(closed, Some(code), "close code matches the Fatal frame");
+    code
 }
 
 /// Waits (bounded) until `read()` reaches `at_least`; returns the value.

@@ -10,7 +10,7 @@ use hush_client::protocol::{
     SUPPORTED_VERSIONS,
 };
 use hush_client::{Connector, DeviceKey, RawStream};
-use hush_tests::{drain, Device, TestRelay, WAIT};
+use hush_tests::{drain, fatal, raw_after_hello, Device, TestRelay};
 
 /// A relay with Alice, and Bob offline with one acknowledged envelope waiting.
 struct World {
@@ -48,14 +48,7 @@ impl World {
 
     /// A raw stream past `Hello`, with the relay's challenge.
     async fn raw_after_hello(&self) -> (RawStream, [u8; 32]) {
-        let mut raw = self.raw().await;
-        raw.write(&encode_frame(&ClientFrame::Hello(Hello::current())))
-            .await
-            .unwrap();
-        match raw.read_frame().await.unwrap() {
-            Some(ServerFrame::HelloOk(ok)) => (raw, ok.challenge),
-            other => panic!("expected HelloOk, got {other:?}"),
-        }
+        raw_after_hello(&Connector::new(self.relay.options()).unwrap()).await
     }
 
     /// The relay still serves others, and Bob's acknowledged envelope is still there.
@@ -69,27 +62,6 @@ impl World {
         let waiting = drain(&bob).await;
         assert_eq!(waiting[0].payload, b"acknowledged before the attack");
     }
-}
-
-/// Reads until the relay's `Fatal` frame, checks that the connection closes with the same
-/// code, and returns it.
-async fn fatal(raw: &mut RawStream) -> ErrorCode {
-    let code = tokio::time::timeout(WAIT, async {
-        loop {
-            match raw.read_frame().await {
-                Ok(Some(ServerFrame::Fatal(fatal))) => return fatal.code,
-                Ok(Some(_)) => {}
-                other => panic!("expected a Fatal frame, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("a Fatal frame within the wait");
-    let closed = tokio::time::timeout(WAIT, raw.closed())
-        .await
-        .expect("the relay closes the connection");
-    assert_eq!(closed, Some(code), "close code matches the Fatal frame");
-    code
 }
 
 fn request(body: RequestBody) -> Vec<u8> {
