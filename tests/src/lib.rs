@@ -20,8 +20,8 @@ use hush_client::protocol::{
     encode_frame, ClientFrame, DeviceAddress, ErrorCode, Hello, Prekey, ServerFrame,
 };
 use hush_client::{
-    ConnectOptions, Connection, ConnectionError, Connector, DeviceKey, Envelope, Event,
-    RawStream, Trust,
+    ConnectOptions, Connection, ConnectionError, Connector, DeviceKey, Envelope, Event, RawStream,
+    Trust,
 };
 use hush_server::clock::ManualClock;
 use hush_server::config::Config;
