@@ -78,6 +78,10 @@ pub enum Delivery {
     Opened,
     /// It was refused as a duplicate of one that opened before.
     Duplicate,
+    /// It had opened before, and its chain is older than the ratchet keys the session
+    /// remembers, so it could only fail to decrypt (`DecryptionFailed`): refused, though
+    /// not recognised as a duplicate.
+    ForgottenChain,
 }
 
 /// A breach of exactly-once delivery.
@@ -124,8 +128,8 @@ impl ExactlyOnce {
     }
 
     /// Delivers the bytes of message `id` to the receiving session, and checks the outcome:
-    /// a first arrival must open to its own plaintext, a later one must be refused with
-    /// `DuplicateMessage`.
+    /// a first arrival must open to its own plaintext; a later one must be refused, with
+    /// `DuplicateMessage` while the session remembers its chain.
     pub fn deliver(
         &mut self,
         session: &mut Session,
@@ -149,6 +153,11 @@ impl ExactlyOnce {
                 Ok(Delivery::Duplicate)
             }
             Err(CryptoError::DuplicateMessage) => Err(Violation::FreshRefused(id)),
+            Err(CryptoError::DecryptionFailed)
+                if self.opened.contains(&id) && !remembers_chain(session, bytes) =>
+            {
+                Ok(Delivery::ForgottenChain)
+            }
             Err(error) => Err(Violation::Failed { id, error }),
         }
     }
@@ -165,6 +174,16 @@ impl ExactlyOnce {
             None => Ok(()),
         }
     }
+}
+
+/// Whether the session still knows the receiving chain of the message in `bytes`.
+fn remembers_chain(session: &Session, bytes: &[u8]) -> bool {
+    let ratchet_key = match CiphertextMessage::from_bytes(bytes) {
+        Ok(CiphertextMessage::Ratchet(message)) => message.header.ratchet_key,
+        Ok(CiphertextMessage::Prekey(prekey)) => prekey.message.header.ratchet_key,
+        Err(_) => return false,
+    };
+    session.ratchet.remembers_chain(&ratchet_key)
 }
 
 /// The content of a sealed envelope, as [`parse_sealed_content`] reads it.

@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use hush_client::test_support::{pairwise_sessions, ExactlyOnce, Party};
+use hush_client::test_support::{pairwise_sessions, Delivery, ExactlyOnce, Party};
 use proptest::prelude::*;
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -118,4 +118,39 @@ proptest! {
     ) {
         run(3, seed, &ops);
     }
+}
+
+/// A replay of a message from a receiving chain many ratchet steps back, past the ratchet
+/// keys the session remembers, is refused and never opens twice; within them it is a
+/// duplicate. Found while writing the `interaction` fuzz target's replay action.
+#[test]
+fn replays_never_open_twice_however_old_their_chain() {
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    let mut parties = pairwise_sessions(2, &mut rng).unwrap();
+    let mut ledger = ExactlyOnce::default();
+    let mut sent = Vec::new();
+    for id in 1..=40u32 {
+        let (from, to) = if id % 2 == 1 { (0, 1) } else { (1, 0) };
+        let bytes = parties[from].sessions[to]
+            .as_mut()
+            .unwrap()
+            .encrypt(&ExactlyOnce::plaintext(id))
+            .unwrap()
+            .to_bytes();
+        let session = parties[to].sessions[from].as_mut().unwrap();
+        assert_eq!(
+            ledger.deliver(session, id, &bytes, 0, &mut rng),
+            Ok(Delivery::Opened)
+        );
+        sent.push(bytes);
+    }
+    let at_bob = parties[1].sessions[0].as_mut().unwrap();
+    assert_eq!(
+        ledger.deliver(at_bob, 1, &sent[0], 0, &mut rng),
+        Ok(Delivery::ForgottenChain)
+    );
+    assert_eq!(
+        ledger.deliver(at_bob, 39, &sent[38], 0, &mut rng),
+        Ok(Delivery::Duplicate)
+    );
 }
