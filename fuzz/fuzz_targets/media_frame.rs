@@ -77,12 +77,5 @@ fn script(ops: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, bytes)) = data.split_first() else {
-        return;
-    };
-    match mode {
-        0 => datagram(bytes),
-        1 => forged(bytes),
-        _ => script(bytes),
-    }
+    hush_fuzz::by_mode(data, [datagram, forged, script]);
 });

@@ -75,12 +75,5 @@ fn signed_body(bytes: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, bytes)) = data.split_first() else {
-        return;
-    };
-    match mode {
-        0 => envelope(bytes),
-        1 => certificate(bytes),
-        _ => signed_body(bytes),
-    }
+    hush_fuzz::by_mode(data, [envelope, certificate, signed_body]);
 });

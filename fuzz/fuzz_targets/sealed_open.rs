@@ -75,12 +75,5 @@ fn padded_content(bytes: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, bytes)) = data.split_first() else {
-        return;
-    };
-    match mode {
-        0 => outer(bytes),
-        1 => inner(bytes),
-        _ => padded_content(bytes),
-    }
+    hush_fuzz::by_mode(data, [outer, inner, padded_content]);
 });

@@ -291,3 +291,12 @@ pub fn genuine_sealed_envelope() -> &'static [u8] {
         .expect("sealing to a valid identity key")
     })
 }
+
+/// Runs one of three checks on the bytes after the first, the first byte choosing: 0 the
+/// first check, 1 the second, anything else the third.
+pub fn by_mode(data: &[u8], checks: [fn(&[u8]); 3]) {
+    let Some((&mode, bytes)) = data.split_first() else {
+        return;
+    };
+    checks[usize::from(mode.min(2))](bytes);
+}
