@@ -44,6 +44,9 @@ mod safety;
 pub mod sealed;
 mod session;
 mod store;
+#[cfg(feature = "test-support")]
+#[doc(hidden)]
+pub mod test_support;
 mod tls;
 #[cfg(test)]
 mod vectors;

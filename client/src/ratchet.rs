@@ -360,6 +360,16 @@ impl Ratchet {
         }
     }
 
+    /// Whether `ratchet_key` is the peer's current ratchet key or one of the last
+    /// [`REMEMBERED_RATCHET_KEYS`] before it: a replay of a message of such a chain is
+    /// recognised as `DuplicateMessage`; one from an older chain can only fail to decrypt.
+    #[cfg(feature = "test-support")]
+    pub(crate) fn remembers_chain(&self, ratchet_key: &[u8; 32]) -> bool {
+        self.their_ratchet_key
+            .is_some_and(|key| key.as_bytes() == ratchet_key)
+            || self.previous_their_keys.contains(ratchet_key)
+    }
+
     /// Number of stored skipped keys (for tests and diagnostics).
     pub fn skipped_keys(&self) -> usize {
         self.skipped.len()

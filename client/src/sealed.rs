@@ -55,6 +55,25 @@ pub fn seal(
     message: &[u8],
     rng: &mut impl CryptoRngCore,
 ) -> Result<Vec<u8>, CryptoError> {
+    let certificate =
+        postcard::to_allocvec(certificate).map_err(|_| CryptoError::InvalidMessage)?;
+    let certificate_len =
+        u16::try_from(certificate.len()).map_err(|_| CryptoError::InvalidMessage)?;
+    let mut content = Zeroizing::new(Vec::with_capacity(6 + certificate.len() + message.len()));
+    content.extend_from_slice(&certificate_len.to_be_bytes());
+    content.extend_from_slice(&certificate);
+    content.extend_from_slice(&recipient_device.to_be_bytes());
+    content.extend_from_slice(message);
+    seal_content(sender, recipient, &content, rng)
+}
+
+/// The two encryption layers around already-encoded content (see the module docs).
+pub(crate) fn seal_content(
+    sender: &IdentityKeyPair,
+    recipient: &IdentityKey,
+    content: &[u8],
+    rng: &mut impl CryptoRngCore,
+) -> Result<Vec<u8>, CryptoError> {
     let ephemeral = EcKeyPair::generate(rng);
     let (chain, static_key) = first_layer(
         &kdf::dh(ephemeral.secret(), recipient.agreement())?.to_bytes(),
@@ -72,20 +91,11 @@ pub fn seal(
         &kdf::dh(sender.agreement(), recipient.agreement())?.to_bytes(),
         &encrypted_static,
     );
-    let certificate =
-        postcard::to_allocvec(certificate).map_err(|_| CryptoError::InvalidMessage)?;
-    let certificate_len =
-        u16::try_from(certificate.len()).map_err(|_| CryptoError::InvalidMessage)?;
-    let mut content = Zeroizing::new(Vec::with_capacity(6 + certificate.len() + message.len()));
-    content.extend_from_slice(&certificate_len.to_be_bytes());
-    content.extend_from_slice(&certificate);
-    content.extend_from_slice(&recipient_device.to_be_bytes());
-    content.extend_from_slice(message);
 
     let mut aad = Vec::with_capacity(32 + ENCRYPTED_STATIC_LEN);
     aad.extend_from_slice(ephemeral.public().as_bytes());
     aad.extend_from_slice(&encrypted_static);
-    let encrypted_content = kdf::seal_once(&content_key, CONTENT_LABEL, &content, &aad);
+    let encrypted_content = kdf::seal_once(&content_key, CONTENT_LABEL, content, &aad);
 
     let mut out = Vec::with_capacity(1 + aad.len() + encrypted_content.len());
     out.push(VERSION);
@@ -136,11 +146,9 @@ pub fn open(
     );
     let content = kdf::open_once(&content_key, CONTENT_LABEL, encrypted_content, aad)?;
 
-    let mut reader = Reader(&content);
-    let certificate_len = usize::from(u16::from_be_bytes([reader.byte()?, reader.byte()?]));
-    let certificate: SenderCertificate = postcard::from_bytes(reader.take(certificate_len)?)
-        .map_err(|_| CryptoError::InvalidCertificate("malformed"))?;
-    let sender = certificate
+    let inner = parse_content(&content)?;
+    let sender = inner
+        .certificate
         .verify(relay_key, now)
         .map_err(|error| match error {
             CertificateError::Expired => CryptoError::InvalidCertificate("expired"),
@@ -152,13 +160,37 @@ pub fn open(
             "certificate names another identity",
         ));
     }
-    if reader.u32()? != our_device {
+    if inner.recipient_device != our_device {
         return Err(CryptoError::WrongRecipient);
     }
     Ok(Unsealed {
         sender,
         sender_identity,
-        message: reader.0.to_vec(),
+        message: inner.message.to_vec(),
+    })
+}
+
+/// The decrypted content of a sealed envelope, parsed but not yet checked.
+pub(crate) struct SealedContent<'a> {
+    /// The sender certificate, signature unchecked.
+    pub(crate) certificate: SenderCertificate,
+    /// The device the sender addressed.
+    pub(crate) recipient_device: u32,
+    /// The end-to-end message.
+    pub(crate) message: &'a [u8],
+}
+
+/// Parses decrypted content: `certificate length | certificate | recipient device | message`.
+pub(crate) fn parse_content(content: &[u8]) -> Result<SealedContent<'_>, CryptoError> {
+    let mut reader = Reader(content);
+    let certificate_len = usize::from(u16::from_be_bytes([reader.byte()?, reader.byte()?]));
+    let certificate: SenderCertificate = postcard::from_bytes(reader.take(certificate_len)?)
+        .map_err(|_| CryptoError::InvalidCertificate("malformed"))?;
+    let recipient_device = reader.u32()?;
+    Ok(SealedContent {
+        certificate,
+        recipient_device,
+        message: reader.0,
     })
 }
 

@@ -686,8 +686,8 @@ impl RequestBody {
 }
 
 impl ServerFrame {
-    /// Checks the field limits of [`crate::limits`].
-    pub(crate) fn check_limits(&self) -> Result<(), DecodeError> {
+    /// Checks the field limits of [`crate::limits`], as the client does on receipt.
+    pub fn check_limits(&self) -> Result<(), DecodeError> {
         match self {
             ServerFrame::Deliver(d) => check(
                 d.payload.len() <= limits::MAX_ENVELOPE_PAYLOAD,

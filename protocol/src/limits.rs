@@ -70,8 +70,9 @@ pub mod frame {
     pub const CALL: usize = 64;
     /// `HelloOk`.
     pub const HELLO_OK: usize = 64;
-    /// `Response`: a prekey response is the largest.
-    pub const RESPONSE: usize = 256 * 1024;
+    /// `Response`: a prekey response is the largest: 64 bundles of three keys of up to
+    /// 1,600 bytes plus signatures, about 330 KiB.
+    pub const RESPONSE: usize = 384 * 1024;
     /// `Deliver`.
     pub const DELIVER: usize = super::MAX_ENVELOPE_PAYLOAD + 64;
     /// Small pushes: `Drained`, `LowPrekeys`, `Fatal`, `CallEnded`.

@@ -758,3 +758,36 @@ fn call_frames_fit_their_limits_and_keep_tokens_out_of_debug() {
         Err(DecodeError::FrameTooLarge { .. })
     ));
 }
+
+/// Found while writing the fuzz invariant "what passes the field limits fits its kind's
+/// frame limit" (the body limit was 256 KiB): a prekey response with the most bundles, each with the largest keys the
+/// field limits allow, must still be a frame the client accepts.
+#[test]
+fn largest_prekey_response_fits_its_frame_limit() {
+    let largest_key = |id| Prekey {
+        id,
+        public_key: vec![0xff; limits::MAX_PREKEY_PUBLIC],
+        signature: vec![0xff; limits::MAX_PREKEY_SIGNATURE],
+    };
+    let response = ServerFrame::Response(Response {
+        id: RequestId(u32::MAX),
+        result: Ok(ResponseBody::PrekeyBundles(PrekeyBundles {
+            identity_key: vec![0xff; limits::MAX_IDENTITY_KEY],
+            devices: (0..limits::MAX_BUNDLES)
+                .map(|d| DeviceBundle {
+                    device: DeviceId(u32::MAX - d as u32),
+                    device_key: [0xff; 32],
+                    signed_prekey: Some(largest_key(u32::MAX)),
+                    one_time: Some(largest_key(u32::MAX - 1)),
+                    kem: Some(largest_key(u32::MAX - 2)),
+                    kem_is_last_resort: true,
+                })
+                .collect(),
+        })),
+    });
+    let wire = encode_frame(&response);
+    assert_eq!(
+        decode_chunked::<ServerFrame>(&wire, 65_536).unwrap(),
+        vec![response]
+    );
+}
