@@ -15,10 +15,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::child::{which, Child};
-use crate::stats::{stamped, Tally};
+use crate::stats::{read_stamp, stamped, Tally};
 
 /// One run's load through a broker.
 #[derive(Clone, Copy)]
@@ -121,6 +121,19 @@ impl Users {
         }
     }
 
+    /// User `index` of this run, writing to `to`.
+    pub fn user(&self, index: usize, to: String, load: Load, tally: Arc<Tally>) -> User {
+        User {
+            index: index as u32,
+            to,
+            load,
+            epoch: self.epoch,
+            deadline: self.deadline,
+            tally,
+            stop: self.stop.clone(),
+        }
+    }
+
     /// Adds a user whose work starts when all users have been added.
     pub fn add(&mut self, user: impl Future<Output = anyhow::Result<()>> + Send + 'static) {
         let (go, wait) = oneshot::channel::<()>();
@@ -183,4 +196,51 @@ pub async fn start(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok((address, child))
+}
+
+/// One user of a broker run: who it is, whom it writes to, and the run's shared state.
+pub struct User {
+    pub index: u32,
+    pub to: String,
+    pub load: Load,
+    epoch: Instant,
+    deadline: Instant,
+    pub tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+}
+
+impl User {
+    /// Starts publishing to `to` until the deadline: `encode(to, sequence, payload)` makes
+    /// a publish's bytes, written through `out`. Returns the permits (the user adds one
+    /// back per acknowledgement) and the publisher's task.
+    pub fn publish(
+        &self,
+        out: mpsc::UnboundedSender<Vec<u8>>,
+        encode: impl Fn(&str, u32, &[u8]) -> Vec<u8> + Send + 'static,
+    ) -> (Arc<Semaphore>, JoinHandle<()>) {
+        let permits = self.load.permits();
+        let to = self.to.clone();
+        let task = tokio::spawn(publish_until(
+            self.load,
+            self.index,
+            self.epoch,
+            self.deadline,
+            permits.clone(),
+            move |sequence, payload| out.send(encode(&to, sequence, &payload)).is_ok(),
+        ));
+        (permits, task)
+    }
+
+    /// Counts a delivered message by its stamp.
+    pub fn delivered(&self, payload: &[u8]) {
+        if let Some((key, due)) = read_stamp(payload) {
+            let due = self.epoch + Duration::from_nanos(due);
+            self.tally.delivered(key, due.elapsed());
+        }
+    }
+
+    /// Whether the run is still on.
+    pub fn running(&self) -> bool {
+        !self.stop.load(Ordering::Relaxed)
+    }
 }

@@ -12,9 +12,8 @@
 //! change, which rewrites the whole database for every message.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, BufReader};
@@ -22,9 +21,9 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::broker::{self, Load, Users};
+use crate::broker::{self, Load, User, Users};
 use crate::child::{self, Child};
-use crate::stats::{read_stamp, Tally};
+use crate::stats::Tally;
 
 /// How often the broker saves its state, in seconds.
 const AUTOSAVE_SECS: u32 = 1;
@@ -189,51 +188,24 @@ pub async fn run(address: SocketAddr, load: &Load, tally: Arc<Tally>) -> anyhow:
     for user in 0..load.users {
         let mut conn = Conn::open(address, &format!("hush-bench-u{user}")).await?;
         conn.subscribe(&topics[user]).await?;
-        users.add(user_loop(
-            conn,
-            user as u32,
-            topics[user ^ 1].clone(),
-            *load,
-            users.epoch,
-            users.deadline,
-            tally.clone(),
-            users.stop.clone(),
-        ));
+        let user = users.user(user, topics[user ^ 1].clone(), *load, tally.clone());
+        users.add(user_loop(conn, user));
     }
     users.run(&tally).await
 }
 
 /// One user: publishes to its partner's topic (closed loop with `window` in flight, or
 /// open loop at `rate`), and takes and acknowledges what arrives on its own.
-#[allow(clippy::too_many_arguments)]
-async fn user_loop(
-    mut conn: Conn,
-    user: u32,
-    to: String,
-    load: Load,
-    epoch: Instant,
-    deadline: Instant,
-    tally: Arc<Tally>,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<()> {
-    let permits = load.permits();
-    let out = conn.out.clone();
-    let publisher = tokio::spawn(broker::publish_until(
-        load,
-        user,
-        epoch,
-        deadline,
-        permits.clone(),
-        move |sequence, payload| out.send(publish(&to, sequence, &payload)).is_ok(),
-    ));
-    while !stop.load(Ordering::Relaxed) {
+async fn user_loop(mut conn: Conn, user: User) -> anyhow::Result<()> {
+    let (permits, publisher) = user.publish(conn.out.clone(), publish);
+    while user.running() {
         let Ok(next) = tokio::time::timeout(Duration::from_millis(100), conn.next()).await else {
             continue;
         };
         let Some(incoming) = next? else { break };
         match incoming.kind & 0xF0 {
             PUBACK => {
-                tally.sent();
+                user.tally.sent();
                 permits.add_permits(1);
             }
             PUBLISH => {
@@ -244,10 +216,7 @@ async fn user_loop(
                 let id = body
                     .get(2 + topic_len..4 + topic_len)
                     .context("short PUBLISH")?;
-                if let Some((key, due)) = read_stamp(body.get(4 + topic_len..).unwrap_or_default())
-                {
-                    tally.delivered(key, (epoch + Duration::from_nanos(due)).elapsed());
-                }
+                user.delivered(body.get(4 + topic_len..).unwrap_or_default());
                 conn.send(packet(PUBACK, id));
             }
             _ => {}

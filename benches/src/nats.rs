@@ -10,9 +10,8 @@
 //! offers, and it is weaker than Hush's promise P4.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
@@ -20,9 +19,9 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::broker::{self, Load, Users};
+use crate::broker::{self, Load, User, Users};
 use crate::child::{self, Child};
-use crate::stats::{read_stamp, Tally};
+use crate::stats::Tally;
 
 /// What a JetStream publish acknowledgement means with the installed server.
 pub const DURABILITY: &str = "after a write to OS buffers; fsync every 2 min";
@@ -191,16 +190,8 @@ pub async fn run(address: SocketAddr, load: &Load, tally: Arc<Tally>) -> anyhow:
         )
         .await?;
         conn.send(format!("SUB _INBOX.u{user}.* 1\r\nSUB deliver.u{user} 2\r\n").into_bytes());
-        users.add(user_loop(
-            conn,
-            user as u32,
-            subjects[user ^ 1].clone(),
-            *load,
-            users.epoch,
-            users.deadline,
-            tally.clone(),
-            users.stop.clone(),
-        ));
+        let user = users.user(user, subjects[user ^ 1].clone(), *load, tally.clone());
+        users.add(user_loop(conn, user));
     }
     users.run(&tally).await?;
     drop(admin);
@@ -209,35 +200,17 @@ pub async fn run(address: SocketAddr, load: &Load, tally: Arc<Tally>) -> anyhow:
 
 /// One user: publishes to its partner's subject (closed loop with `window` in flight, or
 /// open loop at `rate`), and consumes and acks its own.
-#[allow(clippy::too_many_arguments)]
-async fn user_loop(
-    mut conn: Conn,
-    user: u32,
-    to: String,
-    load: Load,
-    epoch: Instant,
-    deadline: Instant,
-    tally: Arc<Tally>,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<()> {
-    let permits = load.permits();
-    let out = conn.out.clone();
-    let publisher = tokio::spawn(broker::publish_until(
-        load,
-        user,
-        epoch,
-        deadline,
-        permits.clone(),
-        move |sequence, payload| {
-            let mut bytes =
-                format!("PUB {to} _INBOX.u{user}.{sequence} {}\r\n", payload.len()).into_bytes();
-            bytes.extend_from_slice(&payload);
-            bytes.extend_from_slice(b"\r\n");
-            out.send(bytes).is_ok()
-        },
-    ));
-    let inbox = format!("_INBOX.u{user}.");
-    while !stop.load(Ordering::Relaxed) {
+async fn user_loop(mut conn: Conn, user: User) -> anyhow::Result<()> {
+    let index = user.index;
+    let (permits, publisher) = user.publish(conn.out.clone(), move |to, sequence, payload| {
+        let mut bytes =
+            format!("PUB {to} _INBOX.u{index}.{sequence} {}\r\n", payload.len()).into_bytes();
+        bytes.extend_from_slice(payload);
+        bytes.extend_from_slice(b"\r\n");
+        bytes
+    });
+    let inbox = format!("_INBOX.u{index}.");
+    while user.running() {
         let Ok(next) = tokio::time::timeout(Duration::from_millis(100), conn.next()).await else {
             continue;
         };
@@ -245,15 +218,13 @@ async fn user_loop(
         if message.subject.starts_with(&inbox) {
             // JetStream's publish ack: {"stream":..,"seq":..} or an error.
             if message.payload.windows(7).any(|w| w == b"\"error\"") {
-                tally.failed();
+                user.tally.failed();
             } else {
-                tally.sent();
+                user.tally.sent();
             }
             permits.add_permits(1);
         } else if let Some(reply) = &message.reply {
-            if let Some((key, due)) = read_stamp(&message.payload) {
-                tally.delivered(key, (epoch + Duration::from_nanos(due)).elapsed());
-            }
+            user.delivered(&message.payload);
             conn.publish(reply, None, b"");
         }
     }

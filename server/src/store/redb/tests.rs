@@ -31,6 +31,17 @@ pub(super) fn register(store: &RedbStore, account: u8) -> DeviceAddress {
     }
 }
 
+/// Lets anyone send sealed envelopes to `device`'s account.
+fn open_to_anyone(store: &RedbStore, device: DeviceAddress) {
+    store
+        .apply(vec![Write::SetDeliveryAccess {
+            account: device.account,
+            token_hash: None,
+            allow_unknown_senders: true,
+        }])
+        .unwrap();
+}
+
 /// Adds a device with key `[key; 32]` to `primary`'s account.
 fn add_device(store: &RedbStore, primary: DeviceAddress, key: u8) -> DeviceAddress {
     let added = store
@@ -204,13 +215,7 @@ fn sends_see_device_list_changes_at_once_despite_the_account_cache() {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path()).unwrap();
     let bob = register(&store, 2);
-    store
-        .apply(vec![Write::SetDeliveryAccess {
-            account: bob.account,
-            token_hash: None,
-            allow_unknown_senders: true,
-        }])
-        .unwrap();
+    open_to_anyone(&store, bob);
     // Warm the cache with Bob's one-device record.
     assert!(matches!(
         store.apply(vec![enqueue(&[bob], b"one", NOW)]).unwrap()[0],
@@ -495,13 +500,7 @@ fn sealed_envelopes_need_access_and_the_exact_device_list() {
     assert!(matches!(results[4], Ok(Outcome::Enqueued { .. })));
     assert_eq!(store.stats().unwrap().envelopes, 1);
 
-    store
-        .apply(vec![Write::SetDeliveryAccess {
-            account: bob.account,
-            token_hash: None,
-            allow_unknown_senders: true,
-        }])
-        .unwrap();
+    open_to_anyone(&store, bob);
     assert!(matches!(
         store.apply(vec![sealed(bob, &[1], None)]).unwrap()[0],
         Ok(Outcome::Enqueued { .. })
