@@ -115,6 +115,12 @@ impl CallMedia {
         self.frames.try_recv().ok()
     }
 
+    /// Whether our frames go over the relay's UDP media port (it answered our binding
+    /// there) rather than QUIC datagrams. Either way they are end-to-end sealed the same.
+    pub fn on_udp_port(&self) -> bool {
+        self.inner.connection.media_on_udp(self.allocation)
+    }
+
     /// Moves our sending direction to a fresh key epoch.
     pub fn rotate_key(&mut self) {
         self.sender.rotate();

@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use hush_protocol::auth::{auth_transcript, register_transcript, EXPORTER_LABEL, EXPORTER_LEN};
-use hush_protocol::media::{encode_media, parse_media};
+use hush_protocol::media::{
+    encode_media, parse_media, MediaError, MAX_MEDIA_PAYLOAD, MEDIA_HEADER_LEN,
+};
+use hush_protocol::media_udp::MediaLeg;
 use hush_protocol::sealed::{SealedEnvelope, SenderCertificate};
 use hush_protocol::{
     encode_frame, AccountId, Ack, AddDevice, AllocateCall, Authenticate, CallEndCause, CallOutcome,
@@ -26,6 +29,7 @@ use tokio::task::JoinHandle;
 use crate::error::ConnectionError;
 use crate::keys::DeviceKey;
 use crate::tls::PinnedCertificate;
+use crate::udp_media::{Sent, UdpMedia};
 
 /// Pushed events buffered before the reader waits for the app (and the relay, through
 /// QUIC flow control, waits for the reader).
@@ -58,6 +62,10 @@ pub struct ConnectOptions {
     pub server_name: String,
     /// How to trust the certificate.
     pub trust: Trust,
+    /// Whether call media may use the relay's UDP media port when the relay offers one
+    /// (falling back to QUIC datagrams where the port does not answer); `false` keeps media
+    /// on QUIC datagrams.
+    pub udp_media: bool,
 }
 
 impl ConnectOptions {
@@ -67,6 +75,7 @@ impl ConnectOptions {
             address,
             server_name: "localhost".to_owned(),
             trust,
+            udp_media: true,
         }
     }
 }
@@ -203,7 +212,11 @@ impl Connector {
             Some(_) => return Err(ConnectionError::UnexpectedResponse),
             None => return Err(ConnectionError::Closed(raw.close_code())),
         };
-        Ok(Connection::start(raw, hello.challenge))
+        Ok(Connection::start(
+            raw,
+            hello.challenge,
+            self.options.udp_media,
+        ))
     }
 
     /// Opens a QUIC connection and its control stream and stops there: no `Hello`, no
@@ -318,6 +331,9 @@ pub struct Connection {
     reader: JoinHandle<()>,
     /// The socket, when the connection was made by `Connection::connect` and owns it.
     own_endpoint: Option<quinn::Endpoint>,
+    /// The relay's UDP media port socket, made with the first leg the relay grants.
+    udp: tokio::sync::watch::Sender<Option<Arc<UdpMedia>>>,
+    udp_allowed: bool,
 }
 
 impl Connection {
@@ -329,7 +345,7 @@ impl Connection {
         Ok(connection)
     }
 
-    fn start(raw: RawStream, challenge: [u8; 32]) -> Connection {
+    fn start(raw: RawStream, challenge: [u8; 32], udp_allowed: bool) -> Connection {
         let exporter = raw.exporter().unwrap_or([0; EXPORTER_LEN]);
         let RawStream {
             connection,
@@ -356,6 +372,8 @@ impl Connection {
             next_request: AtomicU32::new(1),
             reader,
             own_endpoint: None,
+            udp: tokio::sync::watch::Sender::new(None),
+            udp_allowed,
         }
     }
 
@@ -599,9 +617,61 @@ impl Connection {
                 allocation,
                 token,
                 call_id,
-            } => Ok((allocation, token, call_id)),
+                media,
+            } => {
+                self.add_leg(allocation, media.as_ref()).await;
+                Ok((allocation, token, call_id))
+            }
             _ => Err(ConnectionError::UnexpectedResponse),
         }
+    }
+
+    /// Starts using the relay's media port for `allocation`, if the relay granted a leg
+    /// and the options allow it. A socket that cannot be made leaves media on QUIC.
+    async fn add_leg(&self, allocation: u32, grant: Option<&MediaLeg>) {
+        let Some(grant) = grant.filter(|_| self.udp_allowed) else {
+            return;
+        };
+        let existing = self.udp.borrow().clone();
+        let udp = if let Some(udp) = existing {
+            udp
+        } else {
+            let relay = SocketAddr::new(self.quic.remote_address().ip(), grant.port);
+            let Ok(udp) = UdpMedia::connect(relay).await else {
+                return;
+            };
+            let udp = Arc::new(udp);
+            // Two calls set up at once: the first socket stays.
+            self.udp.send_if_modified(|slot| {
+                if slot.is_none() {
+                    *slot = Some(udp.clone());
+                    true
+                } else {
+                    false
+                }
+            });
+            let current = self.udp.borrow().clone();
+            let Some(udp) = current else {
+                return;
+            };
+            udp
+        };
+        udp.add(allocation, grant).await;
+    }
+
+    /// The leg the relay granted this connection for `allocation` on its UDP media port,
+    /// keys included: for conformance tests and tools that speak to the port themselves.
+    pub fn media_leg(&self, allocation: u32) -> Option<MediaLeg> {
+        self.udp.borrow().as_ref()?.grant(allocation)
+    }
+
+    /// Whether `allocation`'s media goes over the relay's UDP media port (the relay has
+    /// answered its binding there) rather than QUIC datagrams.
+    pub fn media_on_udp(&self, allocation: u32) -> bool {
+        self.udp
+            .borrow()
+            .as_ref()
+            .is_some_and(|udp| udp.confirmed(allocation))
     }
 
     /// Joins a call allocation as a device of the callee account, with the token from the
@@ -611,12 +681,16 @@ impl Connection {
         allocation: u32,
         token: CallToken,
     ) -> Result<(), ConnectionError> {
-        expect(
-            &self
-                .request(RequestBody::JoinCall(JoinCall { allocation, token }))
-                .await?,
-            &ResponseBody::CallJoined,
-        )
+        match self
+            .request(RequestBody::JoinCall(JoinCall { allocation, token }))
+            .await?
+        {
+            ResponseBody::CallJoined { media } => {
+                self.add_leg(allocation, media.as_ref()).await;
+                Ok(())
+            }
+            _ => Err(ConnectionError::UnexpectedResponse),
+        }
     }
 
     /// Ends a call allocation this connection is a party of; `outcome` is the caller's
@@ -627,6 +701,9 @@ impl Connection {
         allocation: u32,
         outcome: CallOutcome,
     ) -> Result<(), ConnectionError> {
+        if let Some(udp) = self.udp.borrow().as_ref() {
+            udp.remove(allocation);
+        }
         expect(
             &self
                 .request(RequestBody::EndCall(EndCall {
@@ -643,6 +720,15 @@ impl Connection {
     /// path carries, or on a closed connection, is an error; a full send buffer drops the
     /// oldest queued datagram.
     pub fn send_media(&self, allocation: u32, frame: &[u8]) -> Result<(), ConnectionError> {
+        if frame.len() > MAX_MEDIA_PAYLOAD {
+            return Err(MediaError::TooLarge(frame.len() + MEDIA_HEADER_LEN).into());
+        }
+        let udp = self.udp.borrow().clone();
+        if let Some(udp) = udp {
+            if udp.send(allocation, frame)? == Sent::Udp {
+                return Ok(());
+            }
+        }
         let datagram = encode_media(allocation, frame)?;
         self.send_raw_datagram(datagram)
     }
@@ -654,11 +740,30 @@ impl Connection {
         Ok(())
     }
 
-    /// The next media datagram: its allocation id and the encrypted frame. Datagrams too
-    /// short to carry an allocation id are skipped; `None` once the connection is closed.
+    /// The next media frame, from a QUIC datagram or the relay's UDP media port: its
+    /// allocation id and the encrypted frame. Datagrams too short to carry an allocation
+    /// id, and packets on the port that are not authentic, are skipped; `None` once the
+    /// connection is closed.
     pub async fn next_media(&self) -> Option<(u32, Vec<u8>)> {
+        let mut port = self.udp.subscribe();
         loop {
-            let datagram = self.quic.read_datagram().await.ok()?;
+            let udp = port.borrow_and_update().clone();
+            let datagram = if let Some(udp) = udp {
+                tokio::select! {
+                    datagram = self.quic.read_datagram() => datagram.ok()?,
+                    frame = udp.receive() => return Some(frame),
+                }
+            } else {
+                tokio::select! {
+                    datagram = self.quic.read_datagram() => datagram.ok()?,
+                    changed = port.changed() => {
+                        if changed.is_err() {
+                            return None;
+                        }
+                        continue;
+                    }
+                }
+            };
             if let Ok((allocation, frame)) = parse_media(&datagram) {
                 return Some((allocation, frame.to_vec()));
             }

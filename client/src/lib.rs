@@ -48,6 +48,7 @@ mod store;
 #[doc(hidden)]
 pub mod test_support;
 mod tls;
+mod udp_media;
 #[cfg(test)]
 mod vectors;
 

@@ -257,6 +257,23 @@ pub fn genuine_media_frame() -> Vec<u8> {
     sender.seal(GENUINE_MEDIA).expect("sealing a frame")
 }
 
+/// The leg of the media port targets' packets.
+pub const MEDIA_LEG: u64 = 0x0123_4567_89ab_cdef;
+
+/// The key the media port targets seal with.
+pub fn hop_key() -> hush_protocol::media_udp::HopKey {
+    hush_protocol::media_udp::HopKey::from_bytes([0xA5; 32])
+}
+
+/// The one packet a leg keyed with [`hop_key`] opens in the `forged` mode.
+pub fn genuine_media_packet() -> Vec<u8> {
+    let mut packet = Vec::new();
+    hush_protocol::media_udp::HopCipher::new(&hop_key())
+        .seal_into(MEDIA_LEG, 1, GENUINE_MEDIA, &mut packet)
+        .expect("sealing a packet");
+    packet
+}
+
 /// The message inside the genuine sealed envelope.
 pub const GENUINE_SEALED: &[u8] = b"inner message";
 

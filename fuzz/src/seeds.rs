@@ -7,6 +7,7 @@ use std::path::Path;
 
 use hush_client::message::CiphertextMessage;
 use hush_client::test_support::{pairwise_sessions, text_content};
+use hush_protocol::media_udp::{HopKey, MediaLeg};
 use hush_protocol::sealed::SealedEnvelope;
 use hush_protocol::{
     encode_frame, AccountId, Ack, AddDevice, AllocateCall, Authenticate, CallEndCause, CallEnded,
@@ -18,7 +19,7 @@ use hush_protocol::{
 };
 
 use crate::{
-    genuine_media_frame, genuine_sealed_content, genuine_sealed_envelope, keys, rng_from,
+    genuine_media_frame, genuine_media_packet, genuine_sealed_content, genuine_sealed_envelope, keys, rng_from,
     ALLOCATION,
 };
 
@@ -181,8 +182,15 @@ pub fn server_frames() -> Vec<ServerFrame> {
                 allocation: 5,
                 token: CallToken([6; 16]),
                 call_id: [7; 16],
+                media: Some(MediaLeg {
+                    port: 4434,
+                    leg: 8,
+                    up: HopKey::from_bytes([9; 32]),
+                    down: HopKey::from_bytes([10; 32]),
+                }),
             }),
         ),
+        response(7, Ok(ResponseBody::CallJoined { media: None })),
         response(6, Err(ErrorCode::DeviceListChanged)),
         ServerFrame::Deliver(Deliver {
             id: EnvelopeId(8),
@@ -282,6 +290,15 @@ pub fn all() -> Vec<(&'static str, String, Vec<u8>)> {
     let datagram = hush_protocol::media::encode_media(ALLOCATION, &frame).unwrap_or_default();
     seeds.push(("media_frame", "datagram".into(), mode(0, &datagram)));
     seeds.push(("media_frame", "sealed".into(), mode(1, &frame)));
+    let packet = genuine_media_packet();
+    seeds.push(("media_packet", "header".into(), mode(0, &packet)));
+    seeds.push(("media_packet", "sealed".into(), mode(1, &packet)));
+    // Seal three, deliver out of order, replay, tamper.
+    seeds.push((
+        "media_packet",
+        "script".into(),
+        vec![2, 0, 0, 0, 0, 0, 0, 1, 2, 1, 0, 1, 2, 1, 0, 2, 1, 9],
+    ));
     // Seal three, deliver them out of order, replay, tamper, rotate, seal, deliver.
     seeds.push((
         "media_frame",

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{DecodeError, ErrorCode};
 use crate::ids::{AccountId, DeviceAddress, DeviceId, EnvelopeId, RequestId};
 use crate::limits;
+use crate::media_udp::MediaLeg;
 use crate::sealed::{SealedEnvelope, SenderCertificate};
 use crate::Signature;
 
@@ -474,9 +475,14 @@ pub enum ResponseBody {
         token: CallToken,
         /// The call's id, as its call-detail record keeps it.
         call_id: [u8; 16],
+        /// The caller's leg on the relay's UDP media port, if the relay has one.
+        media: Option<MediaLeg>,
     },
     /// This connection is the callee's party of the allocation.
-    CallJoined,
+    CallJoined {
+        /// The callee's leg on the relay's UDP media port, if the relay has one.
+        media: Option<MediaLeg>,
+    },
     /// The allocation has ended and its call-detail record is durably written.
     CallEnded,
 }

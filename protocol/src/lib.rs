@@ -33,6 +33,7 @@ mod frames;
 mod ids;
 pub mod limits;
 pub mod media;
+pub mod media_udp;
 pub mod sealed;
 
 pub use bytes::Signature;

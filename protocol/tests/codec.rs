@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use hush_protocol::limits::{self, frame as frame_limit};
+use hush_protocol::media_udp::{HopKey, MediaLeg};
 use hush_protocol::sealed::{SealedEnvelope, SenderCertificate};
 use hush_protocol::{
     encode_frame, media, AccountId, Ack, AddDevice, AllocateCall, Authenticate, CallEndCause,
@@ -184,6 +185,23 @@ fn request_body() -> impl Strategy<Value = RequestBody> {
     ]
 }
 
+fn media_leg() -> impl Strategy<Value = Option<MediaLeg>> {
+    option::of(
+        (
+            any::<u16>(),
+            any::<u64>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+        )
+            .prop_map(|(port, leg, up, down)| MediaLeg {
+                port,
+                leg,
+                up: HopKey::from_bytes(up),
+                down: HopKey::from_bytes(down),
+            }),
+    )
+}
+
 fn call_outcome() -> impl Strategy<Value = CallOutcome> {
     prop_oneof![
         Just(CallOutcome::Answered),
@@ -267,14 +285,21 @@ fn response_body() -> impl Strategy<Value = ResponseBody> {
         any::<u32>().prop_map(|count| ResponseBody::Retracted { count }),
         any::<[u8; 16]>().prop_map(|address| ResponseBody::ProvisioningOpened { address }),
         Just(ResponseBody::Provisioned),
-        (any::<u32>(), any::<[u8; 16]>(), any::<[u8; 16]>()).prop_map(
-            |(allocation, token, call_id)| ResponseBody::CallAllocated {
-                allocation,
-                token: CallToken(token),
-                call_id,
-            }
-        ),
-        Just(ResponseBody::CallJoined),
+        (
+            any::<u32>(),
+            any::<[u8; 16]>(),
+            any::<[u8; 16]>(),
+            media_leg()
+        )
+            .prop_map(|(allocation, token, call_id, media)| {
+                ResponseBody::CallAllocated {
+                    allocation,
+                    token: CallToken(token),
+                    call_id,
+                    media,
+                }
+            }),
+        media_leg().prop_map(|media| ResponseBody::CallJoined { media }),
         Just(ResponseBody::CallEnded),
     ]
 }
@@ -723,6 +748,12 @@ fn call_frames_fit_their_limits_and_keep_tokens_out_of_debug() {
             allocation: u32::MAX,
             token: CallToken([0xee; 16]),
             call_id: [0xdd; 16],
+            media: Some(MediaLeg {
+                port: u16::MAX,
+                leg: u64::MAX,
+                up: HopKey::from_bytes([0xcc; 32]),
+                down: HopKey::from_bytes([0xbb; 32]),
+            }),
         }),
     });
     let wire = encode_frame(&allocated);

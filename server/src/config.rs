@@ -142,6 +142,12 @@ impl Default for Limits {
 pub struct Config {
     /// UDP address to listen on.
     pub listen: SocketAddr,
+    /// Whether call media may also use the UDP media port (`crate::media`); without it,
+    /// media goes as QUIC datagrams only.
+    pub udp_media: bool,
+    /// The UDP media port's address. Default: `listen`'s address and the next port (an
+    /// ephemeral one when `listen`'s port is 0).
+    pub media_listen: Option<SocketAddr>,
     /// Where the database, storage keys and self-signed certificate live.
     pub data_dir: PathBuf,
     /// An operator certificate; without one, a self-signed one is made in `data_dir`.
@@ -173,6 +179,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            udp_media: true,
+            media_listen: None,
             data_dir: PathBuf::from("hush-data"),
             tls: None,
             registration: RegistrationPolicy::Open,
@@ -242,6 +250,21 @@ impl Config {
         })?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Where the UDP media port binds, given the QUIC endpoint's bound address; `None`
+    /// when it is off.
+    pub fn media_listen(&self, bound: SocketAddr) -> Option<SocketAddr> {
+        if !self.udp_media {
+            return None;
+        }
+        Some(self.media_listen.unwrap_or_else(|| {
+            let port = match self.listen.port() {
+                0 => 0,
+                port => port.checked_add(1).unwrap_or(0),
+            };
+            SocketAddr::new(bound.ip(), port)
+        }))
     }
 
     /// Checks every range rule.

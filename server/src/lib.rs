@@ -27,6 +27,7 @@ pub mod commit;
 pub mod config;
 pub mod keyring;
 mod mailbox;
+pub mod media;
 pub mod metrics;
 pub mod provisioning;
 pub mod quota;

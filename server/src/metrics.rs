@@ -70,6 +70,12 @@ pub struct Metrics {
     pub media_dropped_malformed: AtomicU64,
     /// Media datagrams dropped: the other party's connection could not take them.
     pub media_dropped_send_failed: AtomicU64,
+    /// Binding packets answered on the UDP media port.
+    pub media_bindings: AtomicU64,
+    /// Media packets dropped on the UDP media port: their tag did not verify.
+    pub media_dropped_forged: AtomicU64,
+    /// Media packets dropped on the UDP media port: replayed, or too old.
+    pub media_dropped_replayed: AtomicU64,
     connections_closed_by_code: CodeCounters,
 }
 
@@ -190,6 +196,15 @@ impl Metrics {
             (
                 "hush_media_dropped_send_failed_total",
                 &self.media_dropped_send_failed,
+            ),
+            ("hush_media_bindings_total", &self.media_bindings),
+            (
+                "hush_media_dropped_forged_total",
+                &self.media_dropped_forged,
+            ),
+            (
+                "hush_media_dropped_replayed_total",
+                &self.media_dropped_replayed,
             ),
         ];
         for (name, value) in counters {

@@ -14,6 +14,7 @@ use crate::commit::{CommitError, CommitThread, Committer};
 use crate::config::Config;
 use crate::keyring::KeyringError;
 use crate::mailbox::Hub;
+use crate::media::MediaPlane;
 use crate::metrics::Metrics;
 use crate::provisioning::Provisioning;
 use crate::quota::Quotas;
@@ -38,6 +39,7 @@ pub(crate) struct Shared {
     pub sender_key: SenderKey,
     pub provisioning: Provisioning,
     pub calls: Calls<PartyLink>,
+    pub media: MediaPlane,
     pub quotas: Quotas,
 }
 
@@ -82,6 +84,7 @@ pub struct Relay {
     accept: JoinHandle<()>,
     sweeper: JoinHandle<()>,
     call_timer: JoinHandle<()>,
+    media_workers: JoinSet<()>,
     admin: admin::AdminSocket,
     commit_thread: CommitThread,
 }
@@ -106,6 +109,11 @@ impl Relay {
         let server_config = transport::server_config(&config, identity)?;
         let endpoint = transport::bind(config.listen, server_config)?;
         let local_addr = endpoint.local_addr()?;
+        let media_socket = match config.media_listen(local_addr) {
+            Some(address) => Some(Arc::new(transport::bind_media(address)?)),
+            None => None,
+        };
+        let media = MediaPlane::new(media_socket.clone())?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let sweep_interval = Duration::from_secs(config.sweep_interval_secs);
@@ -127,8 +135,15 @@ impl Relay {
             sender_key,
             provisioning,
             calls,
+            media,
             quotas,
         });
+        let mut media_workers = JoinSet::new();
+        if let Some(socket) = media_socket {
+            for _ in 0..transport::media_workers() {
+                media_workers.spawn(crate::media::receive_loop(shared.clone(), socket.clone()));
+            }
+        }
         let admin = admin::AdminSocket::start(&admin_path, shared.clone())?;
         let call_timer = tokio::spawn(call_timer_loop(shared.clone(), shutdown_rx.clone()));
         let accept = tokio::spawn(accept_loop(
@@ -148,6 +163,7 @@ impl Relay {
             accept,
             sweeper,
             call_timer,
+            media_workers,
             admin,
             commit_thread,
         })
@@ -156,6 +172,16 @@ impl Relay {
     /// The bound UDP address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The UDP media port's address, if the relay has one.
+    pub fn media_addr(&self) -> Option<SocketAddr> {
+        self.shared.media.local_addr()
+    }
+
+    /// Live legs on the UDP media port.
+    pub fn live_media_legs(&self) -> usize {
+        self.shared.media.live_legs()
     }
 
     /// SHA-256 of the certificate: what clients pin.
@@ -292,6 +318,7 @@ impl Relay {
             accept,
             sweeper,
             call_timer,
+            mut media_workers,
             admin,
             commit_thread,
             ..
@@ -303,6 +330,7 @@ impl Relay {
         sweeper.abort();
         let _ = sweeper.await;
         let _ = call_timer.await;
+        media_workers.shutdown().await;
         // Whatever is still live (sessions cut short, a timer stopped mid-round) ends now,
         // each with its record, before the committer goes.
         let now = shared.clock.now();

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use hush_protocol::auth::{auth_transcript, register_transcript, EXPORTER_LABEL, EXPORTER_LEN};
-use hush_protocol::media::{media_allocation, MediaError};
+use hush_protocol::media::{media_allocation, MediaError, MEDIA_HEADER_LEN};
 use hush_protocol::sealed::{retract_tag, SenderCertificateBody};
 use hush_protocol::{
     encode_frame, AccountId, CallEnded, CallOutcome, CallToken, ClientFrame, DecodeError, Deliver,
@@ -35,6 +35,7 @@ use tokio::task::JoinHandle;
 use crate::calls::{Ended, Party, Route};
 use crate::commit::CommitError;
 use crate::mailbox::DeviceLink;
+use crate::media;
 use crate::metrics::Metrics;
 use crate::provisioning::ProvisioningError;
 use crate::quota::{address_key, AddressSlot, Requester};
@@ -159,7 +160,9 @@ struct Attached {
 /// outbox (the `CallEnded` push).
 #[derive(Clone)]
 pub(crate) struct PartyLink {
-    quic: quinn::Connection,
+    /// The connection's number.
+    pub number: u64,
+    pub quic: quinn::Connection,
     outbox: mpsc::Sender<Vec<u8>>,
 }
 
@@ -176,6 +179,7 @@ pub(crate) async fn record_call_end(
         cause,
     } = ended;
     Metrics::inc(&shared.metrics.calls_ended);
+    shared.media.close(allocation);
     let delete_at = record
         .started_at
         .saturating_add(shared.config.cdr_retention_secs());
@@ -625,6 +629,7 @@ impl Session {
         Party {
             connection: self.number,
             link: PartyLink {
+                number: self.number,
                 quic: self.connection.clone(),
                 outbox: self.outbox.clone(),
             },
@@ -664,6 +669,7 @@ impl Session {
                     allocation: allocated.allocation,
                     token: CallToken(allocated.token),
                     call_id: allocated.call_id,
+                    media: self.shared.media.open(allocated.allocation, self.number),
                 })
             }
             Err(error) => Err(error.code()),
@@ -689,7 +695,9 @@ impl Session {
         let result = match joined {
             Ok(()) => {
                 self.track_call(allocation);
-                Ok(ResponseBody::CallJoined)
+                Ok(ResponseBody::CallJoined {
+                    media: self.shared.media.open(allocation, self.number),
+                })
             }
             Err(error) => Err(error.code()),
         };
@@ -1110,6 +1118,7 @@ async fn deliver_loop(
 /// the received buffer itself (no copy).
 async fn media_loop(shared: Arc<Shared>, number: u64, connection: quinn::Connection) {
     let metrics = &shared.metrics;
+    let mut out = Vec::new();
     while let Ok(datagram) = connection.read_datagram().await {
         let allocation = match media_allocation(&datagram) {
             Ok(allocation) => allocation,
@@ -1119,10 +1128,17 @@ async fn media_loop(shared: Arc<Shared>, number: u64, connection: quinn::Connect
             }
         };
         match shared.calls.route(allocation, number, shared.clock.now()) {
-            Route::Forward(peer) => match peer.quic.send_datagram(datagram) {
-                Ok(()) => Metrics::inc(&metrics.media_forwarded),
-                Err(_) => Metrics::inc(&metrics.media_dropped_send_failed),
-            },
+            Route::Forward(peer) => {
+                let payload = datagram.slice(MEDIA_HEADER_LEN..);
+                media::forward(
+                    &shared,
+                    allocation,
+                    &peer,
+                    &payload,
+                    Some(datagram),
+                    &mut out,
+                );
+            }
             Route::Unknown => Metrics::inc(&metrics.media_dropped_unknown),
             Route::NotParty => Metrics::inc(&metrics.media_dropped_not_party),
             Route::NoPeer => Metrics::inc(&metrics.media_dropped_no_peer),

@@ -50,6 +50,25 @@ pub fn bind(listen: SocketAddr, server: quinn::ServerConfig) -> std::io::Result<
     )
 }
 
+/// Binds the UDP media port (`crate::media`), with the same large buffers.
+pub fn bind_media(listen: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    let socket = Socket::new(
+        Domain::for_address(listen),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    socket.set_nonblocking(true)?;
+    socket.bind(&listen.into())?;
+    tokio::net::UdpSocket::from_std(socket.into())
+}
+
+/// Tasks reading the media port: one per core, all on the one socket.
+pub fn media_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
 /// Builds the endpoint's server configuration.
 pub fn server_config(
     config: &Config,

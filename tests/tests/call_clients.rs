@@ -67,6 +67,16 @@ async fn a_call_rings_every_device_is_answered_on_one_and_carries_media_both_way
     let mut alice_media = alice.take_media(call).expect("caller media");
     let mut bob_media = bob2.take_media(call).expect("callee media");
     assert!(alice.take_media(call).is_none(), "media is handed out once");
+    // Both move to the relay's UDP media port once it answers their bindings (the first
+    // frames would go as QUIC datagrams otherwise, and could overtake each other at the
+    // switch).
+    for media in [&alice_media, &bob_media] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !media.on_udp_port() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(media.on_udp_port(), "the media port never answered");
+    }
     const FRAMES: u32 = 1_000;
     let mut received: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
     let collect = |media: &mut hush_client::CallMedia, direction: u8, into: &mut Vec<u32>| {

@@ -22,9 +22,19 @@ fn count(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
 
-/// A relay whose timers do not fire while a test moves the clock on purpose.
+/// A relay whose call media goes as QUIC datagrams only.
+async fn quic_only_relay() -> TestRelay {
+    TestRelay::start_with(|c| c.udp_media = false).await
+}
+
+/// A relay whose timers do not fire while a test moves the clock on purpose. Its media
+/// goes as QUIC datagrams only; `tests/udp_media.rs` covers the UDP media port.
 async fn relay_without_idle_timeout() -> TestRelay {
-    TestRelay::start_with(|c| c.call_media_idle_secs = 3600).await
+    TestRelay::start_with(|c| {
+        c.call_media_idle_secs = 3600;
+        c.udp_media = false;
+    })
+    .await
 }
 
 /// Sends `n` numbered frames, paced so that loopback buffers never overflow.
@@ -166,7 +176,7 @@ async fn an_answered_call_relays_media_both_ways_and_records_one_cdr() {
 
 #[tokio::test]
 async fn unanswered_calls_record_the_callers_outcome() {
-    let relay = TestRelay::start().await;
+    let relay = quic_only_relay().await;
     let alice = relay.register().await;
     let bob = relay.register().await;
     for outcome in [
@@ -205,7 +215,7 @@ async fn unanswered_calls_record_the_callers_outcome() {
 
 #[tokio::test]
 async fn an_unanswered_call_rings_out_as_missed() {
-    let relay = TestRelay::start().await;
+    let relay = quic_only_relay().await;
     let (alice, bob, allocation, token) = allocated_call(&relay).await;
     relay.clock.advance(89);
     relay.relay().expire_calls_now().await;
@@ -229,7 +239,7 @@ async fn an_unanswered_call_rings_out_as_missed() {
 
 #[tokio::test]
 async fn a_call_without_media_ends_after_the_idle_timeout() {
-    let relay = TestRelay::start().await;
+    let relay = quic_only_relay().await;
     let (alice, bob, allocation, _) = joined_call(&relay).await;
     relay.clock.advance(20);
     // Media keeps it alive.
@@ -307,7 +317,7 @@ async fn a_closed_connection_ends_its_calls() {
 
 #[tokio::test]
 async fn media_for_unknown_or_finished_allocations_is_dropped_and_counted() {
-    let relay = TestRelay::start().await;
+    let relay = quic_only_relay().await;
     let (alice, bob, allocation, _) = joined_call(&relay).await;
     let metrics = relay.relay().metrics();
     for i in 0..10u8 {
@@ -336,7 +346,7 @@ async fn media_for_unknown_or_finished_allocations_is_dropped_and_counted() {
 
 #[tokio::test]
 async fn a_stolen_allocation_id_reaches_nobody() {
-    let relay = TestRelay::start().await;
+    let relay = quic_only_relay().await;
     let (alice, bob, allocation, _) = joined_call(&relay).await;
     let eve = relay.register().await;
     for _ in 0..20 {
@@ -354,7 +364,7 @@ async fn a_stolen_allocation_id_reaches_nobody() {
 
 #[tokio::test]
 async fn oversized_media_is_refused_locally_and_dropped_by_the_relay() {
-    let relay = TestRelay::start().await;
+    let relay = quic_only_relay().await;
     let (alice, bob, allocation, _) = joined_call(&relay).await;
     assert!(matches!(
         alice
@@ -386,7 +396,7 @@ async fn oversized_media_is_refused_locally_and_dropped_by_the_relay() {
 
 #[tokio::test]
 async fn joining_needs_the_right_token_and_works_once() {
-    let relay = TestRelay::start().await;
+    let relay = quic_only_relay().await;
     let alice = relay.register().await;
     let bob = relay.register().await;
     let bob2 = add_device(&relay, &bob).await;
@@ -429,7 +439,7 @@ async fn joining_needs_the_right_token_and_works_once() {
 
 #[tokio::test]
 async fn joining_after_the_hang_up_is_refused() {
-    let relay = TestRelay::start().await;
+    let relay = quic_only_relay().await;
     let (alice, bob, allocation, token) = allocated_call(&relay).await;
     alice
         .connection
@@ -452,7 +462,7 @@ async fn joining_after_the_hang_up_is_refused() {
 
 #[tokio::test]
 async fn a_forged_hang_up_from_a_non_party_changes_nothing() {
-    let relay = TestRelay::start().await;
+    let relay = quic_only_relay().await;
     let (alice, bob, allocation, _) = joined_call(&relay).await;
     let eve = relay.register().await;
     refused(
@@ -711,7 +721,7 @@ async fn a_stale_admin_socket_is_replaced_and_a_live_one_is_not() {
 
 #[tokio::test]
 async fn metrics_after_calls_name_nobody() {
-    let relay = TestRelay::start().await;
+    let relay = quic_only_relay().await;
     let (alice, bob, allocation, token) = joined_call(&relay).await;
     alice.connection.send_media(allocation, b"frame").unwrap();
     let metrics = relay.relay().metrics();

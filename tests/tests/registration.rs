@@ -119,6 +119,7 @@ async fn an_operator_certificate_is_verified_through_webpki() {
         address: relay.relay().local_addr(),
         server_name: "relay.test".to_owned(),
         trust: Trust::WebPki(roots.clone()),
+        udp_media: true,
     };
     let connection = Connection::connect(&options).await.unwrap();
     connection
