@@ -39,7 +39,11 @@ fn header(bytes: &[u8]) {
 fn forged(bytes: &[u8]) {
     let mut packet = bytes.to_vec();
     if let Ok((_, payload)) = HopCipher::new(&hop_key()).open(&mut packet) {
-        assert_eq!(bytes, genuine_media_packet(), "a forged media packet opened");
+        assert_eq!(
+            bytes,
+            genuine_media_packet(),
+            "a forged media packet opened"
+        );
         assert_eq!(payload, GENUINE_MEDIA);
     }
 }
@@ -55,7 +59,9 @@ fn script(ops: &[u8]) {
         let pick = usize::from(ops.next().unwrap_or(0));
         match op % 3 {
             0 => {
-                let payload = u32::try_from(sent.len()).expect("few packets").to_be_bytes();
+                let payload = u32::try_from(sent.len())
+                    .expect("few packets")
+                    .to_be_bytes();
                 let mut packet = Vec::new();
                 let counter = sent.len() as u64 + 1;
                 cipher
@@ -83,7 +89,10 @@ fn script(ops: &[u8]) {
                 let mut tampered = sent[pick % sent.len()].clone();
                 let bit = usize::from(ops.next().unwrap_or(0)) % (tampered.len() * 8);
                 tampered[bit / 8] ^= 1 << (bit % 8);
-                assert!(cipher.open(&mut tampered).is_err(), "a tampered packet opened");
+                assert!(
+                    cipher.open(&mut tampered).is_err(),
+                    "a tampered packet opened"
+                );
             }
             _ => {}
         }

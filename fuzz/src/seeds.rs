@@ -19,8 +19,8 @@ use hush_protocol::{
 };
 
 use crate::{
-    genuine_media_frame, genuine_media_packet, genuine_sealed_content, genuine_sealed_envelope, keys, rng_from,
-    ALLOCATION,
+    genuine_media_frame, genuine_media_packet, genuine_sealed_content, genuine_sealed_envelope,
+    keys, rng_from, ALLOCATION,
 };
 
 fn address(n: u8) -> DeviceAddress {
