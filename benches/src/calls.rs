@@ -27,6 +27,10 @@ use crate::chat::Target;
 use crate::child::{process_cpu_s, which, Child};
 use crate::turn;
 
+/// What a run can drive: Hush with its UDP media port, Hush with QUIC datagrams only,
+/// coturn.
+const SYSTEMS: [&str; 3] = ["hush", "hush-quic", "coturn"];
+
 /// A 20 ms codec: 50 frames per second per direction.
 const FRAME_INTERVAL: Duration = Duration::from_millis(20);
 /// Media frame size, as an Opus/G.711-class voice frame.
@@ -62,6 +66,10 @@ pub struct CallArgs {
     /// Also drive the same load through coturn (`turnserver`), side by side.
     #[arg(long)]
     turn: bool,
+    /// Also drive the same load through Hush with media as QUIC datagrams (the clients
+    /// leave the relay's UDP media port unused), side by side.
+    #[arg(long)]
+    quic_datagrams: bool,
     /// UDP sockets per side (callers, callees) that the Hush connections share.
     #[arg(long, default_value_t = 8)]
     sockets: usize,
@@ -171,18 +179,18 @@ pub async fn calls(args: CallArgs) -> anyhow::Result<()> {
         vec![args.calls]
     };
     let mut reports = Vec::new();
-    let mut largest_ok: [Option<usize>; 2] = [None, None];
-    let mut done = [false, !turn_available];
+    let mut largest_ok: [Option<usize>; SYSTEMS.len()] = [None; SYSTEMS.len()];
+    let mut done = [false, !args.quic_datagrams, !turn_available];
     for calls in steps {
-        for (index, system) in ["hush", "coturn"].into_iter().enumerate() {
+        for (index, system) in SYSTEMS.into_iter().enumerate() {
             if done[index] {
                 continue;
             }
             println!("-- {system}: {calls} calls");
-            let result = if index == 0 {
-                run_hush(&args, calls).await
-            } else {
-                run_turn(&args, calls).await
+            let result = match index {
+                0 => run_hush(&args, calls, true).await,
+                1 => run_hush(&args, calls, false).await,
+                _ => run_turn(&args, calls).await,
             };
             match result {
                 Ok(report) => {
@@ -207,8 +215,8 @@ pub async fn calls(args: CallArgs) -> anyhow::Result<()> {
 
     print_table(&reports);
     if args.ramp {
-        for (index, system) in ["hush", "coturn"].into_iter().enumerate() {
-            if index == 1 && !turn_available {
+        for (index, system) in SYSTEMS.into_iter().enumerate() {
+            if (index == 1 && !args.quic_datagrams) || (index == 2 && !turn_available) {
                 continue;
             }
             match largest_ok[index] {
@@ -226,7 +234,11 @@ pub async fn calls(args: CallArgs) -> anyhow::Result<()> {
             "ramp": args.ramp,
             "max_loss_pct": args.max_loss,
             "coturn_skipped": args.turn && !turn_available,
-            "largest_calls_under_max_loss": { "hush": largest_ok[0], "coturn": largest_ok[1] },
+            "largest_calls_under_max_loss": {
+                "hush": largest_ok[0],
+                "hush-quic": largest_ok[1],
+                "coturn": largest_ok[2],
+            },
             "runs": reports.iter().map(Report::json).collect::<Vec<_>>(),
         });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
@@ -261,7 +273,7 @@ fn print_one(report: &Report) {
 fn print_table(reports: &[Report]) {
     println!();
     println!(
-        "{:<7} {:>6} {:>10} {:>8} {:>8} {:>8} {:>9} {:>12} {:>14}",
+        "{:<9} {:>6} {:>10} {:>8} {:>8} {:>8} {:>9} {:>12} {:>14}",
         "relay",
         "calls",
         "frames/s",
@@ -282,7 +294,7 @@ fn print_table(reports: &[Report]) {
             .frames_per_cpu_s()
             .map_or_else(|| "-".to_owned(), |f| format!("{f:.0}"));
         println!(
-            "{:<7} {:>6} {:>10.0} {:>8.3} {:>8.2} {:>8.2} {:>9.2} {:>12} {:>14}",
+            "{:<9} {:>6} {:>10.0} {:>8.3} {:>8.2} {:>8.2} {:>9.2} {:>12} {:>14}",
             report.system,
             report.calls,
             report.frames_per_s(),
@@ -472,9 +484,11 @@ async fn drive(
     })
 }
 
-async fn run_hush(args: &CallArgs, calls: usize) -> anyhow::Result<Report> {
+async fn run_hush(args: &CallArgs, calls: usize, udp: bool) -> anyhow::Result<Report> {
     let target = Target::open(&args.relay, &relay_config(calls)).await?;
-    let (options, relay_pid, child) = (target.options, target.pid, target.child);
+    let (mut options, relay_pid, child) = (target.options, target.pid, target.child);
+    options.udp_media = udp;
+    let system = if udp { SYSTEMS[0] } else { SYSTEMS[1] };
 
     let setup = Instant::now();
     let mut connectors = Vec::new();
@@ -525,7 +539,7 @@ async fn run_hush(args: &CallArgs, calls: usize) -> anyhow::Result<Report> {
         }
         legs.push([Leg::Hush(caller, allocation), Leg::Hush(callee, allocation)]);
     }
-    let report = drive(legs, tally, receivers, args, relay_pid, setup_s, "hush").await?;
+    let report = drive(legs, tally, receivers, args, relay_pid, setup_s, system).await?;
     drop(child);
     Ok(report)
 }
@@ -590,7 +604,16 @@ async fn run_turn(args: &CallArgs, calls: usize) -> anyhow::Result<Report> {
             Leg::TurnPeer(callee),
         ]);
     }
-    let report = drive(legs, tally, receivers, args, child.pid(), setup_s, "coturn").await?;
+    let report = drive(
+        legs,
+        tally,
+        receivers,
+        args,
+        child.pid(),
+        setup_s,
+        SYSTEMS[2],
+    )
+    .await?;
     drop(child);
     Ok(report)
 }

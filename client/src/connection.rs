@@ -750,8 +750,11 @@ impl Connection {
             let udp = port.borrow_and_update().clone();
             let datagram = if let Some(udp) = udp {
                 tokio::select! {
-                    datagram = self.quic.read_datagram() => datagram.ok()?,
+                    // The port first: a frame waiting there is taken without touching
+                    // the QUIC connection's state at all.
+                    biased;
                     frame = udp.receive() => return Some(frame),
+                    datagram = self.quic.read_datagram() => datagram.ok()?,
                 }
             } else {
                 tokio::select! {

@@ -170,7 +170,8 @@ impl UdpMedia {
     /// not authentic, replayed, or for no leg of ours are skipped; binding answers confirm
     /// their leg.
     pub async fn receive(&self) -> (u32, Vec<u8>) {
-        let mut buffer = vec![0u8; MAX_HOP_PACKET + 1];
+        // On the stack: this runs once per frame.
+        let mut buffer = [0u8; MAX_HOP_PACKET + 1];
         loop {
             let Ok(len) = self.socket.recv(&mut buffer).await else {
                 // An ICMP error of an earlier send; the socket is fine.

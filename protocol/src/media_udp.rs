@@ -30,8 +30,7 @@
 
 use std::fmt;
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
@@ -100,9 +99,8 @@ pub struct MediaLeg {
     pub down: HopKey,
 }
 
-/// Seals and opens one direction of a leg.
-#[derive(Clone)]
-pub struct HopCipher(ChaCha20Poly1305);
+/// Seals and opens one direction of a leg (ChaCha20-Poly1305).
+pub struct HopCipher(LessSafeKey);
 
 impl fmt::Debug for HopCipher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -113,13 +111,18 @@ impl fmt::Debug for HopCipher {
 fn nonce(counter: u64) -> Nonce {
     let mut nonce = [0u8; 12];
     nonce[4..].copy_from_slice(&counter.to_be_bytes());
-    nonce.into()
+    Nonce::assume_unique_for_key(nonce)
 }
 
 impl HopCipher {
     /// The cipher of `key`.
     pub fn new(key: &HopKey) -> Self {
-        HopCipher(ChaCha20Poly1305::new(Key::from_slice(&key.0)))
+        // A 32-byte key is what ChaCha20-Poly1305 takes, so this cannot fail.
+        let key = UnboundKey::new(&CHACHA20_POLY1305, &key.0).map_or_else(
+            |_| unreachable!("a 32-byte ChaCha20-Poly1305 key"),
+            LessSafeKey::new,
+        );
+        HopCipher(key)
     }
 
     /// Appends the packet carrying `payload` as number `counter` of `leg` to `out`. A
@@ -143,9 +146,9 @@ impl HopCipher {
         let (header, body) = out[start..].split_at_mut(HOP_HEADER_LEN);
         let tag = self
             .0
-            .encrypt_in_place_detached(&nonce(counter), header, body)
+            .seal_in_place_separate_tag(nonce(counter), Aad::from(&*header), body)
             .map_err(|_| HopError::TooLarge(len))?;
-        out.extend_from_slice(&tag);
+        out.extend_from_slice(tag.as_ref());
         Ok(())
     }
 
@@ -155,10 +158,12 @@ impl HopCipher {
         let (_, counter) = packet_leg(packet)?;
         let (header, rest) = packet.split_at_mut(HOP_HEADER_LEN);
         let (body, tag) = rest.split_at_mut(rest.len() - HOP_TAG_LEN);
-        self.0
-            .decrypt_in_place_detached(&nonce(counter), header, body, Tag::from_slice(tag))
+        let tag = Tag::try_from(&*tag).map_err(|_| HopError::Forged)?;
+        let plain = self
+            .0
+            .open_in_place_separate_tag(nonce(counter), Aad::from(&*header), tag, body, 0..)
             .map_err(|_| HopError::Forged)?;
-        Ok((counter, body))
+        Ok((counter, plain))
     }
 }
 

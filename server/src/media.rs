@@ -18,7 +18,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 
 use hush_protocol::media::encode_media;
 use hush_protocol::media_udp::{
@@ -32,8 +33,11 @@ use crate::metrics::Metrics;
 use crate::relay::Shared;
 use crate::session::PartyLink;
 
+/// Shards of the leg table: packets from different calls rarely touch the same lock.
+const SHARDS: usize = 16;
+
 /// One party's leg.
-struct Leg {
+pub struct Leg {
     id: u64,
     allocation: u32,
     /// The party's connection number.
@@ -41,6 +45,13 @@ struct Leg {
     up: HopCipher,
     down: HopCipher,
     state: Mutex<LegState>,
+    /// The other party's leg, once it has one.
+    peer: OnceLock<Weak<Leg>>,
+    /// The relay-clock second in which the call registry last routed a frame of this leg.
+    /// Within that second frames go straight to the peer's leg; once a second the registry
+    /// is asked again (it records media activity at that granularity anyway, and tells
+    /// whether the call is still live).
+    routed_at: AtomicU64,
 }
 
 #[derive(Default)]
@@ -58,6 +69,16 @@ impl Leg {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The allocation this leg belongs to.
+    pub fn allocation(&self) -> u32 {
+        self.allocation
+    }
+
+    /// The connection number of the leg's party.
+    pub fn connection(&self) -> u64 {
+        self.connection
+    }
+
     /// Seals `payload` for the party, if its leg is bound: the packet goes to the address.
     fn seal(&self, payload: &[u8], out: &mut Vec<u8>) -> Option<SocketAddr> {
         let (address, counter) = {
@@ -70,23 +91,22 @@ impl Leg {
         self.down.seal_into(self.id, counter, payload, out).ok()?;
         Some(address)
     }
-}
 
-#[derive(Default)]
-struct Legs {
-    by_id: HashMap<u64, Arc<Leg>>,
-    by_allocation: HashMap<u32, Vec<Arc<Leg>>>,
+    /// The peer's leg, if the registry routed this leg's frames within second `now`.
+    fn routed_peer(&self, now: u64) -> Option<Arc<Leg>> {
+        if self.routed_at.load(Ordering::Relaxed) != now {
+            return None;
+        }
+        self.peer.get()?.upgrade()
+    }
 }
 
 /// What an incoming packet is.
-#[derive(Debug, PartialEq, Eq)]
 pub enum Incoming<'a> {
-    /// A media frame of `allocation` from the party on `connection`.
+    /// A media frame on `leg`.
     Frame {
-        /// The allocation.
-        allocation: u32,
-        /// The sending party's connection number.
-        connection: u64,
+        /// The sending party's leg.
+        leg: Arc<Leg>,
         /// The end-to-end sealed frame.
         payload: &'a [u8],
     },
@@ -110,9 +130,14 @@ pub enum Dropped {
 /// The legs of live calls, and the port's socket. Pure but for the socket, which only
 /// [`receive_loop`] and [`forward`] use.
 pub struct MediaPlane {
-    legs: RwLock<Legs>,
+    by_id: Vec<RwLock<HashMap<u64, Arc<Leg>>>>,
+    by_allocation: Mutex<HashMap<u32, Vec<Arc<Leg>>>>,
     socket: Option<Arc<UdpSocket>>,
     port: u16,
+}
+
+fn shard(id: u64) -> usize {
+    (id % SHARDS as u64) as usize
 }
 
 impl MediaPlane {
@@ -123,10 +148,26 @@ impl MediaPlane {
             None => 0,
         };
         Ok(MediaPlane {
-            legs: RwLock::new(Legs::default()),
+            by_id: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            by_allocation: Mutex::default(),
             socket,
             port,
         })
+    }
+
+    fn allocations(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Vec<Arc<Leg>>>> {
+        // Every critical section leaves the maps consistent.
+        self.by_allocation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lookup(&self, id: u64) -> Option<Arc<Leg>> {
+        self.by_id[shard(id)]
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .cloned()
     }
 
     /// The port's address, if there is one.
@@ -143,12 +184,15 @@ impl MediaPlane {
             HopKey::from_bytes(bytes)
         };
         let (up, down) = (key(), key());
-        let mut legs = self.legs.write().unwrap_or_else(PoisonError::into_inner);
+        let mut allocations = self.allocations();
         // Unique among live legs; 2^64 makes a second draw practically never needed.
-        let id = loop {
+        let (id, mut shard_map) = loop {
             let candidate = OsRng.next_u64();
-            if !legs.by_id.contains_key(&candidate) {
-                break candidate;
+            let map = self.by_id[shard(candidate)]
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            if !map.contains_key(&candidate) {
+                break (candidate, map);
             }
         };
         let leg = Arc::new(Leg {
@@ -158,9 +202,18 @@ impl MediaPlane {
             up: HopCipher::new(&up),
             down: HopCipher::new(&down),
             state: Mutex::new(LegState::default()),
+            peer: OnceLock::new(),
+            routed_at: AtomicU64::new(u64::MAX),
         });
-        legs.by_id.insert(id, leg.clone());
-        legs.by_allocation.entry(allocation).or_default().push(leg);
+        shard_map.insert(id, leg.clone());
+        drop(shard_map);
+        let legs = allocations.entry(allocation).or_default();
+        // The callee's leg and the caller's point at each other, once.
+        if let Some(other) = legs.iter().find(|l| l.connection != connection) {
+            let _ = other.peer.set(Arc::downgrade(&leg));
+            let _ = leg.peer.set(Arc::downgrade(other));
+        }
+        legs.push(leg);
         Some(MediaLeg {
             port: self.port,
             leg: id,
@@ -171,19 +224,21 @@ impl MediaPlane {
 
     /// Forgets the legs of an allocation that ended.
     pub fn close(&self, allocation: u32) {
-        let mut legs = self.legs.write().unwrap_or_else(PoisonError::into_inner);
-        for leg in legs.by_allocation.remove(&allocation).unwrap_or_default() {
-            legs.by_id.remove(&leg.id);
+        let legs = self.allocations().remove(&allocation).unwrap_or_default();
+        for leg in legs {
+            self.by_id[shard(leg.id)]
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&leg.id);
         }
     }
 
     /// Live legs.
     pub fn live_legs(&self) -> usize {
-        self.legs
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .by_id
-            .len()
+        self.by_id
+            .iter()
+            .map(|map| map.read().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
     }
 
     /// Checks and opens a packet from `from`, in place.
@@ -193,14 +248,7 @@ impl MediaPlane {
         from: SocketAddr,
     ) -> Result<Incoming<'a>, Dropped> {
         let (id, counter) = packet_leg(packet).map_err(|_| Dropped::Malformed)?;
-        let leg = self
-            .legs
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .by_id
-            .get(&id)
-            .cloned()
-            .ok_or(Dropped::Unknown)?;
+        let leg = self.lookup(id).ok_or(Dropped::Unknown)?;
         // Refuse replays before spending an AEAD on them.
         leg.state()
             .received
@@ -226,11 +274,7 @@ impl MediaPlane {
             leg.seal(&[], &mut answer).ok_or(Dropped::Unknown)?;
             return Ok(Incoming::Bind(answer));
         }
-        Ok(Incoming::Frame {
-            allocation: leg.allocation,
-            connection: leg.connection,
-            payload,
-        })
+        Ok(Incoming::Frame { leg, payload })
     }
 
     /// Seals `payload` for the party on `connection` in `allocation` if its leg is bound,
@@ -243,10 +287,7 @@ impl MediaPlane {
         out: &mut Vec<u8>,
     ) -> Option<SocketAddr> {
         let leg = self
-            .legs
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .by_allocation
+            .allocations()
             .get(&allocation)?
             .iter()
             .find(|leg| leg.connection == connection)?
@@ -305,20 +346,30 @@ pub(crate) async fn receive_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>) {
         let metrics = &shared.metrics;
         let incoming = shared.media.receive(&mut buffer[..len], from);
         match incoming {
-            Ok(Incoming::Frame {
-                allocation,
-                connection,
-                payload,
-            }) => match shared
-                .calls
-                .route(allocation, connection, shared.clock.now())
-            {
-                Route::Forward(peer) => {
-                    forward(&shared, allocation, &peer, payload, None, &mut out);
+            Ok(Incoming::Frame { leg, payload }) => {
+                let now = shared.clock.now();
+                // The fast path: routed within this second, and the peer's leg is bound.
+                if let Some(to) = leg
+                    .routed_peer(now)
+                    .and_then(|peer| peer.seal(payload, &mut out))
+                {
+                    match socket.try_send_to(&out, to) {
+                        Ok(_) => Metrics::inc(&metrics.media_forwarded),
+                        Err(_) => Metrics::inc(&metrics.media_dropped_send_failed),
+                    }
+                    continue;
                 }
-                Route::Unknown | Route::NotParty => Metrics::inc(&metrics.media_dropped_unknown),
-                Route::NoPeer => Metrics::inc(&metrics.media_dropped_no_peer),
-            },
+                match shared.calls.route(leg.allocation, leg.connection, now) {
+                    Route::Forward(peer) => {
+                        leg.routed_at.store(now, Ordering::Relaxed);
+                        forward(&shared, leg.allocation, &peer, payload, None, &mut out);
+                    }
+                    Route::Unknown | Route::NotParty => {
+                        Metrics::inc(&metrics.media_dropped_unknown);
+                    }
+                    Route::NoPeer => Metrics::inc(&metrics.media_dropped_no_peer),
+                }
+            }
             Ok(Incoming::Bind(answer)) => {
                 Metrics::inc(&metrics.media_bindings);
                 let _ = socket.try_send_to(&answer, from);
@@ -387,22 +438,26 @@ mod tests {
 
         let mut frame = packet(&caller, 5, b"hello");
         let replay = frame.clone();
+        let Ok(Incoming::Frame { leg, payload }) = plane.receive(&mut frame, A) else {
+            panic!("not a frame");
+        };
         assert_eq!(
-            plane.receive(&mut frame, A),
-            Ok(Incoming::Frame {
-                allocation: 7,
-                connection: 1,
-                payload: b"hello"
-            })
+            (leg.allocation(), leg.connection(), payload),
+            (7, 1, &b"hello"[..])
         );
+        // The legs know each other; within a routed second the peer is at hand.
+        assert!(leg.routed_peer(100).is_none());
+        leg.routed_at.store(100, Ordering::Relaxed);
+        assert_eq!(leg.routed_peer(100).unwrap().connection(), 2);
+        assert!(leg.routed_peer(101).is_none());
         assert_eq!(
-            plane.receive(&mut replay.clone(), A),
-            Err(Dropped::Replayed)
+            plane.receive(&mut replay.clone(), A).err(),
+            Some(Dropped::Replayed)
         );
         // A replay from elsewhere does not move the leg; a newer packet does.
         assert_eq!(
-            plane.receive(&mut replay.clone(), B),
-            Err(Dropped::Replayed)
+            plane.receive(&mut replay.clone(), B).err(),
+            Some(Dropped::Replayed)
         );
         let mut older = packet(&caller, 4, b"late");
         assert!(plane.receive(&mut older, B).is_ok());
@@ -418,7 +473,7 @@ mod tests {
         let leg = plane.open(9, 1).unwrap();
         let mut forged = packet(&leg, 1, b"frame");
         forged[20] ^= 1;
-        assert_eq!(plane.receive(&mut forged, A), Err(Dropped::Forged));
+        assert_eq!(plane.receive(&mut forged, A).err(), Some(Dropped::Forged));
         // The forged packet did not use up its counter.
         assert!(plane.receive(&mut packet(&leg, 1, b"frame"), A).is_ok());
 
@@ -427,28 +482,31 @@ mod tests {
             ..leg.clone()
         };
         assert_eq!(
-            plane.receive(&mut packet(&stolen, 2, b"in"), A),
-            Err(Dropped::Forged)
+            plane.receive(&mut packet(&stolen, 2, b"in"), A).err(),
+            Some(Dropped::Forged)
         );
         let unknown = MediaLeg {
             leg: leg.leg ^ 1,
             ..leg.clone()
         };
         assert_eq!(
-            plane.receive(&mut packet(&unknown, 2, b"in"), A),
-            Err(Dropped::Unknown)
+            plane.receive(&mut packet(&unknown, 2, b"in"), A).err(),
+            Some(Dropped::Unknown)
         );
-        assert_eq!(plane.receive(&mut [0u8; 10], A), Err(Dropped::Malformed));
         assert_eq!(
-            plane.receive(&mut vec![0u8; MAX_HOP_PACKET + 1], A),
-            Err(Dropped::Malformed)
+            plane.receive(&mut [0u8; 10], A).err(),
+            Some(Dropped::Malformed)
+        );
+        assert_eq!(
+            plane.receive(&mut vec![0u8; MAX_HOP_PACKET + 1], A).err(),
+            Some(Dropped::Malformed)
         );
 
         plane.close(9);
         assert_eq!(plane.live_legs(), 0);
         assert_eq!(
-            plane.receive(&mut packet(&leg, 3, b"after"), A),
-            Err(Dropped::Unknown)
+            plane.receive(&mut packet(&leg, 3, b"after"), A).err(),
+            Some(Dropped::Unknown)
         );
         assert_eq!(MediaPlane::new(None).unwrap().open(1, 1), None);
     }
