@@ -660,3 +660,37 @@ pub async fn wait_for_count(read: impl Fn() -> u64, at_least: u64) -> u64 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Sends `n` numbered frames, paced so that loopback buffers never overflow.
+pub async fn send_numbered(connection: &Connection, allocation: u32, tag: u8, n: u32) {
+    for i in 0..n {
+        let mut frame = vec![tag; 160];
+        frame[..4].copy_from_slice(&i.to_be_bytes());
+        connection.send_media(allocation, &frame).unwrap();
+        if i % 25 == 24 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// Checks numbered frames from `send_numbered`: right allocation and sender, in order,
+/// and at most 1 % lost.
+pub fn check_numbered(received: &[(u32, Vec<u8>)], allocation: u32, tag: u8, n: u32) {
+    let mut last = None;
+    for (got, frame) in received {
+        assert_eq!(*got, allocation);
+        assert_eq!(frame.len(), 160);
+        assert!(
+            frame[4..].iter().all(|b| *b == tag),
+            "a frame of the other side"
+        );
+        let number = u32::from_be_bytes(frame[..4].try_into().unwrap());
+        assert!(last < Some(number), "frames out of order");
+        last = Some(number);
+    }
+    assert!(
+        received.len() as u32 >= n - n / 100,
+        "{} of {n} frames arrived",
+        received.len()
+    );
+}

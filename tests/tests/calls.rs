@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use hush_client::protocol::media::{MAX_MEDIA_FRAME, MAX_MEDIA_PAYLOAD};
 use hush_client::protocol::{AccountId, CallOutcome, CallToken, ErrorCode};
-use hush_client::{Connection, ConnectionError};
+use hush_client::ConnectionError;
 use hush_server::cdr::{day_of, format_date};
 use hush_server::clock::Clock;
 use hush_tests::{
-    add_device, assert_no_call_ended, collect_media, contains, next_call_ended, read_tree, refused,
-    relay_binary, wait_for_count, Device, TestRelay,
+    add_device, assert_no_call_ended, check_numbered, collect_media, contains, next_call_ended,
+    read_tree, refused, relay_binary, send_numbered, wait_for_count, Device, TestRelay,
 };
 
 const QUIET: Duration = Duration::from_millis(300);
@@ -35,40 +35,6 @@ async fn relay_without_idle_timeout() -> TestRelay {
         c.udp_media = false;
     })
     .await
-}
-
-/// Sends `n` numbered frames, paced so that loopback buffers never overflow.
-async fn send_numbered(connection: &Connection, allocation: u32, tag: u8, n: u32) {
-    for i in 0..n {
-        let mut frame = vec![tag; 160];
-        frame[..4].copy_from_slice(&i.to_be_bytes());
-        connection.send_media(allocation, &frame).unwrap();
-        if i % 25 == 24 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-}
-
-/// Checks numbered frames from `send_numbered`: right allocation and sender, in order,
-/// and at most 1 % lost.
-fn check_numbered(received: &[(u32, Vec<u8>)], allocation: u32, tag: u8, n: u32) {
-    let mut last = None;
-    for (got, frame) in received {
-        assert_eq!(*got, allocation);
-        assert_eq!(frame.len(), 160);
-        assert!(
-            frame[4..].iter().all(|b| *b == tag),
-            "a frame of the other side"
-        );
-        let number = u32::from_be_bytes(frame[..4].try_into().unwrap());
-        assert!(last < Some(number), "frames out of order");
-        last = Some(number);
-    }
-    assert!(
-        received.len() as u32 >= n - n / 100,
-        "{} of {n} frames arrived",
-        received.len()
-    );
 }
 
 /// Alice has allocated a call to Bob, who has not joined.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use hush_client::protocol::media_udp::{HopCipher, HopKey, MediaLeg, HOP_OVERHEAD, MAX_HOP_PACKET};
 use hush_client::protocol::CallOutcome;
 use hush_client::{ConnectOptions, Connection, DeviceKey};
-use hush_tests::{collect_media, Device, TestRelay};
+use hush_tests::{check_numbered, collect_media, send_numbered, Device, TestRelay};
 use tokio::net::UdpSocket;
 
 const QUIET: Duration = Duration::from_millis(300);
@@ -46,38 +46,6 @@ async fn call_on_udp(relay: &TestRelay) -> (Device, Device, u32) {
     until_on_udp(&alice.connection, allocation).await;
     until_on_udp(&bob.connection, allocation).await;
     (alice, bob, allocation)
-}
-
-async fn send_numbered(connection: &Connection, allocation: u32, tag: u8, n: u32) {
-    for i in 0..n {
-        let mut frame = vec![tag; 160];
-        frame[..4].copy_from_slice(&i.to_be_bytes());
-        connection.send_media(allocation, &frame).unwrap();
-        if i % 25 == 24 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-}
-
-/// Numbered frames from `send_numbered`: this allocation, the other side's, in order, at
-/// most 1 % lost.
-fn check_numbered(received: &[(u32, Vec<u8>)], allocation: u32, tag: u8, n: u32) {
-    let mut last = None;
-    for (got, frame) in received {
-        assert_eq!(*got, allocation);
-        assert!(
-            frame[4..].iter().all(|b| *b == tag),
-            "a frame of the other side"
-        );
-        let number = u32::from_be_bytes(frame[..4].try_into().unwrap());
-        assert!(last < Some(number), "frames out of order");
-        last = Some(number);
-    }
-    assert!(
-        received.len() as u32 >= n - n / 100,
-        "{} of {n} frames arrived",
-        received.len()
-    );
 }
 
 /// A socket of our own on the relay's media port, speaking for `leg` (or pretending to).
