@@ -24,8 +24,8 @@ const MAX_BIDI_STREAMS: u32 = 1;
 /// `net.core.rmem_max` / `wmem_max`; the sizes granted are logged at start.
 const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
-/// Binds the relay's UDP socket with large buffers and makes it a QUIC endpoint.
-pub fn bind(listen: SocketAddr, server: quinn::ServerConfig) -> std::io::Result<quinn::Endpoint> {
+/// A UDP socket bound to `listen`, with large buffers asked for.
+fn udp_socket(listen: SocketAddr) -> std::io::Result<Socket> {
     let socket = Socket::new(
         Domain::for_address(listen),
         Type::DGRAM,
@@ -34,12 +34,18 @@ pub fn bind(listen: SocketAddr, server: quinn::ServerConfig) -> std::io::Result<
     // Best effort: a smaller buffer than asked for is still a working relay.
     let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
     let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    socket.bind(&listen.into())?;
+    Ok(socket)
+}
+
+/// Binds the relay's UDP socket with large buffers and makes it a QUIC endpoint.
+pub fn bind(listen: SocketAddr, server: quinn::ServerConfig) -> std::io::Result<quinn::Endpoint> {
+    let socket = udp_socket(listen)?;
     tracing::info!(
         receive_buffer = socket.recv_buffer_size().unwrap_or_default(),
         send_buffer = socket.send_buffer_size().unwrap_or_default(),
         "UDP socket buffers"
     );
-    socket.bind(&listen.into())?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
     quinn::Endpoint::new(
@@ -52,15 +58,8 @@ pub fn bind(listen: SocketAddr, server: quinn::ServerConfig) -> std::io::Result<
 
 /// Binds the UDP media port (`crate::media`), with the same large buffers.
 pub fn bind_media(listen: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
-    let socket = Socket::new(
-        Domain::for_address(listen),
-        Type::DGRAM,
-        Some(Protocol::UDP),
-    )?;
-    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
-    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    let socket = udp_socket(listen)?;
     socket.set_nonblocking(true)?;
-    socket.bind(&listen.into())?;
     tokio::net::UdpSocket::from_std(socket.into())
 }
 
