@@ -147,19 +147,20 @@ impl UdpMedia {
     }
 
     /// Sends one frame of `allocation` on the media port if its leg is confirmed; otherwise
-    /// binds (again, when due) and says to use QUIC. Never waits.
+    /// binds (again, when due) and says to use QUIC. Never waits; one lock per frame.
     pub fn send(&self, allocation: u32, frame: &[u8]) -> std::io::Result<Sent> {
-        let confirmed = self
-            .legs()
-            .by_allocation
-            .get(&allocation)
-            .is_some_and(|leg| leg.confirmed);
-        if !confirmed {
-            self.bind_if_due(allocation);
-            return Ok(Sent::UseQuic);
-        }
         let mut packet = Vec::with_capacity(frame.len() + hush_protocol::media_udp::HOP_OVERHEAD);
-        if self.seal(allocation, frame, &mut packet).is_none() {
+        let sealed = match self.legs().by_allocation.get_mut(&allocation) {
+            Some(leg) if leg.confirmed => {
+                leg.sent += 1;
+                leg.up
+                    .seal_into(leg.leg, leg.sent, frame, &mut packet)
+                    .is_ok()
+            }
+            _ => false,
+        };
+        if !sealed {
+            self.bind_if_due(allocation);
             return Ok(Sent::UseQuic);
         }
         self.socket.try_send(&packet)?;
