@@ -65,15 +65,7 @@ pub async fn register(
             anyhow::Ok((index, Device { address, key }, connection))
         });
     }
-    let mut devices = Vec::with_capacity(count);
-    while let Some(done) = tasks.join_next().await {
-        devices.push(done?.context("registering a device")?);
-    }
-    devices.sort_by_key(|(index, _, _)| *index);
-    Ok(devices
-        .into_iter()
-        .map(|(_, device, connection)| (device, connection))
-        .collect())
+    collect_in_order(tasks).await
 }
 
 /// Connects and authenticates as `device`.
@@ -88,6 +80,39 @@ pub async fn reconnect(
         .await
         .context("authenticating")?;
     Ok(connection)
+}
+
+/// Connects and authenticates every one of `devices` (device `i` on socket `i`), a few
+/// handshakes at a time; returns the connections in the same order.
+pub async fn reconnect_all(
+    sockets: &Arc<Sockets>,
+    devices: Vec<Device>,
+) -> anyhow::Result<Vec<(Device, Connection)>> {
+    let gate = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
+    let mut tasks = JoinSet::new();
+    for (index, device) in devices.into_iter().enumerate() {
+        let (sockets, gate) = (sockets.clone(), gate.clone());
+        tasks.spawn(async move {
+            let _permit = gate.acquire().await?;
+            let connection = reconnect(&sockets, index, &device).await?;
+            anyhow::Ok((index, device, connection))
+        });
+    }
+    collect_in_order(tasks).await
+}
+
+async fn collect_in_order(
+    mut tasks: JoinSet<anyhow::Result<(usize, Device, Connection)>>,
+) -> anyhow::Result<Vec<(Device, Connection)>> {
+    let mut devices = Vec::with_capacity(tasks.len());
+    while let Some(done) = tasks.join_next().await {
+        devices.push(done?.context("connecting a device")?);
+    }
+    devices.sort_by_key(|(index, _, _)| *index);
+    Ok(devices
+        .into_iter()
+        .map(|(_, device, connection)| (device, connection))
+        .collect())
 }
 
 /// Reads envelopes until `expected` distinct ones have arrived (or `limit` passes),

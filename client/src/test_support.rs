@@ -8,10 +8,12 @@ use std::collections::HashSet;
 use hush_protocol::sealed::SenderCertificate;
 use hush_protocol::{DeviceBundle, DeviceId};
 use rand_core::CryptoRngCore;
+use zeroize::Zeroizing;
 
 use crate::error::CryptoError;
 use crate::keys::{IdentityKey, IdentityKeyPair};
 use crate::message::CiphertextMessage;
+use crate::pickle::{pickle_session, unpickle_session};
 use crate::pqxdh::PeerBundle;
 use crate::prekeys::PrekeySet;
 use crate::session::Session;
@@ -69,6 +71,47 @@ pub fn pairwise_sessions(
         }
     }
     Ok(parties)
+}
+
+/// Every party's sessions as pickles (the encoding the encrypted local store keeps), so
+/// that a fuzz target can set sessions up once per process and start each input from the
+/// same state: thawing is a decode, setting up is PQXDH with ML-KEM.
+pub struct FrozenSessions(Vec<Vec<Option<Zeroizing<Vec<u8>>>>>);
+
+impl FrozenSessions {
+    /// Freezes the sessions of `parties`.
+    pub fn freeze(parties: &[Party]) -> Self {
+        FrozenSessions(
+            parties
+                .iter()
+                .map(|party| {
+                    let pickles = party.sessions.iter();
+                    pickles
+                        .map(|session| session.as_ref().map(pickle_session))
+                        .collect()
+                })
+                .collect(),
+        )
+    }
+
+    /// Fresh sessions equal to the frozen ones: `thaw()[i][j]` is party `i`'s session
+    /// with party `j`.
+    pub fn thaw(&self) -> Result<Vec<Vec<Option<Session>>>, CryptoError> {
+        self.0
+            .iter()
+            .map(|party| {
+                let pickles = party.iter();
+                pickles
+                    .map(|pickle| {
+                        pickle
+                            .as_ref()
+                            .map(|bytes| unpickle_session(bytes))
+                            .transpose()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
 }
 
 /// What delivering a message did.

@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use hush_client::test_support::{pairwise_sessions, Delivery, ExactlyOnce, Party};
+use hush_client::test_support::{pairwise_sessions, Delivery, ExactlyOnce, FrozenSessions, Party};
 use proptest::prelude::*;
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -153,4 +153,36 @@ fn replays_never_open_twice_however_old_their_chain() {
         ledger.deliver(at_bob, 39, &sent[38], 0, &mut rng),
         Ok(Delivery::Duplicate)
     );
+}
+
+/// Sessions thawed from their pickles (as the `interaction` fuzz target starts every input)
+/// carry on the conversation exactly as the originals would: each thawed copy opens the
+/// next message, answers, and is answered.
+#[test]
+fn frozen_sessions_thaw_into_sessions_that_carry_on() {
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    let mut parties = pairwise_sessions(2, &mut rng).unwrap();
+    let frozen = FrozenSessions::freeze(&parties);
+    let next = parties[0].sessions[1]
+        .as_mut()
+        .unwrap()
+        .encrypt(b"after the freeze")
+        .unwrap()
+        .to_bytes();
+    for _ in 0..2 {
+        let mut sessions = frozen.thaw().unwrap();
+        let [alice, bob] = &mut sessions[..] else {
+            panic!("two parties");
+        };
+        let message = hush_client::message::CiphertextMessage::from_bytes(&next).unwrap();
+        let bob_alice = bob[0].as_mut().unwrap();
+        let opened = bob_alice.decrypt(&message, 0, &mut rng).unwrap();
+        assert_eq!(opened.as_slice(), b"after the freeze");
+        let reply = bob_alice.encrypt(b"reply").unwrap();
+        let alice_bob = alice[1].as_mut().unwrap();
+        assert_eq!(
+            alice_bob.decrypt(&reply, 0, &mut rng).unwrap().as_slice(),
+            b"reply"
+        );
+    }
 }

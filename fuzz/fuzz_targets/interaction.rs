@@ -1,5 +1,6 @@
 //! A two-party protocol fuzzer after libsignal's `interaction` target: Alice and Bob with
-//! a real session (real PQXDH and Double Ratchet, keys from an RNG seeded by the input),
+//! a real session (real PQXDH and Double Ratchet; set up once per process and thawed from
+//! its pickles for every input, the ratchet's new keys from an RNG seeded by the input),
 //! and a network the input drives: send either way, deliver, drop, shuffle, duplicate,
 //! and replay a message already delivered. Every message that arrives opens exactly once
 //! and to its own plaintext; a duplicate or a replay is refused with `DuplicateMessage`
@@ -9,16 +10,21 @@
 #![no_main]
 
 use std::collections::HashSet;
+use std::sync::OnceLock;
 
-use hush_client::test_support::{pairwise_sessions, Delivery, ExactlyOnce, Party};
+use hush_client::test_support::{pairwise_sessions, Delivery, ExactlyOnce, FrozenSessions};
+use hush_client::Session;
+use hush_fuzz::rng_from;
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-/// At most this many actions run per input. Far below the ratchet's bounds (2,000
-/// skipped keys), within which nothing delivered may be lost.
-const MAX_ACTIONS: usize = 512;
+/// At most this many actions run per input: far below the ratchet's bounds (2,000
+/// skipped keys), within which nothing delivered may be lost, and room for the nine round
+/// trips after which a chain is forgotten. Longer scripts only repeat the states shorter
+/// ones reach, at a quarter of the inputs per hour.
+const MAX_ACTIONS: usize = 128;
 
 #[derive(Arbitrary, Debug)]
 enum Action {
@@ -50,7 +56,8 @@ struct InFlight {
 }
 
 struct World {
-    parties: Vec<Party>,
+    /// `sessions[i][j]`: party `i`'s session with party `j`.
+    sessions: Vec<Vec<Option<Session>>>,
     rng: ChaCha20Rng,
     ledger: ExactlyOnce,
     /// Messages that have arrived at least once, for replays.
@@ -59,7 +66,7 @@ struct World {
 
 impl World {
     fn deliver(&mut self, message: &InFlight) -> Delivery {
-        let session = self.parties[message.to].sessions[1 - message.to]
+        let session = self.sessions[message.to][1 - message.to]
             .as_mut()
             .expect("pairwise session");
         let delivery = self
@@ -77,12 +84,19 @@ fn pick<T>(items: &[T], pick: u16) -> Option<usize> {
     (!items.is_empty()).then(|| usize::from(pick) % items.len())
 }
 
+/// Alice's and Bob's sessions right after setup (Alice's first message accepted).
+fn frozen() -> &'static FrozenSessions {
+    static FROZEN: OnceLock<FrozenSessions> = OnceLock::new();
+    FROZEN.get_or_init(|| {
+        let parties = pairwise_sessions(2, &mut rng_from(b"interaction")).expect("sessions");
+        FrozenSessions::freeze(&parties)
+    })
+}
+
 fuzz_target!(|input: Input| {
-    let mut rng = ChaCha20Rng::seed_from_u64(input.seed);
-    let parties = pairwise_sessions(2, &mut rng).expect("sessions");
     let mut world = World {
-        parties,
-        rng,
+        sessions: frozen().thaw().expect("thawing the pickled sessions"),
+        rng: ChaCha20Rng::seed_from_u64(input.seed),
         ledger: ExactlyOnce::default(),
         arrived: Vec::new(),
     };
@@ -94,9 +108,7 @@ fuzz_target!(|input: Input| {
             Action::Send { from_bob } => {
                 sent += 1;
                 let (from, to) = if from_bob { (1, 0) } else { (0, 1) };
-                let session = world.parties[from].sessions[to]
-                    .as_mut()
-                    .expect("pairwise session");
+                let session = world.sessions[from][to].as_mut().expect("pairwise session");
                 let bytes = session
                     .encrypt(&ExactlyOnce::plaintext(sent))
                     .expect("encrypt")
