@@ -22,7 +22,7 @@ use rand_chacha::ChaCha20Rng;
 
 /// At most this many actions run per input: far below the ratchet's bounds (2,000
 /// skipped keys), within which nothing delivered may be lost, and room for the nine round
-/// trips after which a chain is forgotten. Longer scripts only repeat the states shorter
+/// trips after which a chain is forgotten. Longer scripts mostly revisit the states shorter
 /// ones reach, at a quarter of the inputs per hour.
 const MAX_ACTIONS: usize = 128;
 
