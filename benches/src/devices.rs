@@ -65,7 +65,7 @@ pub async fn register(
             anyhow::Ok((index, Device { address, key }, connection))
         });
     }
-    collect_in_order(tasks).await
+    collect_in_order(tasks, "registering a device").await
 }
 
 /// Connects and authenticates as `device`.
@@ -98,15 +98,17 @@ pub async fn reconnect_all(
             anyhow::Ok((index, device, connection))
         });
     }
-    collect_in_order(tasks).await
+    collect_in_order(tasks, "reconnecting a device").await
 }
 
+/// Waits for every set-up task; the first failure (named `what`) fails the whole set.
 async fn collect_in_order(
     mut tasks: JoinSet<anyhow::Result<(usize, Device, Connection)>>,
+    what: &'static str,
 ) -> anyhow::Result<Vec<(Device, Connection)>> {
     let mut devices = Vec::with_capacity(tasks.len());
     while let Some(done) = tasks.join_next().await {
-        devices.push(done?.context("connecting a device")?);
+        devices.push(done?.context(what)?);
     }
     devices.sort_by_key(|(index, _, _)| *index);
     Ok(devices
