@@ -33,8 +33,8 @@ async fn until_on_udp(connection: &Connection, allocation: u32) {
     );
 }
 
-/// Alice calls Bob, who joins; both on the UDP port.
-async fn call_on_udp(relay: &TestRelay) -> (Device, Device, u32) {
+/// Alice calls Bob, who joins.
+async fn call(relay: &TestRelay) -> (Device, Device, u32) {
     let alice = relay.register().await;
     let bob = relay.register().await;
     let (allocation, token, _) = alice
@@ -43,6 +43,12 @@ async fn call_on_udp(relay: &TestRelay) -> (Device, Device, u32) {
         .await
         .unwrap();
     bob.connection.join_call(allocation, token).await.unwrap();
+    (alice, bob, allocation)
+}
+
+/// Alice calls Bob, who joins; both on the UDP port.
+async fn call_on_udp(relay: &TestRelay) -> (Device, Device, u32) {
+    let (alice, bob, allocation) = call(relay).await;
     until_on_udp(&alice.connection, allocation).await;
     until_on_udp(&bob.connection, allocation).await;
     (alice, bob, allocation)
@@ -195,14 +201,7 @@ async fn media_falls_back_to_quic_datagrams_where_the_port_is_off_or_unused() {
     // A relay without the port grants no legs: media goes as QUIC datagrams.
     let relay = TestRelay::start_with(|c| c.udp_media = false).await;
     assert!(relay.relay().media_addr().is_none());
-    let alice = relay.register().await;
-    let bob = relay.register().await;
-    let (allocation, token, _) = alice
-        .connection
-        .allocate_call(bob.address.account)
-        .await
-        .unwrap();
-    bob.connection.join_call(allocation, token).await.unwrap();
+    let (alice, bob, allocation) = call(&relay).await;
     assert!(alice.connection.media_leg(allocation).is_none());
     send_numbered(&alice.connection, allocation, 0xa1, 100).await;
     check_numbered(
