@@ -266,8 +266,8 @@ async fn kill_minus_nine_under_load_loses_and_duplicates_nothing_acknowledged() 
     }
     let stats = RedbStore::open(&data_dir).unwrap().stats().unwrap();
     assert_eq!(
-        (stats.envelopes, stats.expiry_entries),
-        (0, 0),
+        (stats.envelopes, stats.mailbox_entries, stats.expiry_entries),
+        (0, 0, 0),
         "every envelope was delivered and acknowledged, and the index agrees"
     );
 

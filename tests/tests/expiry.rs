@@ -40,7 +40,10 @@ async fn undelivered_envelope_expires_after_14_days_and_is_shredded() {
     // The sweep deletes it and its index entry.
     assert_eq!(relay.relay().sweep_now().await.unwrap(), 1);
     let stats = relay.relay().store_stats().await.unwrap();
-    assert_eq!((stats.envelopes, stats.expiry_entries), (0, 0));
+    assert_eq!(
+        (stats.envelopes, stats.mailbox_entries, stats.expiry_entries),
+        (0, 0, 0)
+    );
 
     // Once its expiry day is over, the day's storage key is dropped too: whatever bytes
     // of the envelope redb's free pages still hold can no longer be opened.

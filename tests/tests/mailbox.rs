@@ -45,8 +45,8 @@ async fn offline_devices_each_receive_exactly_once_in_order_then_the_store_forge
 
     let stats = relay.relay().store_stats().await.unwrap();
     assert_eq!(
-        (stats.envelopes, stats.expiry_entries),
-        (0, 0),
+        (stats.envelopes, stats.mailbox_entries, stats.expiry_entries),
+        (0, 0, 0),
         "acked envelopes leave no trace"
     );
     let dir = relay.stop().await;

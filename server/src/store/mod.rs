@@ -307,6 +307,8 @@ pub struct StoreStats {
     pub accounts: u64,
     /// Envelopes in all mailboxes.
     pub envelopes: u64,
+    /// Entries in the mailbox index (equals `envelopes` when consistent).
+    pub mailbox_entries: u64,
     /// Entries in the expiry index (equals `envelopes` when consistent).
     pub expiry_entries: u64,
     /// Stored prekeys of every kind.

@@ -15,7 +15,7 @@ use hush_protocol::{
 };
 use redb::{
     Database, DatabaseError, ReadTransaction, ReadableDatabase, ReadableTable,
-    ReadableTableMetadata, Table, TableDefinition, WriteTransaction,
+    ReadableTableMetadata, Table, TableDefinition, TableHandle, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -33,10 +33,22 @@ use crate::seal::{SealingKey, SEAL_OVERHEAD};
 const ACCOUNTS: TableDefinition<Tag, &[u8]> = TableDefinition::new("accounts");
 /// Prekeys by (device tag, kind, prekey id): sealed [`Prekey`].
 const PREKEYS: TableDefinition<(Tag, u8, u32), &[u8]> = TableDefinition::new("prekeys");
-/// Mailboxes by (device tag, sequence): expiry, arrival, then the sealed payload.
-const MAILBOX: TableDefinition<(Tag, u64), &[u8]> = TableDefinition::new("mailbox");
-/// The expiry index by (expires at, device tag, sequence).
-const EXPIRY: TableDefinition<(u64, Tag, u64), ()> = TableDefinition::new("expiry");
+/// Envelopes by sequence: the recipient device's tag, expires-at, arrival, then the sealed
+/// payload. Sequences are handed out in arrival order, so a group commit's new envelopes
+/// land on the last pages of the tree and deliveries, which come in about that order,
+/// empty the first ones: a commit dirties (and fsyncs) few pages however many mailboxes
+/// it reaches. Keyed by mailbox, the same commit touched a page per mailbox.
+const ENVELOPES: TableDefinition<u64, &[u8]> = TableDefinition::new("envelopes");
+/// Each mailbox's envelopes by (device tag, sequence). No value, so that a commit's index
+/// entries, spread over every mailbox it reaches, fill few pages.
+const MAILBOXES: TableDefinition<(Tag, u64), ()> = TableDefinition::new("mailboxes");
+/// The expiry index by (expires at, sequence): in arrival order too, for one expiry time.
+const EXPIRY_QUEUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("expiry_queue");
+/// The layout before [`ENVELOPES`]: mailboxes by (device tag, sequence) with the value
+/// [`ENVELOPES`] has after the tag. Read once, when an older store is opened.
+const OLD_MAILBOX: TableDefinition<(Tag, u64), &[u8]> = TableDefinition::new("mailbox");
+/// The expiry index of the older layout, by (expires at, device tag, sequence).
+const OLD_EXPIRY: TableDefinition<(u64, Tag, u64), ()> = TableDefinition::new("expiry");
 /// Unused invites by SHA-256 of the token.
 const INVITES: TableDefinition<[u8; 32], ()> = TableDefinition::new("invites");
 /// Delivery access by account tag: sealed [`DeliveryAccess`]. No row: no token, and
@@ -73,8 +85,11 @@ const KEM_LAST_RESORT: u8 = 3;
 /// Call record value header: caller tag, callee tag, sealing day.
 const CALL_HEADER: usize = 16 + 16 + 4;
 
-/// Envelope value header: expires-at and received-at, big-endian.
-const ENVELOPE_HEADER: usize = 16;
+/// Envelope value header: the device tag, then expires-at and received-at, big-endian.
+const ENVELOPE_HEADER: usize = 16 + 8 + 8;
+/// Where expires-at and received-at sit in an envelope value.
+const EXPIRES_AT: usize = 16;
+const RECEIVED_AT: usize = 24;
 
 /// Most expired envelopes one `Expire` write deletes; the sweeper repeats until done, so a
 /// huge backlog expiring at once never makes one giant transaction.
@@ -150,8 +165,9 @@ const ACCOUNT_CACHE_ENTRIES: usize = 100_000;
 struct Tables<'txn> {
     accounts: Table<'txn, Tag, &'static [u8]>,
     prekeys: Table<'txn, (Tag, u8, u32), &'static [u8]>,
-    mailbox: Table<'txn, (Tag, u64), &'static [u8]>,
-    expiry: Table<'txn, (u64, Tag, u64), ()>,
+    envelopes: Table<'txn, u64, &'static [u8]>,
+    mailboxes: Table<'txn, (Tag, u64), ()>,
+    expiry: Table<'txn, (u64, u64), ()>,
     invites: Table<'txn, [u8; 32], ()>,
     delivery_access: Table<'txn, Tag, &'static [u8]>,
     retract: Table<'txn, (Tag, Tag, u64), ()>,
@@ -170,8 +186,9 @@ impl<'txn> Tables<'txn> {
         Ok(Tables {
             accounts: txn.open_table(ACCOUNTS)?,
             prekeys: txn.open_table(PREKEYS)?,
-            mailbox: txn.open_table(MAILBOX)?,
-            expiry: txn.open_table(EXPIRY)?,
+            envelopes: txn.open_table(ENVELOPES)?,
+            mailboxes: txn.open_table(MAILBOXES)?,
+            expiry: txn.open_table(EXPIRY_QUEUE)?,
             invites: txn.open_table(INVITES)?,
             delivery_access: txn.open_table(DELIVERY_ACCESS)?,
             retract: txn.open_table(RETRACT)?,
@@ -243,6 +260,47 @@ fn call_day_aad(day: u32) -> Vec<u8> {
     row_aad("call_days", &[&day.to_be_bytes()])
 }
 
+/// Moves the envelopes of a store written in the older layout ([`OLD_MAILBOX`],
+/// [`OLD_EXPIRY`]) into [`ENVELOPES`], [`MAILBOXES`] and [`EXPIRY_QUEUE`], in the
+/// transaction that opens the store, and deletes the old tables. Seals are unchanged:
+/// their associated data names the device and the sequence, not the table.
+fn migrate_mailboxes(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let old_layout = txn
+        .list_tables()?
+        .any(|table| table.name() == OLD_MAILBOX.name());
+    if !old_layout {
+        return Ok(());
+    }
+    {
+        let old = txn.open_table(OLD_MAILBOX)?;
+        let mut envelopes = txn.open_table(ENVELOPES)?;
+        let mut mailboxes = txn.open_table(MAILBOXES)?;
+        let mut expiry = txn.open_table(EXPIRY_QUEUE)?;
+        let mut value = Vec::new();
+        for entry in old.iter()? {
+            let (key, old_value) = entry?;
+            let (tag, sequence) = key.value();
+            let old_value = old_value.value();
+            let expires_at =
+                read_u64(old_value, 0).ok_or(StoreError::Corrupt { table: "mailbox" })?;
+            value.clear();
+            value.extend_from_slice(&tag);
+            value.extend_from_slice(old_value);
+            envelopes.insert(sequence, value.as_slice())?;
+            mailboxes.insert((tag, sequence), ())?;
+            expiry.insert((expires_at, sequence), ())?;
+        }
+    }
+    txn.delete_table(OLD_MAILBOX)?;
+    txn.delete_table(OLD_EXPIRY)?;
+    Ok(())
+}
+
+/// The recipient device's tag at the head of an envelope value.
+fn read_tag(value: &[u8]) -> Option<Tag> {
+    value.get(..16).and_then(|b| b.try_into().ok())
+}
+
 fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
     bytes
         .get(at..at + 8)
@@ -280,6 +338,7 @@ impl RedbStore {
         let txn = db.begin_write()?;
         let next_sequence = {
             Tables::open(&txn)?;
+            migrate_mailboxes(&txn)?;
             let meta = txn.open_table(META)?;
             let next = meta.get(META_NEXT_SEQUENCE)?.map_or(1, |v| v.value());
             next
@@ -490,30 +549,30 @@ impl RedbStore {
         })
     }
 
-    /// Deletes one mailbox entry with its expiry and retraction index entries. Returns
-    /// whether the envelope was there.
+    /// Deletes one mailbox entry with its envelope and its expiry and retraction index
+    /// entries. Returns whether the envelope was there. The mailbox index says whose it
+    /// is, so a device can only delete its own.
     fn remove_envelope(t: &mut Tables<'_>, tag: Tag, sequence: u64) -> Result<bool, StoreError> {
-        let removed = match t.mailbox.remove((tag, sequence))? {
-            Some(value) => {
-                let expires_at = read_u64(value.value(), 0).unwrap_or(0);
-                let payload = value
-                    .value()
-                    .len()
-                    .saturating_sub(ENVELOPE_HEADER + SEAL_OVERHEAD);
-                drop(value);
-                t.expiry.remove((expires_at, tag, sequence))?;
-                Some(payload as u64)
-            }
-            None => None,
-        };
-        if let Some(payload) = removed {
+        let removed = if t.mailboxes.remove((tag, sequence))?.is_some() {
+            let payload = match t.envelopes.remove(sequence)? {
+                Some(value) => {
+                    let value = value.value();
+                    let expires_at = read_u64(value, EXPIRES_AT).unwrap_or(0);
+                    let payload = value.len().saturating_sub(ENVELOPE_HEADER + SEAL_OVERHEAD);
+                    t.expiry.remove((expires_at, sequence))?;
+                    payload as u64
+                }
+                None => 0,
+            };
             let (count, bytes) = t.usage(tag)?;
             t.usage.insert(
                 tag,
                 (count.saturating_sub(1), bytes.saturating_sub(payload)),
             );
-        }
-        let removed = removed.is_some();
+            true
+        } else {
+            false
+        };
         let blind = t
             .retract_entries
             .remove((tag, sequence))?
@@ -527,7 +586,7 @@ impl RedbStore {
     /// Deletes a device's mailbox and its index entries.
     fn purge_mailbox(tables: &mut Tables<'_>, tag: Tag) -> Result<(), StoreError> {
         let mut doomed = Vec::new();
-        for entry in tables.mailbox.range((tag, 0)..=(tag, u64::MAX))? {
+        for entry in tables.mailboxes.range((tag, 0)..=(tag, u64::MAX))? {
             let (k, _) = entry?;
             doomed.push(k.value().1);
         }
@@ -768,16 +827,28 @@ impl RedbStore {
             }
             Write::Expire { now } => {
                 let mut doomed = Vec::new();
-                for entry in t.expiry.range(..=(now, [0xff; 16], u64::MAX))? {
+                for entry in t.expiry.range(..=(now, u64::MAX))? {
                     let (key, _) = entry?;
                     doomed.push(key.value());
                     if doomed.len() == EXPIRE_BATCH {
                         break;
                     }
                 }
-                for (expires_at, tag, sequence) in &doomed {
-                    t.expiry.remove((*expires_at, *tag, *sequence))?;
-                    Self::remove_envelope(t, *tag, *sequence)?;
+                for &(expires_at, sequence) in &doomed {
+                    t.expiry.remove((expires_at, sequence))?;
+                    let owner = t
+                        .envelopes
+                        .get(sequence)?
+                        .and_then(|value| read_tag(value.value()));
+                    match owner {
+                        Some(tag) => {
+                            Self::remove_envelope(t, tag, sequence)?;
+                        }
+                        // An index entry without its envelope: nothing else to delete.
+                        None => {
+                            t.envelopes.remove(sequence)?;
+                        }
+                    }
                 }
                 Ok(Ok(Outcome::Expired {
                     envelopes: doomed.len() as u64,
@@ -1037,8 +1108,9 @@ impl RedbStore {
                     expires_at,
                     &envelope.payload,
                 );
-                t.mailbox.insert((tag, sequence), value.as_slice())?;
-                t.expiry.insert((expires_at, tag, sequence), ())?;
+                t.envelopes.insert(sequence, value.as_slice())?;
+                t.mailboxes.insert((tag, sequence), ())?;
+                t.expiry.insert((expires_at, sequence), ())?;
                 if let Some(blind) = blind {
                     t.retract.insert((blind, tag, sequence), ())?;
                     t.retract_entries.insert((tag, sequence), blind)?;
@@ -1065,6 +1137,7 @@ fn seal_envelope(
 ) -> Vec<u8> {
     let sealed = key.seal(&mailbox_aad(tag, sequence), payload);
     let mut value = Vec::with_capacity(ENVELOPE_HEADER + sealed.len());
+    value.extend_from_slice(tag);
     value.extend_from_slice(&expires_at.to_be_bytes());
     value.extend_from_slice(&received_at.to_be_bytes());
     value.extend_from_slice(&sealed);
@@ -1140,15 +1213,19 @@ impl Store for RedbStore {
         let tag = self.device_tag(address);
         let start = after.map_or(0, |id| id.0.saturating_add(1));
         let txn = self.begin_read()?;
-        let mailbox = txn.open_table(MAILBOX)?;
+        let mailboxes = txn.open_table(MAILBOXES)?;
+        let envelopes = txn.open_table(ENVELOPES)?;
         let mut out = Vec::new();
-        for entry in mailbox.range((tag, start)..=(tag, u64::MAX))? {
-            let (k, v) = entry?;
-            let sequence = k.value().1;
-            let value = v.value();
-            let corrupt = || StoreError::Corrupt { table: "mailbox" };
-            let expires_at = read_u64(value, 0).ok_or_else(corrupt)?;
-            let received_at = read_u64(value, 8).ok_or_else(corrupt)?;
+        for entry in mailboxes.range((tag, start)..=(tag, u64::MAX))? {
+            let sequence = entry?.0.value().1;
+            let Some(value) = envelopes.get(sequence)? else {
+                tracing::warn!("skipping a mailbox entry without its envelope");
+                continue;
+            };
+            let value = value.value();
+            let corrupt = || StoreError::Corrupt { table: "envelopes" };
+            let expires_at = read_u64(value, EXPIRES_AT).ok_or_else(corrupt)?;
+            let received_at = read_u64(value, RECEIVED_AT).ok_or_else(corrupt)?;
             // P3: an expired envelope is never delivered, swept or not.
             if expires_at <= now {
                 continue;
@@ -1221,8 +1298,9 @@ impl Store for RedbStore {
         let txn = self.begin_read()?;
         Ok(StoreStats {
             accounts: txn.open_table(ACCOUNTS)?.len()?,
-            envelopes: txn.open_table(MAILBOX)?.len()?,
-            expiry_entries: txn.open_table(EXPIRY)?.len()?,
+            envelopes: txn.open_table(ENVELOPES)?.len()?,
+            mailbox_entries: txn.open_table(MAILBOXES)?.len()?,
+            expiry_entries: txn.open_table(EXPIRY_QUEUE)?.len()?,
             prekeys: txn.open_table(PREKEYS)?.len()?,
             invites: txn.open_table(INVITES)?.len()?,
             day_keys: self.keys.days().len() as u64,
@@ -1284,12 +1362,12 @@ impl Store for RedbStore {
 
     fn retention_summary(&self) -> Result<RetentionSummary, StoreError> {
         let txn = self.begin_read()?;
-        let expiry = txn.open_table(EXPIRY)?;
+        let expiry = txn.open_table(EXPIRY_QUEUE)?;
         let records = txn.open_table(CALL_RECORDS)?;
         let oldest_envelope_expiry = expiry.first()?.map(|(k, _)| k.value().0);
         let oldest_call_start = records.first()?.map(|(k, _)| k.value().0);
         Ok(RetentionSummary {
-            envelopes: txn.open_table(MAILBOX)?.len()?,
+            envelopes: txn.open_table(ENVELOPES)?.len()?,
             oldest_envelope_expiry,
             call_records: records.len()?,
             oldest_call_start,

@@ -353,6 +353,7 @@ fn check(keys: &Path, image: Vec<u8>, reference: &Reference, recipients: &[Devic
             );
         }
     }
+    let held = present.len() as u64;
     for (payload, sent) in &reference.0 {
         let found = present.remove(payload);
         assert!(
@@ -368,8 +369,9 @@ fn check(keys: &Path, image: Vec<u8>, reference: &Reference, recipients: &[Devic
     assert!(present.is_empty(), "the store holds envelopes never sent");
     let stats = store.stats().unwrap();
     assert_eq!(
-        stats.envelopes, stats.expiry_entries,
-        "the expiry index matches the mailboxes"
+        (stats.envelopes, stats.mailbox_entries, stats.expiry_entries),
+        (held, held, held),
+        "no envelope is stored beyond the mailboxes, and the indexes agree"
     );
 }
 

@@ -327,7 +327,10 @@ fn acks_delete_only_from_the_acking_devices_mailbox() {
         }])
         .unwrap();
     let stats = store.stats().unwrap();
-    assert_eq!((stats.envelopes, stats.expiry_entries), (1, 1));
+    assert_eq!(
+        (stats.envelopes, stats.mailbox_entries, stats.expiry_entries),
+        (1, 1, 1)
+    );
 }
 
 #[test]
@@ -346,8 +349,9 @@ fn a_corrupted_value_is_skipped_not_delivered() {
         .begin_write()
         .unwrap();
     {
-        let mut mailbox = txn.open_table(MAILBOX).unwrap();
-        let key = mailbox
+        let mailboxes = txn.open_table(MAILBOXES).unwrap();
+        let mut envelopes = txn.open_table(ENVELOPES).unwrap();
+        let (_, sequence) = mailboxes
             .range((tag, 0)..=(tag, u64::MAX))
             .unwrap()
             .next()
@@ -355,10 +359,10 @@ fn a_corrupted_value_is_skipped_not_delivered() {
             .unwrap()
             .0
             .value();
-        let mut value = mailbox.get(key).unwrap().unwrap().value().to_vec();
+        let mut value = envelopes.get(sequence).unwrap().unwrap().value().to_vec();
         let last = value.len() - 1;
         value[last] ^= 1;
-        mailbox.insert(key, value.as_slice()).unwrap();
+        envelopes.insert(sequence, value.as_slice()).unwrap();
     }
     txn.commit().unwrap();
     store.apply(vec![enqueue(&[bob], b"after", NOW)]).unwrap();
@@ -369,6 +373,83 @@ fn a_corrupted_value_is_skipped_not_delivered() {
         "the damaged envelope is skipped, the next one still comes"
     );
     assert_eq!(delivered[0].payload, b"after");
+}
+
+/// Rewrites the store's envelopes in the layout before `ENVELOPES`: one table keyed by
+/// (device tag, sequence) holding the value without its tag, and the older expiry index.
+fn downgrade_to_old_layout(store: &RedbStore) {
+    let txn = store
+        .db
+        .read()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .begin_write()
+        .unwrap();
+    {
+        let envelopes = txn.open_table(ENVELOPES).unwrap();
+        let mut old = txn.open_table(OLD_MAILBOX).unwrap();
+        let mut old_expiry = txn.open_table(OLD_EXPIRY).unwrap();
+        for entry in envelopes.iter().unwrap() {
+            let (sequence, value) = entry.unwrap();
+            let value = value.value();
+            let tag = read_tag(value).unwrap();
+            let expires_at = read_u64(value, EXPIRES_AT).unwrap();
+            old.insert((tag, sequence.value()), &value[16..]).unwrap();
+            old_expiry
+                .insert((expires_at, tag, sequence.value()), ())
+                .unwrap();
+        }
+    }
+    for table in [ENVELOPES.name(), MAILBOXES.name(), EXPIRY_QUEUE.name()] {
+        let definition: TableDefinition<(), ()> = TableDefinition::new(table);
+        assert!(txn.delete_table(definition).unwrap());
+    }
+    txn.commit().unwrap();
+}
+
+#[test]
+fn a_store_in_the_older_layout_is_migrated_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    let bob = register(&store, 2);
+    let carol = register(&store, 3);
+    store
+        .apply(vec![
+            enqueue(&[bob, carol], b"both", NOW),
+            enqueue_retractable(&[bob], 7, NOW),
+            enqueue(&[carol], b"soon", NOW - TTL + 10),
+        ])
+        .unwrap();
+    downgrade_to_old_layout(&store);
+    drop(store);
+
+    let store = RedbStore::open(dir.path()).unwrap();
+    let payloads = |device| -> Vec<Vec<u8>> {
+        let backlog = store.backlog(device, None, NOW, 10).unwrap();
+        backlog.into_iter().map(|e| e.payload).collect()
+    };
+    assert_eq!(payloads(&bob), vec![b"both".to_vec(), vec![7]]);
+    assert_eq!(payloads(&carol), vec![b"both".to_vec(), b"soon".to_vec()]);
+    let stats = store.stats().unwrap();
+    assert_eq!(
+        (stats.envelopes, stats.mailbox_entries, stats.expiry_entries),
+        (4, 4, 4)
+    );
+    let tables: Vec<String> = {
+        let txn = store.begin_read().unwrap();
+        let names = txn.list_tables().unwrap().map(|t| t.name().to_owned());
+        names.collect()
+    };
+    assert!(!tables.iter().any(|t| t == "mailbox" || t == "expiry"));
+
+    // The migrated envelopes carry on: the expiry index, retraction and usage still work.
+    let expired = store.apply(vec![Write::Expire { now: NOW + 10 }]).unwrap();
+    assert_eq!(expired, vec![Ok(Outcome::Expired { envelopes: 1 })]);
+    let retracted = store.apply(vec![retract(&[7])]).unwrap();
+    assert_eq!(retracted, vec![Ok(Outcome::Retracted { count: 1 })]);
+    assert_eq!(store.mailbox_usage(&bob).unwrap().envelopes, 1);
+    assert_eq!(payloads(&carol), vec![b"both".to_vec()]);
 }
 
 #[test]
@@ -399,8 +480,13 @@ fn retraction_deletes_every_copy_and_its_index_entries() {
     assert!(store.backlog(&carol, None, NOW, 10).unwrap().is_empty());
     let stats = store.stats().unwrap();
     assert_eq!(
-        (stats.envelopes, stats.expiry_entries, stats.retract_entries),
-        (2, 2, 1)
+        (
+            stats.envelopes,
+            stats.mailbox_entries,
+            stats.expiry_entries,
+            stats.retract_entries
+        ),
+        (2, 2, 2, 1)
     );
     assert_eq!(
         store.apply(vec![retract(&[1])]).unwrap(),
