@@ -840,14 +840,14 @@ impl RedbStore {
                         .envelopes
                         .get(sequence)?
                         .and_then(|value| read_tag(value.value()));
-                    match owner {
-                        Some(tag) => {
-                            Self::remove_envelope(t, tag, sequence)?;
-                        }
-                        // An index entry without its envelope: nothing else to delete.
-                        None => {
-                            t.envelopes.remove(sequence)?;
-                        }
+                    let removed = match owner {
+                        Some(tag) => Self::remove_envelope(t, tag, sequence)?,
+                        None => false,
+                    };
+                    // An envelope whose mailbox entry is gone (or whose value is damaged)
+                    // still goes when it expires (P3).
+                    if !removed {
+                        t.envelopes.remove(sequence)?;
                     }
                 }
                 Ok(Ok(Outcome::Expired {

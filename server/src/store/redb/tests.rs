@@ -375,6 +375,38 @@ fn a_corrupted_value_is_skipped_not_delivered() {
     assert_eq!(delivered[0].payload, b"after");
 }
 
+#[test]
+fn an_envelope_that_lost_its_mailbox_entry_still_goes_when_it_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    let bob = register(&store, 2);
+    store.apply(vec![enqueue(&[bob], b"x", NOW)]).unwrap();
+    let tag = store.device_tag(&bob);
+    let txn = store
+        .db
+        .read()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .begin_write()
+        .unwrap();
+    {
+        let mut mailboxes = txn.open_table(MAILBOXES).unwrap();
+        let sequence = store.next_sequence.load(Ordering::Relaxed) - 1;
+        assert!(mailboxes.remove((tag, sequence)).unwrap().is_some());
+    }
+    txn.commit().unwrap();
+    assert_eq!(store.stats().unwrap().envelopes, 1);
+
+    let expired = store.apply(vec![Write::Expire { now: NOW + TTL }]).unwrap();
+    assert_eq!(expired, vec![Ok(Outcome::Expired { envelopes: 1 })]);
+    let stats = store.stats().unwrap();
+    assert_eq!(
+        (stats.envelopes, stats.mailbox_entries, stats.expiry_entries),
+        (0, 0, 0)
+    );
+}
+
 /// Rewrites the store's envelopes in the layout before `ENVELOPES`: one table keyed by
 /// (device tag, sequence) holding the value without its tag, and the older expiry index.
 fn downgrade_to_old_layout(store: &RedbStore) {
