@@ -333,6 +333,19 @@ fn acks_delete_only_from_the_acking_devices_mailbox() {
     );
 }
 
+/// A write transaction on the store's database, past the store's own write paths: for
+/// tests that damage or rewrite what is stored.
+fn raw_write(store: &RedbStore) -> WriteTransaction {
+    store
+        .db
+        .read()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .begin_write()
+        .unwrap()
+}
+
 #[test]
 fn a_corrupted_value_is_skipped_not_delivered() {
     let dir = tempfile::tempdir().unwrap();
@@ -340,14 +353,7 @@ fn a_corrupted_value_is_skipped_not_delivered() {
     let bob = register(&store, 2);
     store.apply(vec![enqueue(&[bob], b"x", NOW)]).unwrap();
     let tag = store.device_tag(&bob);
-    let txn = store
-        .db
-        .read()
-        .unwrap()
-        .as_ref()
-        .unwrap()
-        .begin_write()
-        .unwrap();
+    let txn = raw_write(&store);
     {
         let mailboxes = txn.open_table(MAILBOXES).unwrap();
         let mut envelopes = txn.open_table(ENVELOPES).unwrap();
@@ -382,14 +388,7 @@ fn an_envelope_that_lost_its_mailbox_entry_still_goes_when_it_expires() {
     let bob = register(&store, 2);
     store.apply(vec![enqueue(&[bob], b"x", NOW)]).unwrap();
     let tag = store.device_tag(&bob);
-    let txn = store
-        .db
-        .read()
-        .unwrap()
-        .as_ref()
-        .unwrap()
-        .begin_write()
-        .unwrap();
+    let txn = raw_write(&store);
     {
         let mut mailboxes = txn.open_table(MAILBOXES).unwrap();
         let sequence = store.next_sequence.load(Ordering::Relaxed) - 1;
@@ -410,14 +409,7 @@ fn an_envelope_that_lost_its_mailbox_entry_still_goes_when_it_expires() {
 /// Rewrites the store's envelopes in the layout before `ENVELOPES`: one table keyed by
 /// (device tag, sequence) holding the value without its tag, and the older expiry index.
 fn downgrade_to_old_layout(store: &RedbStore) {
-    let txn = store
-        .db
-        .read()
-        .unwrap()
-        .as_ref()
-        .unwrap()
-        .begin_write()
-        .unwrap();
+    let txn = raw_write(store);
     {
         let envelopes = txn.open_table(ENVELOPES).unwrap();
         let mut old = txn.open_table(OLD_MAILBOX).unwrap();
