@@ -43,7 +43,9 @@ const ENVELOPES: TableDefinition<u64, &[u8]> = TableDefinition::new("envelopes")
 /// entries, spread over every mailbox it reaches, fill few pages.
 const MAILBOXES: TableDefinition<(Tag, u64), ()> = TableDefinition::new("mailboxes");
 /// The expiry index by (expires at, sequence): in arrival order too, for one expiry time.
-const EXPIRY_QUEUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("expiry_queue");
+/// The value is the device tag, so that expiry finds every entry of an envelope even if
+/// its value is lost or damaged.
+const EXPIRY_QUEUE: TableDefinition<(u64, u64), Tag> = TableDefinition::new("expiry_queue");
 /// The layout before [`ENVELOPES`]: mailboxes by (device tag, sequence) with the value
 /// [`ENVELOPES`] has after the tag. Read once, when an older store is opened.
 const OLD_MAILBOX: TableDefinition<(Tag, u64), &[u8]> = TableDefinition::new("mailbox");
@@ -167,7 +169,7 @@ struct Tables<'txn> {
     prekeys: Table<'txn, (Tag, u8, u32), &'static [u8]>,
     envelopes: Table<'txn, u64, &'static [u8]>,
     mailboxes: Table<'txn, (Tag, u64), ()>,
-    expiry: Table<'txn, (u64, u64), ()>,
+    expiry: Table<'txn, (u64, u64), Tag>,
     invites: Table<'txn, [u8; 32], ()>,
     delivery_access: Table<'txn, Tag, &'static [u8]>,
     retract: Table<'txn, (Tag, Tag, u64), ()>,
@@ -277,19 +279,30 @@ fn migrate_mailboxes(txn: &WriteTransaction) -> Result<(), StoreError> {
         let mut mailboxes = txn.open_table(MAILBOXES)?;
         let mut expiry = txn.open_table(EXPIRY_QUEUE)?;
         let mut value = Vec::new();
+        let (mut moved, mut damaged) = (0u64, 0u64);
         for entry in old.iter()? {
             let (key, old_value) = entry?;
             let (tag, sequence) = key.value();
             let old_value = old_value.value();
-            let expires_at =
-                read_u64(old_value, 0).ok_or(StoreError::Corrupt { table: "mailbox" })?;
+            // A damaged value is moved too, expiring at once: the next sweep deletes it
+            // with its index entries, and one bad record does not keep the store shut.
+            let expires_at = read_u64(old_value, 0).unwrap_or_else(|| {
+                damaged += 1;
+                0
+            });
             value.clear();
             value.extend_from_slice(&tag);
             value.extend_from_slice(old_value);
             envelopes.insert(sequence, value.as_slice())?;
             mailboxes.insert((tag, sequence), ())?;
-            expiry.insert((expires_at, sequence), ())?;
+            expiry.insert((expires_at, sequence), tag)?;
+            moved += 1;
         }
+        tracing::info!(
+            moved,
+            damaged,
+            "moved the store's envelopes to the layout by arrival"
+        );
     }
     txn.delete_table(OLD_MAILBOX)?;
     txn.delete_table(OLD_EXPIRY)?;
@@ -340,8 +353,11 @@ impl RedbStore {
             Tables::open(&txn)?;
             migrate_mailboxes(&txn)?;
             let meta = txn.open_table(META)?;
-            let next = meta.get(META_NEXT_SEQUENCE)?.map_or(1, |v| v.value());
-            next
+            let counted = meta.get(META_NEXT_SEQUENCE)?.map_or(1, |v| v.value());
+            // Never below the newest envelope, even if the counter were lost: a reused
+            // sequence would put two envelopes, and two owners, on one key.
+            let newest = txn.open_table(ENVELOPES)?.last()?.map(|(k, _)| k.value());
+            counted.max(newest.map_or(1, |n| n.saturating_add(1)))
         };
         txn.commit()?;
         Ok(RedbStore {
@@ -549,30 +565,47 @@ impl RedbStore {
         })
     }
 
-    /// Deletes one mailbox entry with its envelope and its expiry and retraction index
-    /// entries. Returns whether the envelope was there. The mailbox index says whose it
-    /// is, so a device can only delete its own.
-    fn remove_envelope(t: &mut Tables<'_>, tag: Tag, sequence: u64) -> Result<bool, StoreError> {
-        let removed = if t.mailboxes.remove((tag, sequence))?.is_some() {
-            let payload = match t.envelopes.remove(sequence)? {
-                Some(value) => {
-                    let value = value.value();
-                    let expires_at = read_u64(value, EXPIRES_AT).unwrap_or(0);
+    /// Deletes an envelope of `tag`'s mailbox with its mailbox, expiry and retraction
+    /// index entries, and takes it off the mailbox's usage. Returns whether the mailbox
+    /// listed it. Only an envelope whose value names `tag` goes, so a device can only
+    /// delete its own; an `expired` one goes whatever its value says, and even without
+    /// its mailbox entry (P3).
+    fn remove_envelope(
+        t: &mut Tables<'_>,
+        tag: Tag,
+        sequence: u64,
+        expired: bool,
+    ) -> Result<bool, StoreError> {
+        let listed = t.mailboxes.remove((tag, sequence))?.is_some();
+        // (expires-at, payload bytes) of the envelope deleted.
+        let mut deleted = None;
+        if listed || expired {
+            let mut foreign = None;
+            if let Some(value) = t.envelopes.remove(sequence)? {
+                let value = value.value();
+                if expired || read_tag(value) == Some(tag) {
                     let payload = value.len().saturating_sub(ENVELOPE_HEADER + SEAL_OVERHEAD);
-                    t.expiry.remove((expires_at, sequence))?;
-                    payload as u64
+                    deleted = Some((read_u64(value, EXPIRES_AT), payload as u64));
+                } else {
+                    foreign = Some(value.to_vec());
                 }
-                None => 0,
-            };
+            }
+            // Another mailbox's envelope under a damaged index entry stays where it is.
+            if let Some(value) = foreign {
+                t.envelopes.insert(sequence, value.as_slice())?;
+            }
+        }
+        if let Some((Some(expires_at), _)) = deleted {
+            t.expiry.remove((expires_at, sequence))?;
+        }
+        if listed || deleted.is_some() {
+            let payload = deleted.map_or(0, |(_, payload)| payload);
             let (count, bytes) = t.usage(tag)?;
             t.usage.insert(
                 tag,
                 (count.saturating_sub(1), bytes.saturating_sub(payload)),
             );
-            true
-        } else {
-            false
-        };
+        }
         let blind = t
             .retract_entries
             .remove((tag, sequence))?
@@ -580,7 +613,7 @@ impl RedbStore {
         if let Some(blind) = blind {
             t.retract.remove((blind, tag, sequence))?;
         }
-        Ok(removed)
+        Ok(listed)
     }
 
     /// Deletes a device's mailbox and its index entries.
@@ -591,7 +624,7 @@ impl RedbStore {
             doomed.push(k.value().1);
         }
         for sequence in doomed {
-            Self::remove_envelope(tables, tag, sequence)?;
+            Self::remove_envelope(tables, tag, sequence, false)?;
         }
         Ok(())
     }
@@ -808,7 +841,7 @@ impl RedbStore {
                         doomed.push((device, sequence));
                     }
                     for (device, sequence) in doomed {
-                        if Self::remove_envelope(t, device, sequence)? {
+                        if Self::remove_envelope(t, device, sequence, false)? {
                             count = count.saturating_add(1);
                         }
                     }
@@ -819,7 +852,7 @@ impl RedbStore {
                 let tag = self.device_tag(&address);
                 let mut unknown = 0;
                 for id in ids {
-                    if !Self::remove_envelope(t, tag, id.0)? {
+                    if !Self::remove_envelope(t, tag, id.0, false)? {
                         unknown += 1;
                     }
                 }
@@ -828,27 +861,15 @@ impl RedbStore {
             Write::Expire { now } => {
                 let mut doomed = Vec::new();
                 for entry in t.expiry.range(..=(now, u64::MAX))? {
-                    let (key, _) = entry?;
-                    doomed.push(key.value());
+                    let (key, tag) = entry?;
+                    doomed.push((key.value(), tag.value()));
                     if doomed.len() == EXPIRE_BATCH {
                         break;
                     }
                 }
-                for &(expires_at, sequence) in &doomed {
+                for &((expires_at, sequence), tag) in &doomed {
                     t.expiry.remove((expires_at, sequence))?;
-                    let owner = t
-                        .envelopes
-                        .get(sequence)?
-                        .and_then(|value| read_tag(value.value()));
-                    let removed = match owner {
-                        Some(tag) => Self::remove_envelope(t, tag, sequence)?,
-                        None => false,
-                    };
-                    // An envelope whose mailbox entry is gone (or whose value is damaged)
-                    // still goes when it expires (P3).
-                    if !removed {
-                        t.envelopes.remove(sequence)?;
-                    }
+                    Self::remove_envelope(t, tag, sequence, true)?;
                 }
                 Ok(Ok(Outcome::Expired {
                     envelopes: doomed.len() as u64,
@@ -1110,7 +1131,7 @@ impl RedbStore {
                 );
                 t.envelopes.insert(sequence, value.as_slice())?;
                 t.mailboxes.insert((tag, sequence), ())?;
-                t.expiry.insert((expires_at, sequence), ())?;
+                t.expiry.insert((expires_at, sequence), tag)?;
                 if let Some(blind) = blind {
                     t.retract.insert((blind, tag, sequence), ())?;
                     t.retract_entries.insert((tag, sequence), blind)?;
@@ -1223,9 +1244,12 @@ impl Store for RedbStore {
                 continue;
             };
             let value = value.value();
-            let corrupt = || StoreError::Corrupt { table: "envelopes" };
-            let expires_at = read_u64(value, EXPIRES_AT).ok_or_else(corrupt)?;
-            let received_at = read_u64(value, RECEIVED_AT).ok_or_else(corrupt)?;
+            let (Some(expires_at), Some(received_at)) =
+                (read_u64(value, EXPIRES_AT), read_u64(value, RECEIVED_AT))
+            else {
+                tracing::warn!("skipping a mailbox record too short to be an envelope");
+                continue;
+            };
             // P3: an expired envelope is never delivered, swept or not.
             if expires_at <= now {
                 continue;

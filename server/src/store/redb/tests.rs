@@ -404,6 +404,66 @@ fn an_envelope_that_lost_its_mailbox_entry_still_goes_when_it_expires() {
         (stats.envelopes, stats.mailbox_entries, stats.expiry_entries),
         (0, 0, 0)
     );
+    assert_eq!(store.mailbox_usage(&bob).unwrap(), MailboxUsage::default());
+}
+
+#[test]
+fn an_ack_through_a_damaged_index_entry_leaves_the_other_mailbox_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    let bob = register(&store, 2);
+    let carol = register(&store, 3);
+    store
+        .apply(vec![enqueue(&[carol], b"carol's", NOW)])
+        .unwrap();
+    let carols = store.backlog(&carol, None, NOW, 10).unwrap()[0].id;
+    // Bob's mailbox index claims Carol's envelope.
+    let txn = raw_write(&store);
+    txn.open_table(MAILBOXES)
+        .unwrap()
+        .insert((store.device_tag(&bob), carols.0), ())
+        .unwrap();
+    txn.commit().unwrap();
+
+    store
+        .apply(vec![Write::Ack {
+            address: bob,
+            ids: vec![carols],
+        }])
+        .unwrap();
+    let left = store.backlog(&carol, None, NOW, 10).unwrap();
+    assert_eq!(left.len(), 1, "Carol's envelope is still hers");
+    assert_eq!(left[0].payload, b"carol's");
+    assert_eq!(store.mailbox_usage(&carol).unwrap().envelopes, 1);
+}
+
+#[test]
+fn sequences_continue_after_the_newest_envelope_even_without_their_counter() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path()).unwrap();
+    let bob = register(&store, 2);
+    store.apply(vec![enqueue(&[bob], b"a", NOW)]).unwrap();
+    let txn = raw_write(&store);
+    txn.open_table(META)
+        .unwrap()
+        .remove(META_NEXT_SEQUENCE)
+        .unwrap();
+    txn.commit().unwrap();
+    drop(store);
+
+    let store = RedbStore::open(dir.path()).unwrap();
+    store.apply(vec![enqueue(&[bob], b"b", NOW)]).unwrap();
+    let payloads: Vec<Vec<u8>> = store
+        .backlog(&bob, None, NOW, 10)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.payload)
+        .collect();
+    assert_eq!(
+        payloads,
+        [b"a".to_vec(), b"b".to_vec()],
+        "nothing overwritten"
+    );
 }
 
 /// Rewrites the store's envelopes in the layout before `ENVELOPES`: one table keyed by
@@ -446,6 +506,22 @@ fn a_store_in_the_older_layout_is_migrated_on_open() {
         ])
         .unwrap();
     downgrade_to_old_layout(&store);
+    // A damaged old record (too short to hold its expiry) is moved too, to expire at once.
+    let txn = raw_write(&store);
+    let (bobs, damaged_sequence) = (
+        store.device_tag(&bob),
+        store.next_sequence.load(Ordering::Relaxed),
+    );
+    txn.open_table(OLD_MAILBOX)
+        .unwrap()
+        .insert((bobs, damaged_sequence), &[1u8, 2, 3][..])
+        .unwrap();
+    {
+        let mut usage = txn.open_table(MAILBOX_USAGE).unwrap();
+        let (count, bytes) = usage.get(bobs).unwrap().unwrap().value();
+        usage.insert(bobs, (count + 1, bytes)).unwrap();
+    }
+    txn.commit().unwrap();
     drop(store);
 
     let store = RedbStore::open(dir.path()).unwrap();
@@ -458,7 +534,7 @@ fn a_store_in_the_older_layout_is_migrated_on_open() {
     let stats = store.stats().unwrap();
     assert_eq!(
         (stats.envelopes, stats.mailbox_entries, stats.expiry_entries),
-        (4, 4, 4)
+        (5, 5, 5)
     );
     let tables: Vec<String> = {
         let txn = store.begin_read().unwrap();
@@ -469,7 +545,7 @@ fn a_store_in_the_older_layout_is_migrated_on_open() {
 
     // The migrated envelopes carry on: the expiry index, retraction and usage still work.
     let expired = store.apply(vec![Write::Expire { now: NOW + 10 }]).unwrap();
-    assert_eq!(expired, vec![Ok(Outcome::Expired { envelopes: 1 })]);
+    assert_eq!(expired, vec![Ok(Outcome::Expired { envelopes: 2 })]);
     let retracted = store.apply(vec![retract(&[7])]).unwrap();
     assert_eq!(retracted, vec![Ok(Outcome::Retracted { count: 1 })]);
     assert_eq!(store.mailbox_usage(&bob).unwrap().envelopes, 1);
