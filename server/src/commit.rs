@@ -66,8 +66,23 @@ pub struct Pending(oneshot::Receiver<Result<WriteResult, CommitError>>);
 
 impl Pending {
     /// The write's outcome, after its transaction is durable.
-    pub async fn outcome(self) -> Result<WriteResult, CommitError> {
-        self.0.await.unwrap_or(Err(CommitError::Stopped))
+    pub async fn outcome(mut self) -> Result<WriteResult, CommitError> {
+        self.wait().await
+    }
+
+    /// Waits for the outcome without giving the write up, so the wait can be cancelled and
+    /// resumed. Not to be called again once it has returned.
+    pub async fn wait(&mut self) -> Result<WriteResult, CommitError> {
+        (&mut self.0).await.unwrap_or(Err(CommitError::Stopped))
+    }
+
+    /// The outcome if the write's transaction is already durable.
+    pub fn ready(&mut self) -> Option<Result<WriteResult, CommitError>> {
+        match self.0.try_recv() {
+            Ok(outcome) => Some(outcome),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(CommitError::Stopped)),
+        }
     }
 }
 

@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::calls::{Ended, Party, Route};
-use crate::commit::CommitError;
+use crate::commit::{CommitError, Pending};
 use crate::mailbox::DeviceLink;
 use crate::media;
 use crate::metrics::Metrics;
@@ -115,7 +115,14 @@ pub(crate) async fn run(
     };
 
     let (outbox, frames) = mpsc::channel(OUTBOX_DEPTH);
-    let writer = tokio::spawn(write_loop(send, frames));
+    let max_in_flight = shared.config.limits.max_in_flight_requests;
+    let (answers, answer_queue) = mpsc::channel(max_in_flight);
+    let writer = tokio::spawn(write_loop(
+        shared.clone(),
+        send,
+        frames,
+        Answers::new(answer_queue),
+    ));
     let envelope_budget = TokenBucket::full(
         shared.config.limits.connection_envelopes,
         shared.clock.now_millis(),
@@ -127,10 +134,11 @@ pub(crate) async fn run(
         shared: shared.clone(),
         number,
         outbox,
+        answers,
         device: None,
         provisioning: None,
         calls: Vec::new(),
-        in_flight: Arc::new(Semaphore::new(shared.config.limits.max_in_flight_requests)),
+        in_flight: Arc::new(Semaphore::new(max_in_flight)),
         challenge: random_challenge(),
     };
     let end = session.serve(&mut recv, hello_deadline, shutdown).await;
@@ -251,6 +259,8 @@ struct Session {
     shared: Arc<Shared>,
     number: u64,
     outbox: mpsc::Sender<Vec<u8>>,
+    /// Writes awaiting their commits, for the writer to answer in order.
+    answers: mpsc::Sender<Answer>,
     device: Option<Attached>,
     /// The provisioning address this connection opened, if any (at most one, ever).
     provisioning: Option<[u8; 16]>,
@@ -547,17 +557,19 @@ impl Session {
             return Err(End::Close(ErrorCode::ShuttingDown));
         };
         // Submitted from the read loop, so writes reach the committer in the order the
-        // client sent them; only the wait for the fsync runs concurrently.
+        // client sent them; the writer answers them as their commits become durable.
         let pending = self.shared.committer.submit(write).await;
-        let shared = self.shared.clone();
-        let outbox = self.outbox.clone();
-        tokio::spawn(async move {
-            let result = respond_to_write(&shared, pending.outcome().await);
-            let frame = encode_frame(&ServerFrame::Response(Response { id, result }));
-            let _ = outbox.send(frame).await;
-            drop(permit);
-        });
-        Ok(())
+        let answer = Answer {
+            id,
+            pending,
+            _permit: permit,
+        };
+        // The channel has a slot for every permit, so this does not wait; it fails only if
+        // the writer is gone, and then there is no one to answer.
+        self.answers
+            .send(answer)
+            .await
+            .map_err(|_| End::Close(ErrorCode::Internal))
     }
 
     /// Reads an account's identity key and devices: `UnknownAccount` if there is none,
@@ -1147,9 +1159,86 @@ async fn media_loop(shared: Arc<Shared>, number: u64, connection: quinn::Connect
 }
 
 /// Owns the send half: writes queued frames, coalescing whatever is ready into one write.
-async fn write_loop(mut send: SendStream, mut frames: mpsc::Receiver<Vec<u8>>) {
-    while let Some(mut buffer) = frames.recv().await {
+/// A write this connection submitted, answered once its commit is durable.
+struct Answer {
+    id: RequestId,
+    pending: Pending,
+    /// Released when the answer is queued for writing: bounds requests in flight.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A connection's writes awaiting their commits, oldest first. Commits are applied in
+/// submission order, so the oldest is always the next to become durable.
+struct Answers {
+    queue: mpsc::Receiver<Answer>,
+    /// The oldest, taken from the queue and still waiting for its commit.
+    oldest: Option<Answer>,
+    open: bool,
+}
+
+impl Answers {
+    fn new(queue: mpsc::Receiver<Answer>) -> Self {
+        Answers {
+            queue,
+            oldest: None,
+            open: true,
+        }
+    }
+
+    /// Waits for the oldest write's outcome; `None` once the session submits no more.
+    /// Cancel-safe: a write taken from the queue waits in `oldest`.
+    async fn next(&mut self) -> Option<(RequestId, Result<WriteResult, CommitError>)> {
+        if self.oldest.is_none() {
+            self.oldest = self.queue.recv().await;
+            self.open = self.oldest.is_some();
+        }
+        let outcome = self.oldest.as_mut()?.pending.wait().await;
+        self.oldest.take().map(|answer| (answer.id, outcome))
+    }
+
+    /// The oldest write's outcome, if its commit is already durable.
+    fn ready(&mut self) -> Option<(RequestId, Result<WriteResult, CommitError>)> {
+        if self.oldest.is_none() {
+            self.oldest = self.queue.try_recv().ok();
+        }
+        let outcome = self.oldest.as_mut()?.pending.ready()?;
+        self.oldest.take().map(|answer| (answer.id, outcome))
+    }
+}
+
+fn encode_answer(
+    shared: &Shared,
+    id: RequestId,
+    outcome: Result<WriteResult, CommitError>,
+) -> Vec<u8> {
+    let result = respond_to_write(shared, outcome);
+    encode_frame(&ServerFrame::Response(Response { id, result }))
+}
+
+/// Writes the connection's frames and the answers to its writes. One commit makes a batch
+/// of answers durable at once; they, and whatever frames are queued, go out in one write,
+/// so that a busy connection sends full packets rather than a packet per answer.
+async fn write_loop(
+    shared: Arc<Shared>,
+    mut send: SendStream,
+    mut frames: mpsc::Receiver<Vec<u8>>,
+    mut answers: Answers,
+) {
+    loop {
+        let mut buffer = tokio::select! {
+            frame = frames.recv() => match frame {
+                Some(frame) => frame,
+                None => break,
+            },
+            Some((id, outcome)) = answers.next(), if answers.open => {
+                encode_answer(&shared, id, outcome)
+            }
+        };
         while buffer.len() < WRITE_COALESCE {
+            if let Some((id, outcome)) = answers.ready() {
+                buffer.extend_from_slice(&encode_answer(&shared, id, outcome));
+                continue;
+            }
             match frames.try_recv() {
                 Ok(more) => buffer.extend_from_slice(&more),
                 Err(_) => break,
