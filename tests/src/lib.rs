@@ -16,8 +16,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ed25519_dalek::{Signer, SigningKey};
+use hush_client::protocol::auth::auth_transcript;
 use hush_client::protocol::{
-    encode_frame, ClientFrame, DeviceAddress, ErrorCode, Hello, Prekey, ServerFrame,
+    encode_frame, Authenticate, ClientFrame, DeviceAddress, ErrorCode, Hello, Prekey, Request,
+    RequestBody, RequestId, ResponseBody, ServerFrame, Signature,
 };
 use hush_client::{
     ConnectOptions, Connection, ConnectionError, Connector, DeviceKey, Envelope, Event, RawStream,
@@ -693,4 +696,45 @@ pub fn check_numbered(received: &[(u32, Vec<u8>)], allocation: u32, tag: u8, n: 
         "{} of {n} frames arrived",
         received.len()
     );
+}
+
+/// Connects a raw stream and authenticates it as `address` (request id 1), for tests that
+/// write frames themselves and read only when they choose. `secret` is the device key's
+/// signing half (`DeviceKey::from_secret_bytes` of the same bytes).
+pub async fn authenticated_raw_stream(
+    options: ConnectOptions,
+    address: DeviceAddress,
+    secret: &SigningKey,
+) -> RawStream {
+    let mut raw = Connector::new(options)
+        .unwrap()
+        .connect_raw()
+        .await
+        .unwrap();
+    raw.write(&encode_frame(&ClientFrame::Hello(Hello::current())))
+        .await
+        .unwrap();
+    let challenge = match raw.read_frame().await.unwrap() {
+        Some(ServerFrame::HelloOk(ok)) => ok.challenge,
+        other => panic!("expected HelloOk, got {other:?}"),
+    };
+    let transcript = auth_transcript(&raw.exporter().unwrap(), &challenge, &address);
+    let authenticate = ClientFrame::Request(Request {
+        id: RequestId(1),
+        body: RequestBody::Authenticate(Authenticate {
+            address,
+            signature: Signature(secret.sign(&transcript).to_bytes()),
+        }),
+    });
+    raw.write(&encode_frame(&authenticate)).await.unwrap();
+    loop {
+        match raw.read_frame().await.unwrap() {
+            Some(ServerFrame::Response(response)) => {
+                assert_eq!(response.result, Ok(ResponseBody::Authenticated));
+                return raw;
+            }
+            Some(_) => {}
+            None => panic!("closed while authenticating"),
+        }
+    }
 }

@@ -7,14 +7,13 @@
 
 use std::sync::Arc;
 
-use ed25519_dalek::{Signer, SigningKey};
-use hush_client::protocol::auth::auth_transcript;
+use ed25519_dalek::SigningKey;
 use hush_client::protocol::{
-    encode_frame, Ack, Authenticate, ClientFrame, Hello, OutgoingEnvelope, Request, RequestBody,
-    RequestId, ResponseBody, ServerFrame, Signature,
+    encode_frame, Ack, ClientFrame, OutgoingEnvelope, Request, RequestBody, RequestId,
+    ResponseBody, ServerFrame,
 };
-use hush_client::{Connection, Connector, DeviceKey, RawStream};
-use hush_tests::{relay_binary, ChildRelay, WAIT};
+use hush_client::{Connection, DeviceKey, RawStream};
+use hush_tests::{authenticated_raw_stream, relay_binary, ChildRelay, WAIT};
 
 /// Envelope size: large enough that buffering the flood would show, small enough that many
 /// fit in one `Send`.
@@ -58,42 +57,6 @@ fn frame(id: u32, body: RequestBody) -> Vec<u8> {
         id: RequestId(id),
         body,
     }))
-}
-
-/// Authenticates `address` over a raw stream, which from then on reads only when told.
-async fn stuck_device(
-    relay: &ChildRelay,
-    address: hush_client::protocol::DeviceAddress,
-    secret: &SigningKey,
-) -> RawStream {
-    let mut raw = Connector::new(relay.options())
-        .unwrap()
-        .connect_raw()
-        .await
-        .unwrap();
-    raw.write(&encode_frame(&ClientFrame::Hello(Hello::current())))
-        .await
-        .unwrap();
-    let challenge = match raw.read_frame().await.unwrap() {
-        Some(ServerFrame::HelloOk(ok)) => ok.challenge,
-        other => panic!("expected HelloOk, got {other:?}"),
-    };
-    let transcript = auth_transcript(&raw.exporter().unwrap(), &challenge, &address);
-    let authenticate = RequestBody::Authenticate(Authenticate {
-        address,
-        signature: Signature(secret.sign(&transcript).to_bytes()),
-    });
-    raw.write(&frame(1, authenticate)).await.unwrap();
-    loop {
-        match raw.read_frame().await.unwrap() {
-            Some(ServerFrame::Response(response)) => {
-                assert_eq!(response.result, Ok(ResponseBody::Authenticated));
-                return raw;
-            }
-            Some(_) => {}
-            None => panic!("closed while authenticating"),
-        }
-    }
 }
 
 /// Floods `to` with the numbered envelopes, a few sends in flight at a time; returns once
@@ -169,7 +132,7 @@ async fn a_device_that_stops_reading_costs_bounded_memory_and_gets_everything_la
     let bob = registration.register(b"bob", &bob_key, None).await.unwrap();
     drop(registration);
     // Bob connects, authenticates, and then stops reading.
-    let mut stuck = stuck_device(&relay, bob, &secret).await;
+    let mut stuck = authenticated_raw_stream(relay.options(), bob, &secret).await;
 
     let before = relay.memory();
     let total = SENDS * PER_SEND;
