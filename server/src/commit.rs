@@ -87,14 +87,19 @@ impl Pending {
 }
 
 impl Committer {
-    /// Starts the commit thread for `store`.
-    pub fn start(store: Arc<dyn Store>) -> std::io::Result<(Committer, CommitThread)> {
+    /// Starts the commit thread for `store`. `on_durable` sees every write's result once
+    /// its transaction is durable, before the writer is answered (the relay wakes the
+    /// recipients of new envelopes there, without waiting for the sender's answer).
+    pub fn start(
+        store: Arc<dyn Store>,
+        on_durable: impl Fn(&WriteResult) + Send + 'static,
+    ) -> std::io::Result<(Committer, CommitThread)> {
         let (queue, jobs) = mpsc::channel(QUEUE_DEPTH);
         let stats = Arc::new(CommitStats::default());
         let thread_stats = stats.clone();
         let thread = std::thread::Builder::new()
             .name("hush-commit".into())
-            .spawn(move || run(store.as_ref(), jobs, &thread_stats))?;
+            .spawn(move || run(store.as_ref(), jobs, &thread_stats, &on_durable))?;
         Ok((Committer { queue, stats }, CommitThread(thread)))
     }
 
@@ -118,7 +123,12 @@ impl Committer {
     }
 }
 
-fn run(store: &dyn Store, mut jobs: mpsc::Receiver<Job>, stats: &CommitStats) {
+fn run(
+    store: &dyn Store,
+    mut jobs: mpsc::Receiver<Job>,
+    stats: &CommitStats,
+    on_durable: &dyn Fn(&WriteResult),
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = jobs.blocking_recv() {
         batch.push(first);
@@ -136,6 +146,7 @@ fn run(store: &dyn Store, mut jobs: mpsc::Receiver<Job>, stats: &CommitStats) {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
                 stats.writes.fetch_add(count, Ordering::Relaxed);
                 for (reply, result) in replies.into_iter().zip(results) {
+                    on_durable(&result);
                     let _ = reply.send(Ok(result));
                 }
             }

@@ -33,7 +33,7 @@ pub(crate) struct Shared {
     pub config: Config,
     pub store: Arc<dyn Store>,
     pub committer: Committer,
-    pub hub: Hub,
+    pub hub: Arc<Hub>,
     pub clock: Arc<dyn Clock>,
     pub metrics: Metrics,
     pub sender_key: SenderKey,
@@ -105,7 +105,13 @@ impl Relay {
                 .into_arc();
         let sender_key =
             SenderKey::open_or_create(&config.data_dir.join("sender-certificate-key"))?;
-        let (committer, commit_thread) = Committer::start(store.clone())?;
+        let hub = Arc::new(Hub::default());
+        let waker = hub.clone();
+        let (committer, commit_thread) = Committer::start(store.clone(), move |result| {
+            if let Ok(Outcome::Enqueued { recipients }) = result {
+                waker.wake(recipients);
+            }
+        })?;
         let server_config = transport::server_config(&config, identity)?;
         let endpoint = transport::bind(config.listen, server_config)?;
         let local_addr = endpoint.local_addr()?;
@@ -129,7 +135,7 @@ impl Relay {
             config,
             store,
             committer,
-            hub: Hub::default(),
+            hub,
             clock,
             metrics: Metrics::default(),
             sender_key,

@@ -999,7 +999,6 @@ fn respond_to_write(
     Ok(match outcome {
         Outcome::Enqueued { recipients } => {
             Metrics::add(&shared.metrics.envelopes_accepted, recipients.len() as u64);
-            shared.hub.wake(&recipients);
             ResponseBody::Sent
         }
         Outcome::Acked { unknown: 0 } => ResponseBody::Acked,
