@@ -10,10 +10,10 @@
 //! account, unknown envelope, device limit) are answered with an error response and the
 //! connection carries on, because honest clients meet them too.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use ed25519_dalek::{Signature, VerifyingKey};
@@ -29,7 +29,7 @@ use hush_protocol::{
 use quinn::{ReadExactError, RecvStream, SendStream, VarInt};
 use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::calls::{Ended, Party, Route};
@@ -115,13 +115,15 @@ pub(crate) async fn run(
     };
 
     let (outbox, frames) = mpsc::channel(OUTBOX_DEPTH);
-    let max_in_flight = shared.config.limits.max_in_flight_requests;
-    let (answers, answer_queue) = mpsc::channel(max_in_flight);
+    let answers = Arc::new(AnswerQueue::default());
     let writer = tokio::spawn(write_loop(
         shared.clone(),
         send,
         frames,
-        Answers::new(answer_queue),
+        Answers {
+            queue: answers.clone(),
+            oldest: None,
+        },
     ));
     let envelope_budget = TokenBucket::full(
         shared.config.limits.connection_envelopes,
@@ -138,7 +140,7 @@ pub(crate) async fn run(
         device: None,
         provisioning: None,
         calls: Vec::new(),
-        in_flight: Arc::new(Semaphore::new(max_in_flight)),
+        in_flight: Arc::new(Semaphore::new(shared.config.limits.max_in_flight_requests)),
         challenge: random_challenge(),
     };
     let end = session.serve(&mut recv, hello_deadline, shutdown).await;
@@ -260,7 +262,7 @@ struct Session {
     number: u64,
     outbox: mpsc::Sender<Vec<u8>>,
     /// Writes awaiting their commits, for the writer to answer in order.
-    answers: mpsc::Sender<Answer>,
+    answers: Arc<AnswerQueue>,
     device: Option<Attached>,
     /// The provisioning address this connection opened, if any (at most one, ever).
     provisioning: Option<[u8; 16]>,
@@ -559,17 +561,12 @@ impl Session {
         // Submitted from the read loop, so writes reach the committer in the order the
         // client sent them; the writer answers them as their commits become durable.
         let pending = self.shared.committer.submit(write).await;
-        let answer = Answer {
+        self.answers.push(Answer {
             id,
             pending,
             _permit: permit,
-        };
-        // The channel has a slot for every permit, so this does not wait; it fails only if
-        // the writer is gone, and then there is no one to answer.
-        self.answers
-            .send(answer)
-            .await
-            .map_err(|_| End::Close(ErrorCode::Internal))
+        });
+        Ok(())
     }
 
     /// Reads an account's identity key and devices: `UnknownAccount` if there is none,
@@ -1157,7 +1154,6 @@ async fn media_loop(shared: Arc<Shared>, number: u64, connection: quinn::Connect
     }
 }
 
-/// Owns the send half: writes queued frames, coalescing whatever is ready into one write.
 /// A write this connection submitted, answered once its commit is durable.
 struct Answer {
     id: RequestId,
@@ -1166,39 +1162,92 @@ struct Answer {
     _permit: OwnedSemaphorePermit,
 }
 
-/// A connection's writes awaiting their commits, oldest first. Commits are applied in
-/// submission order, so the oldest is always the next to become durable.
-struct Answers {
-    queue: mpsc::Receiver<Answer>,
-    /// The oldest, taken from the queue and still waiting for its commit.
-    oldest: Option<Answer>,
-    open: bool,
+/// A connection's writes awaiting their commits, oldest first, between the read loop that
+/// submits them and the writer that answers them. Commits are applied in submission order,
+/// so the oldest is always the next to become durable. A queue that empties gives its
+/// buffer back: a quiet connection holds none (a channel would hold its first block of
+/// slots for the connection's life).
+#[derive(Default)]
+struct AnswerQueue {
+    waiting: std::sync::Mutex<Waiting>,
+    added: Notify,
 }
 
-impl Answers {
-    fn new(queue: mpsc::Receiver<Answer>) -> Self {
-        Answers {
-            queue,
-            oldest: None,
-            open: true,
+#[derive(Default)]
+struct Waiting {
+    answers: VecDeque<Answer>,
+    /// The writer has stopped: nothing will be answered, so nothing may wait (a waiting
+    /// answer holds an in-flight permit that the end of the session waits for).
+    writer_gone: bool,
+}
+
+impl AnswerQueue {
+    fn push(&self, answer: Answer) {
+        let mut waiting = self.lock();
+        if !waiting.writer_gone {
+            waiting.answers.push_back(answer);
+            drop(waiting);
+            self.added.notify_one();
         }
     }
 
-    /// Waits for the oldest write's outcome; `None` once the session submits no more.
-    /// Cancel-safe: a write taken from the queue waits in `oldest`.
-    async fn next(&mut self) -> Option<(RequestId, Result<WriteResult, CommitError>)> {
-        if self.oldest.is_none() {
-            self.oldest = self.queue.recv().await;
-            self.open = self.oldest.is_some();
+    fn pop(&self) -> Option<Answer> {
+        let mut waiting = self.lock();
+        let oldest = waiting.answers.pop_front();
+        if waiting.answers.is_empty() {
+            waiting.answers.shrink_to_fit();
         }
-        let outcome = self.oldest.as_mut()?.pending.wait().await;
-        self.oldest.take().map(|answer| (answer.id, outcome))
+        oldest
+    }
+
+    /// Drops every waiting answer, and every answer pushed from now on.
+    fn close(&self) {
+        let mut waiting = self.lock();
+        waiting.writer_gone = true;
+        waiting.answers = VecDeque::new();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        // Every critical section is one queue operation, so a poisoned queue is intact.
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The writer's side of the [`AnswerQueue`].
+struct Answers {
+    queue: Arc<AnswerQueue>,
+    /// The oldest, taken from the queue and still waiting for its commit.
+    oldest: Option<Answer>,
+}
+
+impl Drop for Answers {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
+}
+
+impl Answers {
+    /// Waits for the oldest write's outcome. Cancel-safe: a write taken from the queue
+    /// waits in `oldest`, and the queue is looked at before every wait for a push.
+    async fn next(&mut self) -> (RequestId, Result<WriteResult, CommitError>) {
+        loop {
+            if self.oldest.is_none() {
+                self.oldest = self.queue.pop();
+            }
+            if let Some(answer) = self.oldest.as_mut() {
+                let outcome = answer.pending.wait().await;
+                if let Some(answer) = self.oldest.take() {
+                    return (answer.id, outcome);
+                }
+            }
+            self.queue.added.notified().await;
+        }
     }
 
     /// The oldest write's outcome, if its commit is already durable.
     fn ready(&mut self) -> Option<(RequestId, Result<WriteResult, CommitError>)> {
         if self.oldest.is_none() {
-            self.oldest = self.queue.try_recv().ok();
+            self.oldest = self.queue.pop();
         }
         let outcome = self.oldest.as_mut()?.pending.ready()?;
         self.oldest.take().map(|answer| (answer.id, outcome))
@@ -1229,9 +1278,7 @@ async fn write_loop(
                 Some(frame) => frame,
                 None => break,
             },
-            Some((id, outcome)) = answers.next(), if answers.open => {
-                encode_answer(&shared, id, outcome)
-            }
+            (id, outcome) = answers.next() => encode_answer(&shared, id, outcome),
         };
         while buffer.len() < WRITE_COALESCE {
             if let Some((id, outcome)) = answers.ready() {
@@ -1294,4 +1341,119 @@ async fn read_rest_of_frame(
     ClientFrame::decode_body(header.kind, &body)
         .map(Some)
         .map_err(ReadFailure::Decode)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    fn answer(
+        id: u32,
+        permits: &Arc<Semaphore>,
+    ) -> (oneshot::Sender<Result<WriteResult, CommitError>>, Answer) {
+        let (reply, pending) = Pending::channel();
+        let permit = permits.clone().try_acquire_owned().unwrap();
+        let answer = Answer {
+            id: RequestId(id),
+            pending,
+            _permit: permit,
+        };
+        (reply, answer)
+    }
+
+    fn acked() -> Result<WriteResult, CommitError> {
+        Ok(Ok(Outcome::Acked { unknown: 0 }))
+    }
+
+    #[tokio::test]
+    async fn answers_come_oldest_first_and_an_empty_queue_holds_no_buffer() {
+        let permits = Arc::new(Semaphore::new(3));
+        let queue = Arc::new(AnswerQueue::default());
+        let mut answers = Answers {
+            queue: queue.clone(),
+            oldest: None,
+        };
+        let (first, a) = answer(1, &permits);
+        let (second, b) = answer(2, &permits);
+        let (third, c) = answer(3, &permits);
+        queue.push(a);
+        queue.push(b);
+        queue.push(c);
+
+        // A later commit done first does not jump the queue.
+        second.send(acked()).unwrap();
+        assert!(answers.ready().is_none());
+        first.send(acked()).unwrap();
+        assert_eq!(answers.ready().map(|(id, _)| id), Some(RequestId(1)));
+        assert_eq!(answers.ready().map(|(id, _)| id), Some(RequestId(2)));
+        assert!(answers.ready().is_none());
+        assert_eq!(
+            permits.available_permits(),
+            2,
+            "answered writes release their permits"
+        );
+
+        third.send(acked()).unwrap();
+        let (id, outcome) = tokio::time::timeout(Duration::from_secs(5), answers.next())
+            .await
+            .unwrap();
+        assert_eq!(id, RequestId(3));
+        assert_eq!(outcome, acked());
+        assert_eq!(
+            queue.lock().answers.capacity(),
+            0,
+            "the drained queue kept its buffer"
+        );
+        assert_eq!(permits.available_permits(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_push_wakes_a_writer_waiting_on_an_empty_queue() {
+        let permits = Arc::new(Semaphore::new(1));
+        let queue = Arc::new(AnswerQueue::default());
+        let mut answers = Answers {
+            queue: queue.clone(),
+            oldest: None,
+        };
+        let writer = tokio::spawn(async move { answers.next().await.0 });
+        tokio::task::yield_now().await;
+        let (reply, a) = answer(7, &permits);
+        queue.push(a);
+        reply.send(acked()).unwrap();
+        let id = tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(id, RequestId(7));
+    }
+
+    #[test]
+    fn when_the_writer_stops_no_answer_keeps_its_permit() {
+        let permits = Arc::new(Semaphore::new(2));
+        let queue = Arc::new(AnswerQueue::default());
+        let answers = Answers {
+            queue: queue.clone(),
+            oldest: None,
+        };
+        let (_waiting_reply, waiting) = answer(1, &permits);
+        queue.push(waiting);
+        assert_eq!(permits.available_permits(), 1);
+        drop(answers);
+        assert_eq!(
+            permits.available_permits(),
+            2,
+            "a queued answer kept its permit"
+        );
+        let (_late_reply, late) = answer(2, &permits);
+        queue.push(late);
+        assert_eq!(
+            permits.available_permits(),
+            2,
+            "a late answer kept its permit"
+        );
+    }
 }
