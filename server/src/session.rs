@@ -1365,8 +1365,8 @@ mod tests {
         (reply, answer)
     }
 
-    fn acked() -> Result<WriteResult, CommitError> {
-        Ok(Ok(Outcome::Acked { unknown: 0 }))
+    fn acked() -> Outcome {
+        Outcome::Acked { unknown: 0 }
     }
 
     #[tokio::test]
@@ -1385,9 +1385,9 @@ mod tests {
         queue.push(c);
 
         // A later commit done first does not jump the queue.
-        second.send(acked()).unwrap();
+        second.send(Ok(Ok(acked()))).unwrap();
         assert!(answers.ready().is_none());
-        first.send(acked()).unwrap();
+        first.send(Ok(Ok(acked()))).unwrap();
         assert_eq!(answers.ready().map(|(id, _)| id), Some(RequestId(1)));
         assert_eq!(answers.ready().map(|(id, _)| id), Some(RequestId(2)));
         assert!(answers.ready().is_none());
@@ -1397,12 +1397,12 @@ mod tests {
             "answered writes release their permits"
         );
 
-        third.send(acked()).unwrap();
+        third.send(Ok(Ok(acked()))).unwrap();
         let (id, outcome) = tokio::time::timeout(Duration::from_secs(5), answers.next())
             .await
             .unwrap();
         assert_eq!(id, RequestId(3));
-        assert_eq!(outcome, acked());
+        assert_eq!(outcome, Ok(Ok(acked())));
         assert_eq!(
             queue.lock().answers.capacity(),
             0,
@@ -1423,7 +1423,7 @@ mod tests {
         tokio::task::yield_now().await;
         let (reply, a) = answer(7, &permits);
         queue.push(a);
-        reply.send(acked()).unwrap();
+        reply.send(Ok(Ok(acked()))).unwrap();
         let id = tokio::time::timeout(Duration::from_secs(5), writer)
             .await
             .unwrap()
