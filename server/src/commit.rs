@@ -94,12 +94,12 @@ impl Pending {
 }
 
 impl Committer {
-    /// Starts the commit thread for `store`. `on_durable` sees every write's result once
-    /// its transaction is durable, before the writer is answered (the relay wakes the
-    /// recipients of new envelopes there, without waiting for the sender's answer).
+    /// Starts the commit thread for `store`. `on_durable` sees each transaction's results
+    /// once it is durable, before any submitter hears of it (the relay wakes the recipients
+    /// of new envelopes there, without waiting for the sender's connection).
     pub fn start(
         store: Arc<dyn Store>,
-        on_durable: impl Fn(&WriteResult) + Send + 'static,
+        on_durable: impl Fn(&[WriteResult]) + Send + 'static,
     ) -> std::io::Result<(Committer, CommitThread)> {
         let (queue, jobs) = mpsc::channel(QUEUE_DEPTH);
         let stats = Arc::new(CommitStats::default());
@@ -134,7 +134,7 @@ fn run(
     store: &dyn Store,
     mut jobs: mpsc::Receiver<Job>,
     stats: &CommitStats,
-    on_durable: &dyn Fn(&WriteResult),
+    on_durable: &dyn Fn(&[WriteResult]),
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = jobs.blocking_recv() {
@@ -152,8 +152,8 @@ fn run(
             Ok(results) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
                 stats.writes.fetch_add(count, Ordering::Relaxed);
+                on_durable(&results);
                 for (reply, result) in replies.into_iter().zip(results) {
-                    on_durable(&result);
                     let _ = reply.send(Ok(result));
                 }
             }

@@ -35,7 +35,7 @@ pub(crate) struct Shared {
     pub committer: Committer,
     pub hub: Arc<Hub>,
     pub clock: Arc<dyn Clock>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub sender_key: SenderKey,
     pub provisioning: Provisioning,
     pub calls: Calls<PartyLink>,
@@ -106,12 +106,13 @@ impl Relay {
         let sender_key =
             SenderKey::open_or_create(&config.data_dir.join("sender-certificate-key"))?;
         let hub = Arc::new(Hub::default());
-        let waker = hub.clone();
-        let (committer, commit_thread) = Committer::start(store.clone(), move |result| {
-            if let Ok(Outcome::Enqueued { recipients }) = result {
-                waker.wake(recipients);
-            }
-        })?;
+        let metrics = Arc::new(Metrics::default());
+        let (committer, commit_thread) = {
+            let (hub, metrics) = (hub.clone(), metrics.clone());
+            Committer::start(store.clone(), move |results| {
+                session::after_commit(&hub, &metrics, results);
+            })?
+        };
         let server_config = transport::server_config(&config, identity)?;
         let endpoint = transport::bind(config.listen, server_config)?;
         let local_addr = endpoint.local_addr()?;
@@ -137,7 +138,7 @@ impl Relay {
             committer,
             hub,
             clock,
-            metrics: Metrics::default(),
+            metrics,
             sender_key,
             provisioning,
             calls,

@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 
 use crate::calls::{Ended, Party, Route};
 use crate::commit::{CommitError, Pending};
-use crate::mailbox::DeviceLink;
+use crate::mailbox::{DeviceLink, Hub};
 use crate::media;
 use crate::metrics::Metrics;
 use crate::provisioning::ProvisioningError;
@@ -117,7 +117,6 @@ pub(crate) async fn run(
     let (outbox, frames) = mpsc::channel(OUTBOX_DEPTH);
     let answers = Arc::new(AnswerQueue::default());
     let writer = tokio::spawn(write_loop(
-        shared.clone(),
         send,
         frames,
         Answers {
@@ -735,7 +734,7 @@ impl Session {
                 let outbox = self.outbox.clone();
                 tokio::spawn(async move {
                     let outcome = record_call_end(&shared, ended).await;
-                    let result = respond_to_write(&shared, outcome);
+                    let result = respond_to_write(outcome);
                     let frame = encode_frame(&ServerFrame::Response(Response { id, result }));
                     let _ = outbox.send(frame).await;
                     drop(permit);
@@ -957,7 +956,9 @@ impl Session {
                     code,
                     supported_versions: SUPPORTED_VERSIONS,
                 };
-                self.send(&ServerFrame::Fatal(fatal)).await;
+                // A client that stopped reading could keep the outbox full for good.
+                let fatal = encode_frame(&ServerFrame::Fatal(fatal));
+                let _ = tokio::time::timeout(FLUSH_TIMEOUT, self.outbox.send(fatal)).await;
                 (code_of(code), code.description())
             }
         };
@@ -981,45 +982,52 @@ fn commit_error_code(error: CommitError) -> ErrorCode {
     }
 }
 
-/// Turns a committed write into the client's response, waking recipients and telling
-/// devices about low prekeys on the way.
-fn respond_to_write(
-    shared: &Shared,
-    outcome: Result<WriteResult, CommitError>,
-) -> Result<ResponseBody, ErrorCode> {
-    let outcome = outcome.map_err(commit_error_code)?.map_err(|refusal| {
-        if refusal == Refusal::MailboxFull {
-            Metrics::inc(&shared.metrics.mailbox_full_refusals);
+/// What a commit's writes cause besides their answers: recipients woken, devices told of
+/// low prekeys, a removed device's connection evicted, counters. Runs on the commit thread
+/// as soon as the commit is durable, so none of it waits for, or is lost with, the
+/// connection that submitted the write.
+pub(crate) fn after_commit(hub: &Hub, metrics: &Metrics, results: &[WriteResult]) {
+    for result in results {
+        match result {
+            Ok(Outcome::Enqueued { recipients }) => {
+                Metrics::add(&metrics.envelopes_accepted, recipients.len() as u64);
+            }
+            Ok(Outcome::Prekeys { low, .. }) => {
+                for (address, counts) in low {
+                    hub.push(address, low_prekeys_frame(*counts));
+                }
+            }
+            Ok(Outcome::DeviceRemoved { address }) => hub.evict(address),
+            Ok(Outcome::Retracted { count }) => {
+                Metrics::add(&metrics.envelopes_retracted, u64::from(*count));
+            }
+            Err(Refusal::MailboxFull) => Metrics::inc(&metrics.mailbox_full_refusals),
+            _ => {}
         }
-        refusal.code()
-    })?;
+    }
+    // One pass over the registry for the whole batch.
+    hub.wake(results.iter().flat_map(|result| match result {
+        Ok(Outcome::Enqueued { recipients }) => recipients.as_slice(),
+        _ => &[],
+    }));
+}
+
+/// Turns a committed write into the client's response.
+fn respond_to_write(outcome: Result<WriteResult, CommitError>) -> Result<ResponseBody, ErrorCode> {
+    let outcome = outcome.map_err(commit_error_code)?.map_err(Refusal::code)?;
     Ok(match outcome {
-        Outcome::Enqueued { recipients } => {
-            Metrics::add(&shared.metrics.envelopes_accepted, recipients.len() as u64);
-            ResponseBody::Sent
-        }
+        Outcome::Enqueued { .. } => ResponseBody::Sent,
         Outcome::Acked { unknown: 0 } => ResponseBody::Acked,
         Outcome::Acked { .. } => return Err(ErrorCode::UnknownEnvelope),
-        Outcome::Prekeys { bundles, low } => {
-            for (address, counts) in low {
-                shared.hub.push(&address, low_prekeys_frame(counts));
-            }
-            ResponseBody::PrekeyBundles(bundles)
-        }
+        Outcome::Prekeys { bundles, .. } => ResponseBody::PrekeyBundles(bundles),
         Outcome::PrekeysStored(counts) => ResponseBody::PrekeysStored {
             one_time: counts.one_time,
             kem_one_time: counts.kem_one_time,
         },
         Outcome::DeviceAdded(device) => ResponseBody::DeviceAdded { device },
-        Outcome::DeviceRemoved { address } => {
-            shared.hub.evict(&address);
-            ResponseBody::DeviceRemoved
-        }
+        Outcome::DeviceRemoved { .. } => ResponseBody::DeviceRemoved,
         Outcome::DeliveryAccessSet => ResponseBody::DeliveryAccessSet,
-        Outcome::Retracted { count } => {
-            Metrics::add(&shared.metrics.envelopes_retracted, u64::from(count));
-            ResponseBody::Retracted { count }
-        }
+        Outcome::Retracted { count } => ResponseBody::Retracted { count },
         Outcome::CallRecorded => ResponseBody::CallEnded,
         Outcome::Registered
         | Outcome::Expired { .. }
@@ -1158,7 +1166,8 @@ async fn media_loop(shared: Arc<Shared>, number: u64, connection: quinn::Connect
 struct Answer {
     id: RequestId,
     pending: Pending,
-    /// Released when the answer is queued for writing: bounds requests in flight.
+    /// Bounds requests in flight; released when the writer takes the answer to write it,
+    /// or when the queue drops it because the writer has stopped.
     _permit: OwnedSemaphorePermit,
 }
 
@@ -1254,12 +1263,8 @@ impl Answers {
     }
 }
 
-fn encode_answer(
-    shared: &Shared,
-    id: RequestId,
-    outcome: Result<WriteResult, CommitError>,
-) -> Vec<u8> {
-    let result = respond_to_write(shared, outcome);
+fn encode_answer(id: RequestId, outcome: Result<WriteResult, CommitError>) -> Vec<u8> {
+    let result = respond_to_write(outcome);
     encode_frame(&ServerFrame::Response(Response { id, result }))
 }
 
@@ -1267,7 +1272,6 @@ fn encode_answer(
 /// of answers durable at once; they, and whatever frames are queued, go out in one write,
 /// so that a busy connection sends full packets rather than a packet per answer.
 async fn write_loop(
-    shared: Arc<Shared>,
     mut send: SendStream,
     mut frames: mpsc::Receiver<Vec<u8>>,
     mut answers: Answers,
@@ -1278,11 +1282,11 @@ async fn write_loop(
                 Some(frame) => frame,
                 None => break,
             },
-            (id, outcome) = answers.next() => encode_answer(&shared, id, outcome),
+            (id, outcome) = answers.next() => encode_answer(id, outcome),
         };
         while buffer.len() < WRITE_COALESCE {
             if let Some((id, outcome)) = answers.ready() {
-                buffer.extend_from_slice(&encode_answer(&shared, id, outcome));
+                buffer.extend_from_slice(&encode_answer(id, outcome));
                 continue;
             }
             match frames.try_recv() {
@@ -1429,6 +1433,32 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(id, RequestId(7));
+    }
+
+    #[tokio::test]
+    async fn a_wait_given_up_keeps_its_answer_for_the_next() {
+        let permits = Arc::new(Semaphore::new(2));
+        let queue = Arc::new(AnswerQueue::default());
+        let mut answers = Answers {
+            queue: queue.clone(),
+            oldest: None,
+        };
+        let (first, a) = answer(1, &permits);
+        let (second, b) = answer(2, &permits);
+        queue.push(a);
+        queue.push(b);
+        // The writer's `select!` drops `next()` whenever a frame comes first.
+        let gave_up = tokio::time::timeout(Duration::ZERO, answers.next()).await;
+        assert!(gave_up.is_err());
+        first.send(Ok(Ok(acked()))).unwrap();
+        assert_eq!(answers.ready().map(|(id, _)| id), Some(RequestId(1)));
+        // A write whose commit can no longer happen is answered, not forgotten.
+        drop(second);
+        let (id, outcome) = answers.ready().unwrap();
+        assert_eq!(id, RequestId(2));
+        assert_eq!(outcome, Err(CommitError::Stopped));
+        assert!(answers.ready().is_none());
+        assert_eq!(permits.available_permits(), 2);
     }
 
     #[test]

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use hush_client::protocol::{DeviceAddress, DeviceId, EnvelopeId, ErrorCode, OutgoingEnvelope};
-use hush_client::{ConnectionError, DeviceKey};
-use hush_tests::{add_device, assert_no_envelope, drain, next_envelope, TestRelay};
+use hush_client::{ConnectionError, DeviceKey, Event};
+use hush_tests::{add_device, assert_no_envelope, drain, next_envelope, TestRelay, WAIT};
 
 #[tokio::test]
 async fn offline_devices_each_receive_exactly_once_in_order_then_the_store_forgets() {
@@ -267,6 +267,19 @@ async fn devices_are_limited_per_account_and_removed_devices_stop_receiving() {
         stats.envelopes, 0,
         "the removed device's mailbox went with it"
     );
+    // Its live connection is closed at once, not left acting as the device.
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match bob2.connection.next_event().await {
+                Some(Event::Closed(code)) => return code,
+                None => return None,
+                Some(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the removed device's connection stayed open");
+    assert_eq!(closed, Some(ErrorCode::ConnectionReplaced));
     let to_removed = alice
         .connection
         .send_to(&[bob2.address], b"x".to_vec())
