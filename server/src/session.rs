@@ -1369,18 +1369,23 @@ mod tests {
         (reply, answer)
     }
 
+    /// A queue, its writer's side, and `permits` in-flight permits for answers to hold.
+    fn answer_queue(permits: usize) -> (Arc<Semaphore>, Arc<AnswerQueue>, Answers) {
+        let queue = Arc::new(AnswerQueue::default());
+        let answers = Answers {
+            queue: queue.clone(),
+            oldest: None,
+        };
+        (Arc::new(Semaphore::new(permits)), queue, answers)
+    }
+
     fn acked() -> Outcome {
         Outcome::Acked { unknown: 0 }
     }
 
     #[tokio::test]
     async fn answers_come_oldest_first_and_an_empty_queue_holds_no_buffer() {
-        let permits = Arc::new(Semaphore::new(3));
-        let queue = Arc::new(AnswerQueue::default());
-        let mut answers = Answers {
-            queue: queue.clone(),
-            oldest: None,
-        };
+        let (permits, queue, mut answers) = answer_queue(3);
         let (first, a) = answer(1, &permits);
         let (second, b) = answer(2, &permits);
         let (third, c) = answer(3, &permits);
@@ -1417,12 +1422,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_push_wakes_a_writer_waiting_on_an_empty_queue() {
-        let permits = Arc::new(Semaphore::new(1));
-        let queue = Arc::new(AnswerQueue::default());
-        let mut answers = Answers {
-            queue: queue.clone(),
-            oldest: None,
-        };
+        let (permits, queue, mut answers) = answer_queue(1);
         let writer = tokio::spawn(async move { answers.next().await.0 });
         tokio::task::yield_now().await;
         let (reply, a) = answer(7, &permits);
@@ -1437,12 +1437,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wait_given_up_keeps_its_answer_for_the_next() {
-        let permits = Arc::new(Semaphore::new(2));
-        let queue = Arc::new(AnswerQueue::default());
-        let mut answers = Answers {
-            queue: queue.clone(),
-            oldest: None,
-        };
+        let (permits, queue, mut answers) = answer_queue(2);
         let (first, a) = answer(1, &permits);
         let (second, b) = answer(2, &permits);
         queue.push(a);
@@ -1463,12 +1458,7 @@ mod tests {
 
     #[test]
     fn when_the_writer_stops_no_answer_keeps_its_permit() {
-        let permits = Arc::new(Semaphore::new(2));
-        let queue = Arc::new(AnswerQueue::default());
-        let answers = Answers {
-            queue: queue.clone(),
-            oldest: None,
-        };
+        let (permits, queue, answers) = answer_queue(2);
         let (_waiting_reply, waiting) = answer(1, &permits);
         queue.push(waiting);
         assert_eq!(permits.available_permits(), 1);
