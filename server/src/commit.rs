@@ -76,13 +76,6 @@ impl Pending {
         (&mut self.0).await.unwrap_or(Err(CommitError::Stopped))
     }
 
-    /// A pending outcome and the sender that settles it, for tests of what waits on one.
-    #[cfg(test)]
-    pub(crate) fn channel() -> (oneshot::Sender<Result<WriteResult, CommitError>>, Pending) {
-        let (reply, outcome) = oneshot::channel();
-        (reply, Pending(outcome))
-    }
-
     /// The outcome if the write's transaction is already durable.
     pub fn ready(&mut self) -> Option<Result<WriteResult, CommitError>> {
         match self.0.try_recv() {
@@ -90,6 +83,13 @@ impl Pending {
             Err(oneshot::error::TryRecvError::Empty) => None,
             Err(oneshot::error::TryRecvError::Closed) => Some(Err(CommitError::Stopped)),
         }
+    }
+
+    /// A pending outcome and the sender that settles it, for tests of what waits on one.
+    #[cfg(test)]
+    pub(crate) fn channel() -> (oneshot::Sender<Result<WriteResult, CommitError>>, Pending) {
+        let (reply, outcome) = oneshot::channel();
+        (reply, Pending(outcome))
     }
 }
 

@@ -116,14 +116,7 @@ pub(crate) async fn run(
 
     let (outbox, frames) = mpsc::channel(OUTBOX_DEPTH);
     let answers = Arc::new(AnswerQueue::default());
-    let writer = tokio::spawn(write_loop(
-        send,
-        frames,
-        Answers {
-            queue: answers.clone(),
-            oldest: None,
-        },
-    ));
+    let writer = tokio::spawn(write_loop(send, frames, Answers::new(answers.clone())));
     let envelope_budget = TokenBucket::full(
         shared.config.limits.connection_envelopes,
         shared.clock.now_millis(),
@@ -1236,6 +1229,13 @@ impl Drop for Answers {
 }
 
 impl Answers {
+    fn new(queue: Arc<AnswerQueue>) -> Self {
+        Answers {
+            queue,
+            oldest: None,
+        }
+    }
+
     /// Waits for the oldest write's outcome. Cancel-safe: a write taken from the queue
     /// waits in `oldest`, and the queue is looked at before every wait for a push.
     async fn next(&mut self) -> (RequestId, Result<WriteResult, CommitError>) {
@@ -1372,10 +1372,7 @@ mod tests {
     /// A queue, its writer's side, and `permits` in-flight permits for answers to hold.
     fn answer_queue(permits: usize) -> (Arc<Semaphore>, Arc<AnswerQueue>, Answers) {
         let queue = Arc::new(AnswerQueue::default());
-        let answers = Answers {
-            queue: queue.clone(),
-            oldest: None,
-        };
+        let answers = Answers::new(queue.clone());
         (Arc::new(Semaphore::new(permits)), queue, answers)
     }
 

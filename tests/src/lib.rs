@@ -706,18 +706,7 @@ pub async fn authenticated_raw_stream(
     address: DeviceAddress,
     secret: &SigningKey,
 ) -> RawStream {
-    let mut raw = Connector::new(options)
-        .unwrap()
-        .connect_raw()
-        .await
-        .unwrap();
-    raw.write(&encode_frame(&ClientFrame::Hello(Hello::current())))
-        .await
-        .unwrap();
-    let challenge = match raw.read_frame().await.unwrap() {
-        Some(ServerFrame::HelloOk(ok)) => ok.challenge,
-        other => panic!("expected HelloOk, got {other:?}"),
-    };
+    let (mut raw, challenge) = raw_after_hello(&Connector::new(options).unwrap()).await;
     let transcript = auth_transcript(&raw.exporter().unwrap(), &challenge, &address);
     let authenticate = ClientFrame::Request(Request {
         id: RequestId(1),
