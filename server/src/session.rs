@@ -29,7 +29,8 @@ use hush_protocol::{
 use quinn::{ReadExactError, RecvStream, SendStream, VarInt};
 use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 
 use crate::calls::{Ended, Party, Route};
@@ -206,6 +207,13 @@ pub(crate) async fn record_call_end(
     result
 }
 
+/// Whether a push found room at once or had to wait for the device (its acks, its reads).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Room {
+    AtOnce,
+    AfterWaiting,
+}
+
 /// Envelopes pushed on this connection and not yet acknowledged, at most
 /// `limits.delivery_window` of them.
 struct DeliveryWindow {
@@ -221,16 +229,24 @@ impl DeliveryWindow {
         }
     }
 
-    /// Waits for room for one more push, then records `id` as in flight.
-    async fn push(&self, id: EnvelopeId) -> bool {
-        match self.permits.acquire().await {
-            Ok(permit) => permit.forget(),
-            Err(_) => return false,
-        }
+    /// Records `id` as in flight, waiting for room first if the window is full; `None`
+    /// if the window was closed.
+    async fn push(&self, id: EnvelopeId) -> Option<Room> {
+        let room = match self.permits.try_acquire() {
+            Ok(permit) => {
+                permit.forget();
+                Room::AtOnce
+            }
+            Err(TryAcquireError::NoPermits) => {
+                self.permits.acquire().await.ok()?.forget();
+                Room::AfterWaiting
+            }
+            Err(TryAcquireError::Closed) => return None,
+        };
         if let Ok(mut unacked) = self.unacked.lock() {
             unacked.insert(id);
         }
-        true
+        Some(room)
     }
 
     /// Frees the room of the acknowledged ids that were in flight here (ids from another
@@ -1051,6 +1067,14 @@ fn low_prekeys_frame(counts: PrekeyCounts) -> Vec<u8> {
 /// Pushes a device's mailbox: first the backlog, in order, then `Drained`, then whatever
 /// arrives while it is connected. Reads the store each round, so memory stays flat however
 /// far behind the device is.
+///
+/// Where a round reads: while the device keeps up (the last round read less than a batch,
+/// and none of its pushes waited for the device), what it has not seen was committed
+/// moments ago, is less than a batch, and sits in the store's cache, so the read runs here
+/// on the runtime worker: the hand-off to the blocking pool would cost more than the read
+/// (two thread switches a wake-up, most of a live delivery's cost). A device that is
+/// draining a backlog, or that made the last round wait, may be far behind on pages long
+/// out of cache; its reads go to the blocking pool, where a slow disk stalls nobody else.
 async fn deliver_loop(
     shared: Arc<Shared>,
     address: DeviceAddress,
@@ -1072,13 +1096,18 @@ async fn deliver_loop(
 
     let mut after = None;
     let mut drained = false;
+    let mut keeping_up = false;
     loop {
         let now = shared.clock.now();
-        let reader = store.clone();
-        let batch = tokio::task::spawn_blocking(move || {
-            reader.backlog(&address, after, now, DELIVERY_BATCH)
-        })
-        .await;
+        let batch = if keeping_up {
+            Ok(store.backlog(&address, after, now, DELIVERY_BATCH))
+        } else {
+            let reader = store.clone();
+            tokio::task::spawn_blocking(move || {
+                reader.backlog(&address, after, now, DELIVERY_BATCH)
+            })
+            .await
+        };
         let batch = match batch {
             Ok(Ok(batch)) => batch,
             Ok(Err(error)) => {
@@ -1089,21 +1118,32 @@ async fn deliver_loop(
             Err(_) => return,
         };
         let more = batch.len() == DELIVERY_BATCH;
+        let mut waited = false;
         for envelope in batch {
-            if !window.push(envelope.id).await {
-                return;
+            match window.push(envelope.id).await {
+                Some(Room::AtOnce) => {}
+                Some(Room::AfterWaiting) => waited = true,
+                None => return,
             }
             after = Some(envelope.id);
-            let frame = ServerFrame::Deliver(Deliver {
+            let frame = encode_frame(&ServerFrame::Deliver(Deliver {
                 id: envelope.id,
                 received_at: envelope.received_at,
                 payload: envelope.payload,
-            });
-            if outbox.send(encode_frame(&frame)).await.is_err() {
-                return;
+            }));
+            match outbox.try_send(frame) {
+                Ok(()) => {}
+                Err(TrySendError::Full(frame)) => {
+                    waited = true;
+                    if outbox.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+                Err(TrySendError::Closed(_)) => return,
             }
             Metrics::inc(&shared.metrics.envelopes_delivered);
         }
+        keeping_up = !more && !waited;
         if more {
             continue;
         }
