@@ -603,14 +603,12 @@ async fn receive_raw(
     epoch: Instant,
     stop: Arc<AtomicBool>,
 ) {
-    let mut pending: Vec<EnvelopeId> = Vec::new();
+    let (acks, queue) = tokio::sync::mpsc::unbounded_channel();
+    let acker = tokio::spawn(ack_loop(connection.clone(), queue));
     loop {
         let event = tokio::select! {
             event = connection.next_event() => event,
-            () = tokio::time::sleep(Duration::from_millis(2)), if !pending.is_empty() => {
-                flush(&connection, &mut pending);
-                continue;
-            }
+            () = tokio::time::sleep(STOP_POLL), if stop.load(Ordering::Relaxed) => break,
         };
         match event {
             Some(Event::Envelope(envelope)) => {
@@ -618,27 +616,37 @@ async fn receive_raw(
                     let due = epoch + Duration::from_nanos(due);
                     tally.delivered(key, due.elapsed());
                 }
-                pending.push(envelope.id);
-                if pending.len() >= 256 {
-                    flush(&connection, &mut pending);
-                }
+                let _ = acks.send(envelope.id);
             }
             Some(Event::Closed(_)) | None => break,
             Some(_) => {}
         }
-        if stop.load(Ordering::Relaxed) && pending.is_empty() {
-            break;
-        }
     }
+    // The acks still queued go out before the connection closes.
+    drop(acks);
+    let _ = acker.await;
 }
 
-/// Acknowledges in the background so that receiving never waits for a commit.
-fn flush(connection: &Arc<Connection>, pending: &mut Vec<EnvelopeId>) {
-    let ids = std::mem::take(pending);
-    let connection = connection.clone();
-    tokio::spawn(async move {
+/// How often a receiver that has been told to stop looks again while envelopes still come.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// Acknowledges received envelopes as `hush-client` does: one ack in flight, carrying
+/// whatever arrived while the previous one was being committed, so acks batch by
+/// themselves under load, and the relay's delivery window never waits on a timer here.
+async fn ack_loop(
+    connection: Arc<Connection>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<EnvelopeId>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut ids = vec![first];
+        while ids.len() < hush_client::protocol::limits::MAX_ACKS_PER_FRAME {
+            match queue.try_recv() {
+                Ok(id) => ids.push(id),
+                Err(_) => break,
+            }
+        }
         let _ = connection.ack(&ids).await;
-    });
+    }
 }
 
 async fn receive_e2e(
