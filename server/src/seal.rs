@@ -13,11 +13,13 @@
 //! thread, the relay's one serial path. The bytes are exactly those of the RustCrypto
 //! `XChaCha20Poly1305` this module used before, so stores sealed by either open with both.
 
+use std::cell::RefCell;
 use std::fmt;
 
 use chacha20::cipher::consts::U10;
 use chacha20::hchacha;
-use rand_core::{OsRng, RngCore};
+use rand_chacha::ChaCha20Rng;
+use rand_core::{OsRng, RngCore, SeedableRng};
 use ring::aead::{
     Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN as IETF_NONCE_LEN,
 };
@@ -52,18 +54,26 @@ impl SealingKey {
 
     /// Seals `plaintext`; the output is `nonce || ciphertext || tag`.
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
-        let mut nonce = [0u8; NONCE_LEN];
-        OsRng.fill_bytes(&mut nonce);
+        let mut out = Vec::with_capacity(plaintext.len() + SEAL_OVERHEAD);
+        self.seal_into(aad, plaintext, &mut out);
+        out
+    }
+
+    /// Seals `plaintext` onto the end of `out` (`nonce || ciphertext || tag`), so that a
+    /// record's header and its sealed value take one allocation.
+    pub fn seal_into(&self, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
+        let start = out.len();
+        let nonce = fresh_nonce();
         let (key, ietf_nonce) = self.subkey(&nonce);
-        let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
+        out.reserve(NONCE_LEN + plaintext.len() + TAG_LEN);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(plaintext);
+        let body = &mut out[start + NONCE_LEN..];
         // ring refuses only inputs past ChaCha's 256 GiB message limit.
-        match key.seal_in_place_separate_tag(ietf_nonce, Aad::from(aad), &mut out[NONCE_LEN..]) {
+        match key.seal_in_place_separate_tag(ietf_nonce, Aad::from(aad), body) {
             Ok(tag) => out.extend_from_slice(tag.as_ref()),
-            Err(_) => out.truncate(NONCE_LEN),
+            Err(_) => out.truncate(start + NONCE_LEN),
         }
-        out
     }
 
     /// Opens a value sealed by [`SealingKey::seal`] with the same associated data.
@@ -100,6 +110,20 @@ impl SealingKey {
     }
 }
 
+thread_local! {
+    /// Where this thread's nonces come from: ChaCha20 seeded once from the OS. A nonce
+    /// must be unique, not secret (it is stored beside its ciphertext), and 192 random bits
+    /// from a CSPRNG are that; the OS's generator would cost a system call per value sealed,
+    /// on the commit thread.
+    static NONCES: RefCell<ChaCha20Rng> = RefCell::new(ChaCha20Rng::from_entropy());
+}
+
+fn fresh_nonce() -> [u8; NONCE_LEN] {
+    let mut nonce = [0u8; NONCE_LEN];
+    NONCES.with(|rng| rng.borrow_mut().fill_bytes(&mut nonce));
+    nonce
+}
+
 impl fmt::Debug for SealingKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SealingKey(<redacted>)")
@@ -113,6 +137,8 @@ pub struct SealError;
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
 
     #[test]
@@ -179,6 +205,20 @@ mod tests {
             body.extend_from_slice(tag.as_ref());
             assert_eq!(body, theirs[NONCE_LEN..]);
         }
+    }
+
+    #[test]
+    fn sealing_onto_a_record_keeps_its_header_and_never_repeats_a_nonce() {
+        let key = SealingKey::generate();
+        let mut record = b"header".to_vec();
+        key.seal_into(b"row", b"payload", &mut record);
+        assert_eq!(&record[..6], b"header");
+        assert_eq!(key.open(b"row", &record[6..]).unwrap(), b"payload");
+
+        let nonces: HashSet<Vec<u8>> = (0..10_000)
+            .map(|_| key.seal(b"row", b"same")[..NONCE_LEN].to_vec())
+            .collect();
+        assert_eq!(nonces.len(), 10_000);
     }
 
     #[test]

@@ -1102,8 +1102,11 @@ impl RedbStore {
             }
         }
         let mut usage = Vec::with_capacity(added.len());
+        // Each recipient's tag, computed once for the quota check and the inserts.
+        let mut tags = HashMap::with_capacity(added.len());
         for (recipient, (count, bytes)) in added {
             let tag = self.device_tag(&recipient);
+            tags.insert(recipient, tag);
             let (held, held_bytes) = t.usage(tag)?;
             let after = (held.saturating_add(count), held_bytes.saturating_add(bytes));
             if after.0 > quota.max_envelopes || after.1 > quota.max_bytes {
@@ -1120,7 +1123,10 @@ impl RedbStore {
             let distinct: BTreeSet<&DeviceAddress> = envelope.recipients.iter().collect();
             let blind = envelope.retract_tag.as_ref().map(|r| self.retract_blind(r));
             for recipient in distinct {
-                let tag = self.device_tag(recipient);
+                let tag = match tags.get(recipient) {
+                    Some(tag) => *tag,
+                    None => self.device_tag(recipient),
+                };
                 let value = seal_envelope(
                     &key,
                     &tag,
@@ -1156,12 +1162,11 @@ fn seal_envelope(
     expires_at: u64,
     payload: &[u8],
 ) -> Vec<u8> {
-    let sealed = key.seal(&mailbox_aad(tag, sequence), payload);
-    let mut value = Vec::with_capacity(ENVELOPE_HEADER + sealed.len());
+    let mut value = Vec::with_capacity(ENVELOPE_HEADER + payload.len() + SEAL_OVERHEAD);
     value.extend_from_slice(tag);
     value.extend_from_slice(&expires_at.to_be_bytes());
     value.extend_from_slice(&received_at.to_be_bytes());
-    value.extend_from_slice(&sealed);
+    key.seal_into(&mailbox_aad(tag, sequence), payload, &mut value);
     value
 }
 
