@@ -95,11 +95,12 @@ impl Pending {
 
 impl Committer {
     /// Starts the commit thread for `store`. `on_durable` sees each transaction's results
-    /// once it is durable, before any submitter hears of it (the relay wakes the recipients
-    /// of new envelopes there, without waiting for the sender's connection).
+    /// once it is durable, before any submitter hears of it (the relay hands new envelopes
+    /// to their connected recipients there, without waiting for the sender's connection),
+    /// and may take from them what the submitters do not need.
     pub fn start(
         store: Arc<dyn Store>,
-        on_durable: impl Fn(&[WriteResult]) + Send + 'static,
+        on_durable: impl Fn(&mut [WriteResult]) + Send + 'static,
     ) -> std::io::Result<(Committer, CommitThread)> {
         let (queue, jobs) = mpsc::channel(QUEUE_DEPTH);
         let stats = Arc::new(CommitStats::default());
@@ -134,7 +135,7 @@ fn run(
     store: &dyn Store,
     mut jobs: mpsc::Receiver<Job>,
     stats: &CommitStats,
-    on_durable: &dyn Fn(&[WriteResult]),
+    on_durable: &dyn Fn(&mut [WriteResult]),
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = jobs.blocking_recv() {
@@ -149,10 +150,10 @@ fn run(
             batch.drain(..).map(|j| (j.write, j.reply)).unzip();
         let count = writes.len() as u64;
         match store.apply(writes) {
-            Ok(results) => {
+            Ok(mut results) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
                 stats.writes.fetch_add(count, Ordering::Relaxed);
-                on_durable(&results);
+                on_durable(&mut results);
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(Ok(result));
                 }

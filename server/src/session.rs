@@ -42,7 +42,9 @@ use crate::provisioning::ProvisioningError;
 use crate::quota::{address_key, AddressSlot, Requester};
 use crate::rate::TokenBucket;
 use crate::relay::Shared;
-use crate::store::{AccountView, MailboxQuota, Outcome, PrekeyCounts, Refusal, Write, WriteResult};
+use crate::store::{
+    AccountView, MailboxQuota, Outcome, PrekeyCounts, Refusal, StoredEnvelope, Write, WriteResult,
+};
 
 /// How long a client has to complete the QUIC handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -995,11 +997,17 @@ fn commit_error_code(error: CommitError) -> ErrorCode {
 /// low prekeys, a removed device's connection evicted, counters. Runs on the commit thread
 /// as soon as the commit is durable, so none of it waits for, or is lost with, the
 /// connection that submitted the write.
-pub(crate) fn after_commit(hub: &Hub, metrics: &Metrics, results: &[WriteResult]) {
-    for result in results {
+pub(crate) fn after_commit(hub: &Hub, metrics: &Metrics, results: &mut [WriteResult]) {
+    let mut fresh = Vec::new();
+    for result in results.iter_mut() {
         match result {
-            Ok(Outcome::Enqueued { recipients }) => {
+            Ok(Outcome::Enqueued {
+                recipients,
+                fresh: envelopes,
+            }) => {
                 Metrics::add(&metrics.envelopes_accepted, recipients.len() as u64);
+                // The sender's answer needs none of them.
+                fresh.append(envelopes);
             }
             Ok(Outcome::Prekeys { low, .. }) => {
                 for (address, counts) in low {
@@ -1015,10 +1023,7 @@ pub(crate) fn after_commit(hub: &Hub, metrics: &Metrics, results: &[WriteResult]
         }
     }
     // One pass over the registry for the whole batch.
-    hub.wake(results.iter().flat_map(|result| match result {
-        Ok(Outcome::Enqueued { recipients }) => recipients.as_slice(),
-        _ => &[],
-    }));
+    hub.deliver_fresh(fresh);
 }
 
 /// Turns a committed write into the client's response.
@@ -1099,14 +1104,37 @@ async fn deliver_loop(
     let mut keeping_up = false;
     loop {
         let now = shared.clock.now();
-        let batch = if keeping_up {
-            Ok(store.backlog(&address, after, now, DELIVERY_BATCH))
+        let handed = if keeping_up {
+            link.handoff.take(after)
         } else {
-            let reader = store.clone();
-            tokio::task::spawn_blocking(move || {
-                reader.backlog(&address, after, now, DELIVERY_BATCH)
-            })
-            .await
+            None
+        };
+        let from_store = handed.is_none();
+        let batch = if let Some(fresh) = handed {
+            // Everything committed for the device since the last read, from memory.
+            Ok(Ok(fresh
+                .into_iter()
+                // P3, as the store's read does it.
+                .filter(|envelope| envelope.expires_at > now)
+                .map(|envelope| StoredEnvelope {
+                    id: envelope.id,
+                    received_at: envelope.received_at,
+                    expires_at: envelope.expires_at,
+                    payload: envelope.payload.to_vec(),
+                })
+                .collect()))
+        } else {
+            // The read covers whatever the handoff holds; commits from now on go there again.
+            link.handoff.clear();
+            if keeping_up {
+                Ok(store.backlog(&address, after, now, DELIVERY_BATCH))
+            } else {
+                let reader = store.clone();
+                tokio::task::spawn_blocking(move || {
+                    reader.backlog(&address, after, now, DELIVERY_BATCH)
+                })
+                .await
+            }
         };
         let batch = match batch {
             Ok(Ok(batch)) => batch,
@@ -1117,7 +1145,7 @@ async fn deliver_loop(
             }
             Err(_) => return,
         };
-        let more = batch.len() == DELIVERY_BATCH;
+        let more = from_store && batch.len() == DELIVERY_BATCH;
         let mut waited = false;
         for envelope in batch {
             match window.push(envelope.id).await {

@@ -321,3 +321,55 @@ async fn a_device_that_does_not_ack_gets_no_more_than_the_delivery_window() {
     assert!(bob.ack(&[first[0].id]).await.is_err());
     assert_no_envelope(&bob, Duration::from_millis(300)).await;
 }
+
+/// A commit that queues more for a connected device than the relay hands over from memory
+/// (one delivery batch, or its byte limit) is read back from the store instead: the device
+/// still gets everything once, in order, between envelopes that were handed over.
+#[tokio::test]
+async fn a_device_that_keeps_up_gets_bursts_past_the_handoff_once_and_in_order() {
+    let relay = TestRelay::start().await;
+    let alice = relay.register().await;
+    let bob = relay.register().await;
+    assert!(drain(&bob.connection).await.is_empty());
+
+    let envelope = |payload: Vec<u8>| OutgoingEnvelope {
+        recipients: vec![bob.address],
+        payload,
+        retract_tag: None,
+    };
+    let mut sent = Vec::new();
+    // A single envelope (handed over), a burst of 200 in one commit (more than a batch), a
+    // single one, 6 of 60 KiB in one commit (past the byte limit), a single one.
+    let sends: Vec<Vec<Vec<u8>>> = vec![
+        vec![b"one".to_vec()],
+        (0..200)
+            .map(|i| format!("burst {i}").into_bytes())
+            .collect(),
+        vec![b"two".to_vec()],
+        (0..6u8).map(|i| vec![i; 60 * 1024]).collect(),
+        vec![b"three".to_vec()],
+    ];
+    for payloads in sends {
+        sent.extend(payloads.iter().cloned());
+        alice
+            .connection
+            .send(payloads.into_iter().map(envelope).collect())
+            .await
+            .unwrap();
+    }
+
+    let mut received = Vec::new();
+    while received.len() < sent.len() {
+        let envelope = next_envelope(&bob.connection).await;
+        bob.connection.ack(&[envelope.id]).await.unwrap();
+        received.push(envelope);
+    }
+    let payloads: Vec<&Vec<u8>> = received.iter().map(|e| &e.payload).collect();
+    assert_eq!(
+        payloads,
+        sent.iter().collect::<Vec<_>>(),
+        "once each, in order"
+    );
+    assert!(received.windows(2).all(|w| w[0].id < w[1].id));
+    assert_no_envelope(&bob.connection, Duration::from_millis(200)).await;
+}

@@ -8,6 +8,7 @@
 
 mod redb;
 
+use bytes::Bytes;
 use hush_protocol::{
     AccountId, DeviceAddress, DeviceId, EnvelopeId, ErrorCode, OutgoingEnvelope, PrekeyBundles,
     SealedEnvelope, UploadPrekeys,
@@ -183,6 +184,9 @@ pub enum Outcome {
     Enqueued {
         /// Devices that received at least one envelope.
         recipients: Vec<DeviceAddress>,
+        /// Each copy queued, as its recipient's delivery would read it back: the relay
+        /// hands these to connected devices once the commit is durable.
+        fresh: Vec<FreshEnvelope>,
     },
     /// Envelopes deleted; `unknown` ids were not in this device's mailbox.
     Acked {
@@ -285,6 +289,22 @@ pub struct MailboxUsage {
     pub envelopes: u64,
     /// Payload bytes.
     pub bytes: u64,
+}
+
+/// A copy of an envelope that a transaction queued for one device: what a delivery would
+/// read back, in memory. The payload is shared by the copies of one envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FreshEnvelope {
+    /// The device whose mailbox holds it.
+    pub recipient: DeviceAddress,
+    /// Its id in that mailbox.
+    pub id: EnvelopeId,
+    /// Seconds since the epoch when the relay accepted it.
+    pub received_at: u64,
+    /// Seconds since the epoch when it expires.
+    pub expires_at: u64,
+    /// Opaque ciphertext.
+    pub payload: Bytes,
 }
 
 /// An envelope as read back for delivery.

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
+use bytes::Bytes;
 use hush_protocol::{
     AccountId, DeviceAddress, DeviceBundle, DeviceId, EnvelopeId, OutgoingEnvelope, Prekey,
     PrekeyBundles, SealedEnvelope,
@@ -22,8 +23,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::{
-    AccountView, MailboxQuota, MailboxUsage, Outcome, PrekeyCounts, Refusal, RetentionSummary,
-    Store, StoreError, StoreStats, StoredEnvelope, Write, WriteResult,
+    AccountView, FreshEnvelope, MailboxQuota, MailboxUsage, Outcome, PrekeyCounts, Refusal,
+    RetentionSummary, Store, StoreError, StoreStats, StoredEnvelope, Write, WriteResult,
 };
 use crate::cdr::{CallRecord, DayStats};
 use crate::keyring::{Keyring, Tag, DAY};
@@ -1118,10 +1119,12 @@ impl RedbStore {
 
         let key = self.keys.day_or_create(expiry_day(expires_at))?;
         let mut woken = BTreeSet::new();
+        let mut fresh = Vec::with_capacity(envelopes.len());
         let mut sequence = self.next_sequence.load(Ordering::Relaxed);
         for envelope in envelopes {
             let distinct: BTreeSet<&DeviceAddress> = envelope.recipients.iter().collect();
             let blind = envelope.retract_tag.as_ref().map(|r| self.retract_blind(r));
+            let payload = Bytes::copy_from_slice(&envelope.payload);
             for recipient in distinct {
                 let tag = match tags.get(recipient) {
                     Some(tag) => *tag,
@@ -1143,6 +1146,13 @@ impl RedbStore {
                     t.retract_entries.insert((tag, sequence), blind)?;
                 }
                 woken.insert(*recipient);
+                fresh.push(FreshEnvelope {
+                    recipient: *recipient,
+                    id: EnvelopeId(sequence),
+                    received_at,
+                    expires_at,
+                    payload: payload.clone(),
+                });
                 sequence += 1;
             }
         }
@@ -1150,6 +1160,7 @@ impl RedbStore {
         self.next_sequence.store(sequence, Ordering::Relaxed);
         Ok(Ok(Outcome::Enqueued {
             recipients: woken.into_iter().collect(),
+            fresh,
         }))
     }
 }
