@@ -97,17 +97,28 @@ impl Committer {
     /// Starts the commit thread for `store`. `on_durable` sees each transaction's results
     /// once it is durable, before any submitter hears of it (the relay hands new envelopes
     /// to their connected recipients there, without waiting for the sender's connection),
-    /// and may take from them what the submitters do not need.
+    /// and may take from them what the submitters do not need. `on_failure` runs when a
+    /// transaction fails, before its submitters hear of it: whether its writes reached
+    /// the disk is then unknown.
     pub fn start(
         store: Arc<dyn Store>,
         on_durable: impl Fn(&mut [WriteResult]) + Send + 'static,
+        on_failure: impl Fn() + Send + 'static,
     ) -> std::io::Result<(Committer, CommitThread)> {
         let (queue, jobs) = mpsc::channel(QUEUE_DEPTH);
         let stats = Arc::new(CommitStats::default());
         let thread_stats = stats.clone();
         let thread = std::thread::Builder::new()
             .name("hush-commit".into())
-            .spawn(move || run(store.as_ref(), jobs, &thread_stats, &on_durable))?;
+            .spawn(move || {
+                run(
+                    store.as_ref(),
+                    jobs,
+                    &thread_stats,
+                    &on_durable,
+                    &on_failure,
+                );
+            })?;
         Ok((Committer { queue, stats }, CommitThread(thread)))
     }
 
@@ -136,6 +147,7 @@ fn run(
     mut jobs: mpsc::Receiver<Job>,
     stats: &CommitStats,
     on_durable: &dyn Fn(&mut [WriteResult]),
+    on_failure: &dyn Fn(),
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = jobs.blocking_recv() {
@@ -162,6 +174,7 @@ fn run(
                 stats.failures.fetch_add(1, Ordering::Relaxed);
                 // Store errors name files and redb internals, never people.
                 tracing::error!(%error, writes = count, "commit failed; batch rolled back");
+                on_failure();
                 for reply in replies {
                     let _ = reply.send(Err(CommitError::Storage));
                 }

@@ -72,7 +72,9 @@ pub struct Keyring {
     index: SealingKey,
     /// HMAC-SHA256 keyed with `index`, cloned for each tag: keying it costs two of the
     /// four SHA-256 blocks a tag takes, and every envelope and ack needs a tag, on the
-    /// commit thread. (It holds no more than `index` does, for as long.)
+    /// commit thread. Its state is as good as `index` and, unlike `index`, is not zeroized
+    /// when dropped (the hmac crate does not); it lives as long as the keyring, that is the
+    /// relay, as did the state each tag used to build and drop.
     tagger: Hmac<Sha256>,
     directory: SealingKey,
     days: Mutex<BTreeMap<u32, Arc<SealingKey>>>,

@@ -3,15 +3,16 @@
 //! The store is the queue. A connected device's delivery loop reads its mailbox from the
 //! store, pushes what it finds, and sleeps until woken; a commit that adds envelopes wakes
 //! the loops of their recipients. A device that stops reading costs the relay its socket
-//! buffers and nothing more, and a reconnecting device drains its backlog through the same
-//! path as live traffic.
+//! buffers, its bounded outbox and its bounded handoff, and a reconnecting device drains
+//! its backlog through the same path as live traffic.
 //!
 //! One shortcut, for devices that keep up: the commit that queued an envelope also hands a
 //! copy, once durable, to its recipient's [`Handoff`], so that a loop that has read
 //! everything before it can push the new envelopes without reading them back. A handoff
 //! holds at most one delivery batch and [`HANDOFF_BYTES`]; past that it only records that
-//! it overflowed, and the loop reads the store again. So it never holds more than a read
-//! would, and never decides what is delivered: whatever it lacks, the store has.
+//! it overflowed, and the loop reads the store again, as it does after a retraction or a
+//! failed commit ([`Hub::invalidate`]). So it never holds more than a read would, and
+//! never decides what is delivered: whatever it lacks, the store has.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,18 +29,31 @@ pub const HANDOFF_ENVELOPES: usize = 128;
 pub const HANDOFF_BYTES: usize = 256 * 1024;
 
 /// Envelopes committed for one connected device since its delivery loop last read its
-/// mailbox, in commit (so id) order; or the fact that there were more than it holds.
-#[derive(Default)]
-pub struct Handoff(Mutex<Handed>);
+/// mailbox, in commit (so id) order; or the fact that there were more than it holds, or
+/// that the store changed in a way it cannot follow.
+pub struct Handoff {
+    handed: Mutex<Handed>,
+    /// The hub's count of store changes behind every handoff's back ([`Hub::invalidate`]).
+    changes: Arc<AtomicU64>,
+}
 
 #[derive(Default)]
 struct Handed {
     envelopes: Vec<FreshEnvelope>,
     bytes: usize,
     overflowed: bool,
+    /// `changes` when the loop last read the store.
+    read_at: u64,
 }
 
 impl Handoff {
+    fn new(changes: Arc<AtomicU64>) -> Self {
+        Handoff {
+            handed: Mutex::default(),
+            changes,
+        }
+    }
+
     /// Adds an envelope that a durable commit queued for this device.
     pub fn offer(&self, envelope: FreshEnvelope) {
         let mut handed = self.lock();
@@ -60,25 +74,30 @@ impl Handoff {
     /// (then the store must be read). Only a loop that has read everything up to `after`
     /// may push what this returns.
     pub fn take(&self, after: Option<EnvelopeId>) -> Option<Vec<FreshEnvelope>> {
-        let mut handed = std::mem::take(&mut *self.lock());
-        if handed.overflowed {
+        let mut handed = self.lock();
+        let stale = handed.overflowed || self.changes.load(Ordering::SeqCst) != handed.read_at;
+        let mut envelopes = std::mem::take(&mut handed.envelopes);
+        handed.bytes = 0;
+        handed.overflowed = false;
+        if stale {
             return None;
         }
         // A commit made durable while the store was being read is in both.
-        handed
-            .envelopes
-            .retain(|e| after.is_none_or(|after| e.id > after));
-        Some(handed.envelopes)
+        envelopes.retain(|e| after.is_none_or(|after| e.id > after));
+        Some(envelopes)
     }
 
     /// Forgets what it holds, before the loop reads the store (which has all of it).
     pub fn clear(&self) {
-        *self.lock() = Handed::default();
+        *self.lock() = Handed {
+            read_at: self.changes.load(Ordering::SeqCst),
+            ..Handed::default()
+        };
     }
 
     fn lock(&self) -> MutexGuard<'_, Handed> {
         // Every critical section leaves `Handed` consistent.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.handed.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -101,6 +120,8 @@ pub struct DeviceLink {
 pub struct Hub {
     devices: Mutex<HashMap<DeviceAddress, DeviceLink>>,
     next_connection: AtomicU64,
+    /// Store changes that handoffs cannot follow ([`Hub::invalidate`]).
+    changes: Arc<AtomicU64>,
 }
 
 impl Hub {
@@ -121,7 +142,7 @@ impl Hub {
             connection,
             wake: Arc::new(Notify::new()),
             evicted: Arc::new(Notify::new()),
-            handoff: Arc::new(Handoff::default()),
+            handoff: Arc::new(Handoff::new(self.changes.clone())),
             outbox,
         };
         if let Some(old) = self.lock().insert(address, link.clone()) {
@@ -139,6 +160,14 @@ impl Hub {
         {
             devices.remove(address);
         }
+    }
+
+    /// Tells every handoff that the store changed behind it (envelopes were retracted, or
+    /// a commit failed and may or may not be on disk): each loop reads the store before it
+    /// trusts its handoff again, so that it pushes no envelope the store no longer holds
+    /// and misses none it does.
+    pub fn invalidate(&self) {
+        self.changes.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Hands each envelope to its recipient's handoff, if the recipient is connected, then
@@ -212,7 +241,7 @@ mod tests {
 
     #[test]
     fn a_handoff_gives_what_came_after_the_last_read_once() {
-        let handoff = Handoff::default();
+        let handoff = Handoff::new(Arc::default());
         for id in [3, 4, 5] {
             handoff.offer(fresh(id, 10));
         }
@@ -228,7 +257,7 @@ mod tests {
 
     #[test]
     fn a_handoff_past_its_bounds_sends_the_loop_to_the_store_until_cleared() {
-        let handoff = Handoff::default();
+        let handoff = Handoff::new(Arc::default());
         for id in 0..=HANDOFF_ENVELOPES as u64 {
             handoff.offer(fresh(id, 1));
         }
@@ -247,5 +276,31 @@ mod tests {
         handoff.clear();
         handoff.offer(fresh(5, 1));
         assert_eq!(ids(&handoff.take(None).unwrap()), [5]);
+    }
+
+    #[test]
+    fn a_store_change_behind_the_handoffs_sends_every_loop_to_the_store_once() {
+        let hub = Hub::default();
+        let (outbox, _frames) = mpsc::channel(1);
+        let link = hub.attach(fresh(0, 0).recipient, hub.connection_number(), outbox);
+        // The loop read the store, then a commit handed it two envelopes.
+        link.handoff.clear();
+        hub.deliver_fresh([fresh(1, 1), fresh(2, 1)]);
+        assert_eq!(ids(&link.handoff.take(None).unwrap()), [1, 2]);
+
+        // A retraction (or a failed commit) lands; what is handed over after it is not
+        // enough to go on, until the loop has read the store again.
+        hub.invalidate();
+        hub.deliver_fresh([fresh(3, 1)]);
+        assert!(link.handoff.take(Some(EnvelopeId(2))).is_none());
+        link.handoff.clear();
+        hub.deliver_fresh([fresh(4, 1)]);
+        assert_eq!(ids(&link.handoff.take(Some(EnvelopeId(3))).unwrap()), [4]);
+
+        // Offline devices are skipped.
+        let mut elsewhere = fresh(5, 1);
+        elsewhere.recipient.device = DeviceId(2);
+        hub.deliver_fresh([elsewhere]);
+        assert_eq!(ids(&link.handoff.take(None).unwrap()), [] as [u64; 0]);
     }
 }

@@ -109,9 +109,12 @@ impl Relay {
         let metrics = Arc::new(Metrics::default());
         let (committer, commit_thread) = {
             let (hub, metrics) = (hub.clone(), metrics.clone());
-            Committer::start(store.clone(), move |results| {
-                session::after_commit(&hub, &metrics, results);
-            })?
+            let failed_hub = hub.clone();
+            Committer::start(
+                store.clone(),
+                move |results| session::after_commit(&hub, &metrics, results),
+                move || failed_hub.invalidate(),
+            )?
         };
         let server_config = transport::server_config(&config, identity)?;
         let endpoint = transport::bind(config.listen, server_config)?;

@@ -93,7 +93,9 @@ impl SealingKey {
         Ok(buffer)
     }
 
-    /// The ChaCha20-Poly1305 key and nonce that XChaCha20-Poly1305 uses for `nonce`.
+    /// The ChaCha20-Poly1305 key and nonce that XChaCha20-Poly1305 uses for `nonce`. The
+    /// subkey's copy here is zeroized; ring's (one record's key, dropped at once) is not:
+    /// ring does not zeroize its keys.
     fn subkey(&self, nonce: &[u8; NONCE_LEN]) -> (LessSafeKey, Nonce) {
         let (derive, rest) = nonce.split_at(HCHACHA_INPUT_LEN);
         // U10: ten double rounds, i.e. HChaCha20.
@@ -219,6 +221,15 @@ mod tests {
             .map(|_| key.seal(b"row", b"same")[..NONCE_LEN].to_vec())
             .collect();
         assert_eq!(nonces.len(), 10_000);
+    }
+
+    #[test]
+    fn each_thread_draws_its_own_nonces() {
+        let here = fresh_nonce();
+        let there = std::thread::spawn(fresh_nonce).join().unwrap();
+        let again = std::thread::spawn(fresh_nonce).join().unwrap();
+        assert_ne!(here, there);
+        assert_ne!(there, again, "each thread is seeded afresh by the OS");
     }
 
     #[test]

@@ -1017,6 +1017,11 @@ pub(crate) fn after_commit(hub: &Hub, metrics: &Metrics, results: &mut [WriteRes
             Ok(Outcome::DeviceRemoved { address }) => hub.evict(address),
             Ok(Outcome::Retracted { count }) => {
                 Metrics::add(&metrics.envelopes_retracted, u64::from(*count));
+                if *count > 0 {
+                    // Before this batch's envelopes are handed over: one of them may be
+                    // what was retracted.
+                    hub.invalidate();
+                }
             }
             Err(Refusal::MailboxFull) => Metrics::inc(&metrics.mailbox_full_refusals),
             _ => {}
@@ -1070,16 +1075,16 @@ fn low_prekeys_frame(counts: PrekeyCounts) -> Vec<u8> {
 }
 
 /// Pushes a device's mailbox: first the backlog, in order, then `Drained`, then whatever
-/// arrives while it is connected. Reads the store each round, so memory stays flat however
-/// far behind the device is.
+/// arrives while it is connected. Reads the store in bounded batches, so memory stays flat
+/// however far behind the device is.
 ///
-/// Where a round reads: while the device keeps up (the last round read less than a batch,
-/// and none of its pushes waited for the device), what it has not seen was committed
-/// moments ago, is less than a batch, and sits in the store's cache, so the read runs here
-/// on the runtime worker: the hand-off to the blocking pool would cost more than the read
-/// (two thread switches a wake-up, most of a live delivery's cost). A device that is
-/// draining a backlog, or that made the last round wait, may be far behind on pages long
-/// out of cache; its reads go to the blocking pool, where a slow disk stalls nobody else.
+/// While the device keeps up (the last round read less than a batch, and none of its
+/// pushes waited for the device), the envelopes committed since are in the link's handoff
+/// (mailbox.rs), and the round pushes them from there without reading the store. A round
+/// reads the store first thing after the device connects, after a round that waited, and
+/// whenever the handoff cannot vouch for everything since the last read (it overflowed, or
+/// a retraction or a failed commit changed the store behind it). Reads go to the blocking
+/// pool: they may be of a long backlog, on pages long out of cache.
 async fn deliver_loop(
     shared: Arc<Shared>,
     address: DeviceAddress,
@@ -1125,16 +1130,14 @@ async fn deliver_loop(
                 .collect()))
         } else {
             // The read covers whatever the handoff holds; commits from now on go there again.
+            // Until it has succeeded, the handoff is not to be trusted.
+            keeping_up = false;
             link.handoff.clear();
-            if keeping_up {
-                Ok(store.backlog(&address, after, now, DELIVERY_BATCH))
-            } else {
-                let reader = store.clone();
-                tokio::task::spawn_blocking(move || {
-                    reader.backlog(&address, after, now, DELIVERY_BATCH)
-                })
-                .await
-            }
+            let reader = store.clone();
+            tokio::task::spawn_blocking(move || {
+                reader.backlog(&address, after, now, DELIVERY_BATCH)
+            })
+            .await
         };
         let batch = match batch {
             Ok(Ok(batch)) => batch,
@@ -1150,7 +1153,16 @@ async fn deliver_loop(
         for envelope in batch {
             match window.push(envelope.id).await {
                 Some(Room::AtOnce) => {}
-                Some(Room::AfterWaiting) => waited = true,
+                Some(Room::AfterWaiting) => {
+                    waited = true;
+                    // P3: the device may have kept the window full for longer than the
+                    // envelope had left.
+                    if envelope.expires_at <= shared.clock.now() {
+                        window.acked(&[envelope.id]);
+                        after = Some(envelope.id);
+                        continue;
+                    }
+                }
                 None => return,
             }
             after = Some(envelope.id);
@@ -1422,6 +1434,49 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
+
+    /// A batch that queues an envelope and retracts (perhaps that same envelope) must not
+    /// leave it in a handoff: the store no longer has it.
+    #[test]
+    fn a_batch_with_a_retraction_sends_the_recipients_loops_to_the_store() {
+        let hub = Hub::default();
+        let metrics = Metrics::default();
+        let bob = DeviceAddress {
+            account: hush_protocol::AccountId([7; 16]),
+            device: hush_protocol::DeviceId(1),
+        };
+        let (outbox, _frames) = mpsc::channel(1);
+        let link = hub.attach(bob, hub.connection_number(), outbox);
+        link.handoff.clear();
+        let queued = |id| crate::store::FreshEnvelope {
+            recipient: bob,
+            id: EnvelopeId(id),
+            received_at: 0,
+            expires_at: u64::MAX,
+            payload: bytes::Bytes::from_static(b"x"),
+        };
+
+        let mut results: Vec<WriteResult> = vec![Ok(Outcome::Enqueued {
+            recipients: vec![bob],
+            fresh: vec![queued(1)],
+        })];
+        after_commit(&hub, &metrics, &mut results);
+        assert_eq!(link.handoff.take(None).map(|e| e.len()), Some(1));
+        assert!(
+            matches!(&results[0], Ok(Outcome::Enqueued { fresh, .. }) if fresh.is_empty()),
+            "the sender's answer does not carry the payloads"
+        );
+
+        let mut results: Vec<WriteResult> = vec![
+            Ok(Outcome::Enqueued {
+                recipients: vec![bob],
+                fresh: vec![queued(2)],
+            }),
+            Ok(Outcome::Retracted { count: 1 }),
+        ];
+        after_commit(&hub, &metrics, &mut results);
+        assert!(link.handoff.take(Some(EnvelopeId(1))).is_none());
+    }
 
     fn answer(
         id: u32,

@@ -79,3 +79,28 @@ async fn a_longer_expiry_is_refused_at_start() {
     let started = hush_server::Relay::start(config, clock).await;
     assert!(matches!(started, Err(hush_server::StartError::Config(_))));
 }
+
+/// An envelope that expires while its push waits for the device's acks is not pushed when
+/// the room comes.
+#[tokio::test]
+async fn an_envelope_that_expires_while_the_window_is_full_is_never_delivered() {
+    let relay = TestRelay::start_with(|c| c.limits.delivery_window = 1).await;
+    let alice = relay.register().await;
+    let bob = relay.register().await;
+    assert!(drain(&bob.connection).await.is_empty());
+
+    for text in [&b"first"[..], b"second, which will expire waiting"] {
+        alice
+            .connection
+            .send_to(&[bob.address], text.to_vec())
+            .await
+            .unwrap();
+    }
+    let first = hush_tests::next_envelope(&bob.connection).await;
+    assert_eq!(first.payload, b"first");
+    // The window holds one envelope: "second" waits for the ack, until it has expired.
+    hush_tests::assert_no_envelope(&bob.connection, std::time::Duration::from_millis(200)).await;
+    relay.clock.advance(14 * DAY + 1);
+    bob.connection.ack(&[first.id]).await.unwrap();
+    hush_tests::assert_no_envelope(&bob.connection, std::time::Duration::from_millis(300)).await;
+}

@@ -237,7 +237,8 @@ fn run(budget: Option<u64>, fault: Fault) -> Run {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let (committer, commit_thread) = Committer::start(store.clone(), |_: &mut [_]| {}).unwrap();
+    let (committer, commit_thread) =
+        Committer::start(store.clone(), |_: &mut [_]| {}, || {}).unwrap();
     let mut reference = Reference::default();
     let (mut failed, mut recovered) = (0, 0);
     let mut tally = |ok: bool| {
