@@ -798,7 +798,7 @@ impl RedbStore {
                 quota,
                 received_at,
                 expires_at,
-            } => self.enqueue(t, &envelopes, quota, received_at, expires_at),
+            } => self.enqueue(t, envelopes, quota, received_at, expires_at),
             Write::SealedEnqueue {
                 envelopes,
                 quota,
@@ -1064,13 +1064,13 @@ impl RedbStore {
                 }
             })
             .collect();
-        self.enqueue(t, &outgoing, quota, received_at, expires_at)
+        self.enqueue(t, outgoing, quota, received_at, expires_at)
     }
 
     fn enqueue(
         &self,
         t: &mut Tables<'_>,
-        envelopes: &[OutgoingEnvelope],
+        envelopes: Vec<OutgoingEnvelope>,
         quota: MailboxQuota,
         received_at: u64,
         expires_at: u64,
@@ -1094,7 +1094,7 @@ impl RedbStore {
         // What each mailbox would hold afterwards: a send that would overfill one is
         // refused whole, like any other refusal of a send.
         let mut added: HashMap<DeviceAddress, (u64, u64)> = HashMap::new();
-        for envelope in envelopes {
+        for envelope in &envelopes {
             let distinct: BTreeSet<&DeviceAddress> = envelope.recipients.iter().collect();
             for recipient in distinct {
                 let entry = added.entry(*recipient).or_default();
@@ -1124,20 +1124,14 @@ impl RedbStore {
         for envelope in envelopes {
             let distinct: BTreeSet<&DeviceAddress> = envelope.recipients.iter().collect();
             let blind = envelope.retract_tag.as_ref().map(|r| self.retract_blind(r));
-            let payload = Bytes::copy_from_slice(&envelope.payload);
+            // Shared, not copied, by the copies handed to connected recipients.
+            let payload = Bytes::from(envelope.payload);
             for recipient in distinct {
                 let tag = match tags.get(recipient) {
                     Some(tag) => *tag,
                     None => self.device_tag(recipient),
                 };
-                let value = seal_envelope(
-                    &key,
-                    &tag,
-                    sequence,
-                    received_at,
-                    expires_at,
-                    &envelope.payload,
-                );
+                let value = seal_envelope(&key, &tag, sequence, received_at, expires_at, &payload);
                 t.envelopes.insert(sequence, value.as_slice())?;
                 t.mailboxes.insert((tag, sequence), ())?;
                 t.expiry.insert((expires_at, sequence), tag)?;
