@@ -635,7 +635,8 @@ async fn receive_raw(
     let _ = acker.await;
 }
 
-/// How often a receiver that has been told to stop looks again while envelopes still come.
+/// Once the run has stopped, a receiver leaves after this long without an envelope (or when
+/// its connection closes).
 const STOP_POLL: Duration = Duration::from_millis(50);
 
 /// Acknowledges received envelopes as `hush-client` does: one ack in flight, carrying
