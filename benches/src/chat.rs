@@ -500,11 +500,11 @@ async fn e2e_parties(
     for index in 0..users {
         let mut key = [0u8; 32];
         OsRng.fill_bytes(&mut key);
-        let config = ClientConfig {
-            relay: options.clone(),
-            data_dir: dirs.join(index.to_string()),
-            storage_key: StorageKey::from_bytes(key),
-        };
+        let config = ClientConfig::new(
+            options.clone(),
+            dirs.join(index.to_string()),
+            StorageKey::from_bytes(key),
+        );
         clients.push(
             Client::create(config, None)
                 .await

@@ -125,11 +125,11 @@ fn show(event: &ClientEvent, peer: Option<AccountId>) {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args();
     let config = || -> std::io::Result<ClientConfig> {
-        Ok(ClientConfig {
-            relay: ConnectOptions::new(args.relay, Trust::Pinned(args.fingerprint)),
-            data_dir: args.dir.clone(),
-            storage_key: storage_key(&args.dir)?,
-        })
+        Ok(ClientConfig::new(
+            ConnectOptions::new(args.relay, Trust::Pinned(args.fingerprint)),
+            args.dir.clone(),
+            storage_key(&args.dir)?,
+        ))
     };
     let client = match Client::open(config()?).await {
         Ok(client) => client,

@@ -788,6 +788,12 @@ impl Connection {
         self.events.lock().await.recv().await
     }
 
+    /// A pushed event that has already arrived, without waiting; `None` if there is none
+    /// (or another task is waiting in [`Connection::next_event`]).
+    pub fn try_next_event(&self) -> Option<Event> {
+        self.events.try_lock().ok()?.try_recv().ok()
+    }
+
     /// Closes the connection politely.
     pub fn close(&self) {
         self.quic.close(VarInt::from_u32(0), b"bye");

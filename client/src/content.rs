@@ -141,10 +141,11 @@ impl Content {
         body: Body,
         profile_key: Option<[u8; 32]>,
         sent_to: Option<[u8; 16]>,
+        now: u64,
     ) -> Self {
         Content {
-            id: MessageId(crate::client::random()),
-            sent_at: crate::client::now(),
+            id: MessageId(crate::util::random()),
+            sent_at: now,
             expires_in: None,
             profile_key,
             sent_to,

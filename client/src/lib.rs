@@ -25,7 +25,6 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-mod call;
 mod client;
 mod connection;
 mod content;
@@ -49,12 +48,13 @@ mod store;
 pub mod test_support;
 mod tls;
 mod udp_media;
+mod util;
 #[cfg(test)]
 mod vectors;
 
-pub use call::{CallEndReason, CallMedia};
 pub use client::{
-    Client, ClientConfig, ClientError, ClientEvent, LinkRequest, Settings, StoredMessage,
+    CallEndReason, CallMedia, Client, ClientConfig, ClientError, ClientEvent, LinkRequest,
+    Settings, StoredMessage,
 };
 pub use connection::{
     close_code, ConnectOptions, Connection, Connector, Envelope, Event, RawStream, Trust,
@@ -68,3 +68,4 @@ pub use prekeys::{PrekeySet, UsedPrekeys};
 pub use safety::SafetyNumber;
 pub use session::Session;
 pub use store::{salt_for, PassphraseCost, StorageKey, StoreError};
+pub use util::{Clock, ManualClock, SystemClock};

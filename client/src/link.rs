@@ -44,11 +44,11 @@ impl LinkCode {
         bytes.extend_from_slice(&self.mailbox);
         bytes.extend_from_slice(self.ephemeral.as_bytes());
         bytes.extend_from_slice(&self.device_key);
-        format!("{PREFIX}{}", crate::client::hex_encode(&bytes))
+        format!("{PREFIX}{}", crate::util::hex_encode(&bytes))
     }
 
     pub(crate) fn decode(code: &str) -> Option<Self> {
-        let bytes = crate::client::hex_decode(code.trim().strip_prefix(PREFIX)?)?;
+        let bytes = crate::util::hex_decode(code.trim().strip_prefix(PREFIX)?)?;
         if bytes.len() != 80 {
             return None;
         }

@@ -59,7 +59,7 @@ pub struct CallKey(pub(crate) [u8; 32]);
 impl CallKey {
     /// A fresh random key.
     pub fn generate() -> Self {
-        CallKey(crate::client::random())
+        CallKey(crate::util::random())
     }
 }
 

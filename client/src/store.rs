@@ -61,6 +61,16 @@ impl Table {
     ];
 }
 
+/// When a commit is on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// Before the commit returns (fsync).
+    Immediate,
+    /// Visible to reads at once, on disk with the next `Immediate` commit: a crash before
+    /// that loses it.
+    Deferred,
+}
+
 /// One change in a commit.
 pub(crate) enum Change {
     Put {
@@ -165,6 +175,10 @@ pub enum StoreError {
     /// The passphrase could not be turned into a key.
     #[error("passphrase key derivation failed")]
     Passphrase,
+    /// An earlier commit failed, and this one was refused until the client had gone back
+    /// to what the store holds.
+    #[error("an earlier commit to the local store failed")]
+    Interrupted,
 }
 
 fn db_error(error: impl std::fmt::Display) -> StoreError {
@@ -174,6 +188,8 @@ fn db_error(error: impl std::fmt::Display) -> StoreError {
 /// The open store.
 pub(crate) struct LocalStore {
     db: Database,
+    /// Set by tests: the next commit fails as a full disk would.
+    fail_next: std::sync::atomic::AtomicBool,
     seal_key: Zeroizing<[u8; 32]>,
     index_key: Zeroizing<[u8; 32]>,
 }
@@ -190,6 +206,7 @@ impl LocalStore {
         txn.commit().map_err(db_error)?;
         Ok(LocalStore {
             db,
+            fail_next: std::sync::atomic::AtomicBool::new(false),
             seal_key: kdf::hkdf::<32>(&[], &key.0, b"hush-local-store-seal-v1"),
             index_key: kdf::hkdf::<32>(&[], &key.0, b"hush-local-store-index-v1"),
         })
@@ -297,9 +314,36 @@ impl LocalStore {
         }
     }
 
+    /// Makes the next commit fail (tests of what a failed commit leaves behind).
+    #[cfg(test)]
+    pub(crate) fn fail_next_commit(&self) {
+        self.fail_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Applies `changes` in one durable transaction.
     pub(crate) fn commit(&self, changes: Vec<Change>) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_error)?;
+        self.commit_with(changes, Durability::Immediate)
+    }
+
+    /// Applies `changes` in one transaction of the given durability.
+    pub(crate) fn commit_with(
+        &self,
+        changes: Vec<Change>,
+        durability: Durability,
+    ) -> Result<(), StoreError> {
+        if self
+            .fail_next
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(StoreError::Io(std::io::Error::other("injected failure")));
+        }
+        let mut txn = self.db.begin_write().map_err(db_error)?;
+        txn.set_durability(match durability {
+            Durability::Immediate => redb::Durability::Immediate,
+            Durability::Deferred => redb::Durability::None,
+        })
+        .map_err(db_error)?;
         {
             for change in changes {
                 match change {
@@ -316,7 +360,6 @@ impl LocalStore {
                 }
             }
         }
-        // redb's default durability is immediate: the commit returns after the fsync.
         txn.commit().map_err(db_error)
     }
 }

@@ -8,6 +8,7 @@
 )]
 
 pub mod flood;
+pub mod proxy;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -495,11 +496,20 @@ pub mod users {
 
         /// The client config for `relay`.
         pub fn config(&self, relay: &TestRelay) -> ClientConfig {
-            ClientConfig {
-                relay: relay.options(),
-                data_dir: self.dir.path().to_owned(),
-                storage_key: StorageKey::from_bytes(self.key),
-            }
+            ClientConfig::new(
+                relay.options(),
+                self.dir.path().to_owned(),
+                StorageKey::from_bytes(self.key),
+            )
+        }
+
+        /// The client config for a relay reached through `options` (a proxy, say).
+        pub fn config_with(&self, options: hush_client::ConnectOptions) -> ClientConfig {
+            ClientConfig::new(
+                options,
+                self.dir.path().to_owned(),
+                StorageKey::from_bytes(self.key),
+            )
         }
 
         /// Creates an account.

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use hush_protocol::{AccountId, CallEndCause, CallOutcome, CallToken, DeviceId, ErrorCode};
 use tokio::sync::mpsc;
 
-use crate::client::{ClientError, ClientEvent, Inner, State, Work};
+use super::state::{Inner, State, Work};
+use super::{ClientError, ClientEvent};
 use crate::content::{Body, CallId, CallSignal, Content};
 use crate::error::ConnectionError;
 use crate::media::{CallKey, Direction, MediaReceiver, MediaSender, MEDIA_OVERHEAD};
@@ -204,10 +205,10 @@ impl Inner {
                 // An offer that waited in the mailbox longer than any caller rings is a
                 // missed call already: it must not ring now.
                 let ring = u64::from(state.settings.ring_timeout_secs).max(RING_FLOOR_SECS);
-                if crate::client::now().saturating_sub(sent_at) > ring + CLOCK_SKEW_SECS {
+                if self.now().saturating_sub(sent_at) > ring + CLOCK_SKEW_SECS {
                     return None;
                 }
-                if !state.calls.is_empty() {
+                if state.in_call() {
                     let _ = self
                         .work
                         .send(Work::CallSignal(from, CallSignal::Busy { call_id }));
@@ -307,21 +308,25 @@ impl Inner {
             let Some(inner) = inner.upgrade() else {
                 return;
             };
-            let mut state = inner.state.lock().await;
-            let ringing = state
-                .calls
-                .get(&call_id)
-                .is_some_and(|call| call.phase == Phase::Ringing);
-            if !ringing {
-                return;
-            }
-            let Some(call) = state.calls.remove(&call_id) else {
-                return;
+            let _operation = inner.call_operations.lock().await;
+            let call = {
+                let mut state = inner.lock();
+                let ringing = state
+                    .calls
+                    .get(&call_id)
+                    .is_some_and(|call| call.phase == Phase::Ringing);
+                if !ringing {
+                    return;
+                }
+                let Some(call) = state.calls.remove(&call_id) else {
+                    return;
+                };
+                call
             };
             let reason = match call.role {
                 Role::Caller => {
                     let _ = inner
-                        .send_signal(&mut state, call.peer, CallSignal::Cancel { call_id })
+                        .send_signal(call.peer, CallSignal::Cancel { call_id })
                         .await;
                     let _ = inner
                         .connection
@@ -331,12 +336,14 @@ impl Inner {
                 }
                 Role::Callee => CallEndReason::Cancelled,
             };
-            state
-                .pending_events
-                .push(ClientEvent::CallEnded { call_id, reason });
-            let events = std::mem::take(&mut state.pending_events);
-            drop(state);
-            inner.emit_soon(events).await;
+            let events = {
+                let mut state = inner.lock();
+                state
+                    .pending_events
+                    .push(ClientEvent::CallEnded { call_id, reason });
+                std::mem::take(&mut state.pending_events)
+            };
+            inner.emit_soon(events);
         });
     }
 
@@ -376,25 +383,24 @@ impl Inner {
     /// Sends a call signal to `to` (not kept, not copied: signals are ephemeral).
     pub(crate) async fn send_signal(
         &self,
-        state: &mut State,
         to: AccountId,
         signal: CallSignal,
     ) -> Result<(), ClientError> {
-        let content = Content::control(Body::Call(signal), Some(*state.profile_key), None);
-        self.send_to_contact(state, to, &content, None).await
+        let profile_key = *self.lock().profile_key;
+        let content = Content::control(Body::Call(signal), Some(profile_key), None, self.now());
+        self.send_to_contact(to, &content, None, &mut None).await
     }
 
     /// Sends an answer or rejection to the caller, then copies it to our other devices.
     async fn tell_caller_and_own_devices(
         &self,
-        state: &mut State,
         caller: AccountId,
         signal: CallSignal,
     ) -> Result<(), ClientError> {
-        self.send_signal(state, caller, signal.clone()).await?;
+        self.send_signal(caller, signal.clone()).await?;
         // Best effort: the caller has its answer; a device that keeps ringing stops when
         // the caller's side ends the offer.
-        let _ = self.signal_own_devices(state, caller, signal).await;
+        let _ = self.signal_own_devices(caller, signal).await;
         Ok(())
     }
 
@@ -402,12 +408,11 @@ impl Inner {
     /// ringing does not wait for the privacy jitter of other copies).
     pub(crate) async fn signal_own_devices(
         &self,
-        state: &mut State,
         peer: AccountId,
         signal: CallSignal,
     ) -> Result<(), ClientError> {
-        let content = Content::control(Body::Call(signal), None, Some(peer.0));
-        self.send_to_own_devices(state, &content).await
+        let content = Content::control(Body::Call(signal), None, Some(peer.0), self.now());
+        self.send_to_own_devices(&content).await
     }
 }
 
@@ -427,15 +432,37 @@ pub(crate) fn own_call_signal(state: &mut State, signal: &CallSignal) -> Option<
     Some(ClientEvent::CallEnded { call_id, reason })
 }
 
-impl crate::client::Client {
+impl super::Client {
     /// Calls a contact: every device of theirs rings until one answers, all decline, or
     /// the ring timeout (`Settings::ring_timeout_secs`) passes.
     pub async fn start_call(&self, to: AccountId, video: bool) -> Result<CallId, ClientError> {
         let inner = self.inner();
-        let mut state = inner.state.lock().await;
-        if !state.calls.is_empty() {
-            return Err(ClientError::CallInProgress);
+        let _operation = inner.call_operations.lock().await;
+        {
+            let mut state = inner.lock();
+            if state.in_call() {
+                return Err(ClientError::CallInProgress);
+            }
+            state.call_starting = true;
         }
+        let started = self.offer_call(to, video).await;
+        let mut state = inner.lock();
+        state.call_starting = false;
+        let (call_id, call) = started?;
+        state.calls.insert(call_id, call);
+        let timeout = std::time::Duration::from_secs(u64::from(state.settings.ring_timeout_secs));
+        drop(state);
+        inner.ring_out_after(call_id, timeout);
+        Ok(call_id)
+    }
+
+    /// Allocates a call at the relay and sends the offer.
+    async fn offer_call(
+        &self,
+        to: AccountId,
+        video: bool,
+    ) -> Result<(CallId, ActiveCall), ClientError> {
+        let inner = self.inner();
         let (allocation, token, call_id) = inner.connection.allocate_call(to).await?;
         let key = CallKey::generate();
         let offer = CallSignal::Offer {
@@ -445,14 +472,14 @@ impl crate::client::Client {
             token: token.0,
             video,
         };
-        if let Err(error) = inner.send_signal(&mut state, to, offer).await {
+        if let Err(error) = inner.send_signal(to, offer).await {
             let _ = inner
                 .connection
                 .end_call(allocation, CallOutcome::Failed)
                 .await;
             return Err(error);
         }
-        state.calls.insert(
+        Ok((
             call_id,
             ActiveCall {
                 peer: to,
@@ -462,43 +489,44 @@ impl crate::client::Client {
                 key,
                 phase: Phase::Ringing,
             },
-        );
-        let timeout = std::time::Duration::from_secs(u64::from(state.settings.ring_timeout_secs));
-        inner.ring_out_after(call_id, timeout);
-        Ok(call_id)
+        ))
     }
 
     /// Answers a ringing call on this device.
     pub async fn answer_call(&self, call_id: CallId) -> Result<(), ClientError> {
         let inner = self.inner();
-        let mut state = inner.state.lock().await;
-        let call = state.calls.get(&call_id).ok_or(ClientError::NoSuchCall)?;
-        if call.role != Role::Callee || call.phase != Phase::Ringing {
-            return Err(ClientError::NoSuchCall);
-        }
-        let (peer, allocation, token) = (call.peer, call.allocation, call.token);
+        let _operation = inner.call_operations.lock().await;
+        let (peer, allocation, token) = {
+            let state = inner.lock();
+            let call = state.calls.get(&call_id).ok_or(ClientError::NoSuchCall)?;
+            if call.role != Role::Callee || call.phase != Phase::Ringing {
+                return Err(ClientError::NoSuchCall);
+            }
+            (call.peer, call.allocation, call.token)
+        };
         if let Err(error) = inner
             .connection
             .join_call(allocation, CallToken(token))
             .await
         {
             // Answered elsewhere first, or the caller already gave up.
-            state.calls.remove(&call_id);
+            inner.lock().calls.remove(&call_id);
             return Err(error.into());
         }
         if let Err(error) = inner
-            .tell_caller_and_own_devices(&mut state, peer, CallSignal::Answer { call_id })
+            .tell_caller_and_own_devices(peer, CallSignal::Answer { call_id })
             .await
         {
             // Joined at the relay but the caller cannot know: end it rather than leave a
             // half-answered call (and a record of a conversation nobody had).
-            state.calls.remove(&call_id);
+            inner.lock().calls.remove(&call_id);
             let _ = inner
                 .connection
                 .end_call(allocation, CallOutcome::Failed)
                 .await;
             return Err(error);
         }
+        let mut state = inner.lock();
         if let Some(call) = state.calls.get_mut(&call_id) {
             call.phase = Phase::Connected;
             inner.connect_media(call_id, call);
@@ -509,13 +537,19 @@ impl crate::client::Client {
     /// Declines a ringing call (on all our devices).
     pub async fn reject_call(&self, call_id: CallId) -> Result<(), ClientError> {
         let inner = self.inner();
-        let mut state = inner.state.lock().await;
-        let call = state
+        let _operation = inner.call_operations.lock().await;
+        self.reject_locked(call_id).await
+    }
+
+    async fn reject_locked(&self, call_id: CallId) -> Result<(), ClientError> {
+        let inner = self.inner();
+        let call = inner
+            .lock()
             .calls
             .remove(&call_id)
             .ok_or(ClientError::NoSuchCall)?;
         inner
-            .tell_caller_and_own_devices(&mut state, call.peer, CallSignal::Reject { call_id })
+            .tell_caller_and_own_devices(call.peer, CallSignal::Reject { call_id })
             .await
     }
 
@@ -523,26 +557,34 @@ impl crate::client::Client {
     /// declines one ringing here.
     pub async fn hang_up(&self, call_id: CallId) -> Result<(), ClientError> {
         let inner = self.inner();
-        let mut state = inner.state.lock().await;
-        let ringing_here = state
-            .calls
-            .get(&call_id)
-            .is_some_and(|call| call.role == Role::Callee && call.phase == Phase::Ringing);
-        if ringing_here {
+        let _operation = inner.call_operations.lock().await;
+        let call = {
+            let mut state = inner.lock();
+            let ringing_here = state
+                .calls
+                .get(&call_id)
+                .is_some_and(|call| call.role == Role::Callee && call.phase == Phase::Ringing);
+            if ringing_here {
+                None
+            } else {
+                Some(
+                    state
+                        .calls
+                        .remove(&call_id)
+                        .ok_or(ClientError::NoSuchCall)?,
+                )
+            }
+        };
+        let Some(call) = call else {
             // Hanging up a call that rings here declines it.
-            drop(state);
-            return self.reject_call(call_id).await;
-        }
-        let call = state
-            .calls
-            .remove(&call_id)
-            .ok_or(ClientError::NoSuchCall)?;
+            return self.reject_locked(call_id).await;
+        };
         inner.drop_media(call.allocation, &call_id);
         let (signal, outcome) = match call.phase {
             Phase::Connected => (CallSignal::HangUp { call_id }, CallOutcome::Answered),
             Phase::Ringing => (CallSignal::Cancel { call_id }, CallOutcome::Missed),
         };
-        let _ = inner.send_signal(&mut state, call.peer, signal).await;
+        let _ = inner.send_signal(call.peer, signal).await;
         match inner.connection.end_call(call.allocation, outcome).await {
             // The peer's side ended the allocation first: the call is over either way.
             Ok(()) | Err(ConnectionError::Refused(ErrorCode::UnknownCall)) => Ok(()),

@@ -1,0 +1,619 @@
+//! What the client keeps in memory, how it is loaded from the local store, and how what it
+//! changed finds its way back there.
+//!
+//! The state sits behind a plain (not async) mutex that is never held across an `.await`:
+//! the compiler refuses to keep its guard in a spawned future, so no relay round trip and
+//! no disk wait can ever happen under it. Work under the lock is computation only:
+//! encrypting, decrypting, updating maps.
+//!
+//! Changes are not written where they happen. A change marks what it touched ([`Dirty`]),
+//! and [`Inner::submit`] turns everything marked into one batch for the committer, taking
+//! each session's newest form once however many messages moved it. Submitting happens
+//! under the lock, so batches reach the committer in the order the state went through.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, MutexGuard, PoisonError};
+
+use hush_protocol::sealed::SenderCertificate;
+use hush_protocol::{AccountId, DeviceAddress, DeviceId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use super::calls::{ActiveCall, MediaTable};
+use super::commit::{Committer, Durability, Ticket};
+use super::{ClientError, ClientEvent, Settings};
+use crate::connection::Connection;
+use crate::content::{CallId, CallSignal, Content, MessageId};
+use crate::keys::IdentityKeyPair;
+use crate::prekeys::PrekeySet;
+use crate::session::SessionSet;
+use crate::store::{Change, LocalStore, StoreError, Table};
+use crate::util::Clock;
+use crate::{kdf, pickle};
+
+pub(super) const ACCOUNT_KEY: &[u8] = b"account";
+pub(super) const PREKEYS_KEY: &[u8] = b"prekeys";
+pub(super) const SETTINGS_KEY: &[u8] = b"settings";
+pub(super) const SEEN_SETUPS_KEY: &[u8] = b"seen-setups";
+pub(super) const RETIRED_SESSIONS_KEY: &[u8] = b"retired-sessions";
+/// How long an accepted setup's base key is remembered: longer than any signed prekey
+/// lives (a week current, two more weeks kept), so a replayed prekey message that used
+/// only the last-resort KEM key can never start a second session.
+pub(super) const SEEN_SETUPS_SECS: u64 =
+    crate::prekeys::ROTATE_AFTER_SECS + crate::prekeys::KEEP_ROTATED_SECS + 24 * 3600;
+/// How long the sessions with a device that left its account are kept once we notice:
+/// what it sent before it left can wait on the relay that long at most, plus a day.
+pub(super) const RETIRED_SESSIONS_SECS: u64 = crate::ratchet::MAX_SKIPPED_AGE_SECS + 24 * 3600;
+
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+pub(super) struct AccountRecord {
+    pub(super) identity: Vec<u8>,
+    pub(super) device_key: [u8; 32],
+    pub(super) account: [u8; 16],
+    pub(super) device: u32,
+    pub(super) profile_key: [u8; 32],
+}
+
+/// Work the receive loop hands off, so it never waits on a relay request itself.
+pub(crate) enum Work {
+    Receipt(AccountId, MessageId),
+    /// A call signal to send at once (e.g. `Busy` for an offer while in a call).
+    CallSignal(AccountId, CallSignal),
+    /// Tells the relay a call allocation is over.
+    EndCall(u32, hush_protocol::CallOutcome),
+    /// A copy of a sent message for our other devices.
+    OwnCopy(Box<Content>),
+    Prekeys {
+        replenish: bool,
+    },
+}
+
+/// A message not yet accepted by the relay.
+#[derive(Serialize, Deserialize)]
+pub(super) struct PendingMessage {
+    pub(super) to: [u8; 16],
+    pub(super) content: Content,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub(super) struct Contact {
+    pub(super) account: [u8; 16],
+    pub(super) identity: Option<Vec<u8>>,
+    pub(super) profile_key: Option<[u8; 32]>,
+    pub(super) devices: Vec<u32>,
+    pub(super) expires_in: Option<u32>,
+}
+
+impl Contact {
+    pub(super) fn new(account: AccountId) -> Self {
+        Contact {
+            account: account.0,
+            identity: None,
+            profile_key: None,
+            devices: Vec::new(),
+            expires_in: None,
+        }
+    }
+}
+
+/// What changed in memory since the last submitted batch.
+#[derive(Default)]
+pub(super) struct Dirty {
+    sessions: BTreeSet<DeviceAddress>,
+    contacts: BTreeSet<AccountId>,
+    prekeys: bool,
+    seen_setups: bool,
+    retired: bool,
+    /// Rows written or deleted as they are (messages, the outbox, deleted sessions); they
+    /// go first, so a session deleted and set up again in one batch ends up stored.
+    rows: Vec<Change>,
+}
+
+pub(crate) struct State {
+    pub(super) identity: IdentityKeyPair,
+    pub(super) address: DeviceAddress,
+    pub(crate) profile_key: Zeroizing<[u8; 32]>,
+    pub(super) prekeys: PrekeySet,
+    pub(super) sessions: HashMap<DeviceAddress, SessionSet>,
+    pub(super) contacts: HashMap<AccountId, Contact>,
+    pub(crate) settings: Settings,
+    pub(super) certificate: Option<(SenderCertificate, u64)>,
+    /// The key that signs sender certificates, as the relay last told us.
+    pub(super) relay_key: [u8; 32],
+    /// Events raised while the state was locked, emitted once it is not: sending into
+    /// the app's bounded channel under the lock could wait on an app that waits on us.
+    pub(crate) pending_events: Vec<ClientEvent>,
+    /// Calls ringing or under way, by call id.
+    pub(crate) calls: HashMap<CallId, ActiveCall>,
+    /// A `start_call` is between its check that no call is under way and its insert: an
+    /// offer arriving meanwhile finds this device busy, as it would once the call exists.
+    pub(super) call_starting: bool,
+    /// Base keys of accepted session setups, with when we accepted them.
+    pub(super) seen_setups: BTreeMap<[u8; 32], u64>,
+    /// Our account's other devices, as last learned (asking before every send would tell
+    /// the relay when we send).
+    pub(super) own_devices: Option<Vec<DeviceId>>,
+    /// Devices that left their account, with when we noticed. We no longer send to them,
+    /// but keep their sessions for [`RETIRED_SESSIONS_SECS`]: what they sent before they
+    /// left may still be on the relay, or queued behind the send that noticed.
+    pub(super) retired: BTreeMap<DeviceAddress, u64>,
+    pub(super) dirty: Dirty,
+}
+
+impl State {
+    /// Marks a session as moved: its new form goes with the next batch.
+    pub(super) fn session_changed(&mut self, address: DeviceAddress) {
+        self.dirty.sessions.insert(address);
+    }
+
+    pub(super) fn contact_changed(&mut self, account: AccountId) {
+        self.dirty.contacts.insert(account);
+    }
+
+    pub(super) fn prekeys_changed(&mut self) {
+        self.dirty.prekeys = true;
+    }
+
+    pub(super) fn seen_setups_changed(&mut self) {
+        self.dirty.seen_setups = true;
+    }
+
+    pub(super) fn retired_changed(&mut self) {
+        self.dirty.retired = true;
+    }
+
+    /// A row written as it is, with the next batch.
+    pub(super) fn write(&mut self, change: Change) {
+        self.dirty.rows.push(change);
+    }
+
+    /// Everything marked, as store changes; the marks are cleared.
+    pub(super) fn take_changes(&mut self, store: &LocalStore) -> Result<Vec<Change>, ClientError> {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut changes = dirty.rows;
+        for address in dirty.sessions {
+            // A session deleted since it was marked is not written back.
+            if let Some(set) = self.sessions.get(&address) {
+                changes.push(store.put(
+                    Table::Sessions,
+                    &session_key(&address),
+                    pickle::pickle_session_set(set),
+                ));
+            }
+        }
+        for account in dirty.contacts {
+            if let Some(contact) = self.contacts.get(&account) {
+                changes.push(store.put(Table::Contacts, &account.0, encode(contact)?));
+            }
+        }
+        if dirty.prekeys {
+            changes.push(store.put(
+                Table::State,
+                PREKEYS_KEY,
+                pickle::pickle_prekeys(&self.prekeys),
+            ));
+        }
+        if dirty.seen_setups {
+            changes.push(store.put(Table::State, SEEN_SETUPS_KEY, encode(&self.seen_setups)?));
+        }
+        if dirty.retired {
+            changes.push(store.put(Table::State, RETIRED_SESSIONS_KEY, encode(&self.retired)?));
+        }
+        Ok(changes)
+    }
+
+    /// The delivery token of a contact whose profile key we know.
+    pub(super) fn contact_token(&self, account: AccountId) -> Option<[u8; 16]> {
+        self.contacts
+            .get(&account)
+            .and_then(|c| c.profile_key.as_ref())
+            .map(delivery_token)
+    }
+
+    /// The session set with `address`, from memory or else from the store.
+    pub(super) fn load_session(
+        &mut self,
+        store: &LocalStore,
+        address: DeviceAddress,
+    ) -> Result<Option<&mut SessionSet>, ClientError> {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.sessions.entry(address) {
+            let Some(bytes) = store.get(Table::Sessions, &session_key(&address))? else {
+                return Ok(None);
+            };
+            slot.insert(load_sessions(&bytes)?);
+        }
+        Ok(self.sessions.get_mut(&address))
+    }
+
+    /// Marks the sessions with devices that left their account as retired (from `now`,
+    /// unless already), and deletes those retired long enough ago.
+    pub(super) fn retire_sessions(
+        &mut self,
+        store: &LocalStore,
+        addresses: &[DeviceAddress],
+        now: u64,
+    ) {
+        let before = self.retired.len();
+        for address in addresses {
+            self.retired.entry(*address).or_insert(now);
+        }
+        if self.retired.len() != before {
+            self.retired_changed();
+        }
+        self.purge_retired(store, now);
+    }
+
+    /// Deletes the sessions of devices retired at least [`RETIRED_SESSIONS_SECS`] before
+    /// `now`: nothing they sent can still be on the relay.
+    pub(super) fn purge_retired(&mut self, store: &LocalStore, now: u64) {
+        let expired: Vec<DeviceAddress> = self
+            .retired
+            .iter()
+            .filter(|(_, at)| now.saturating_sub(**at) >= RETIRED_SESSIONS_SECS)
+            .map(|(address, _)| *address)
+            .collect();
+        for address in expired {
+            self.retired.remove(&address);
+            self.sessions.remove(&address);
+            self.write(store.delete(Table::Sessions, &session_key(&address)));
+            self.retired_changed();
+        }
+    }
+
+    /// Records the identity key seen for a contact (trust on first use). Returns whether
+    /// it replaced a different one: then the sessions with the old identity are dropped
+    /// and the app must be told, so the user can compare safety numbers again.
+    pub(super) fn record_identity(
+        &mut self,
+        store: &LocalStore,
+        account: AccountId,
+        identity: &[u8],
+    ) -> bool {
+        if account == self.address.account {
+            return false;
+        }
+        let contact = self
+            .contacts
+            .entry(account)
+            .or_insert_with(|| Contact::new(account));
+        if contact.identity.as_deref() == Some(identity) {
+            return false;
+        }
+        let changed = contact.identity.is_some();
+        contact.identity = Some(identity.to_vec());
+        self.contact_changed(account);
+        if changed {
+            let stale: Vec<_> = self
+                .sessions
+                .keys()
+                .filter(|a| a.account == account)
+                .copied()
+                .collect();
+            for address in stale {
+                self.sessions.remove(&address);
+                self.write(store.delete(Table::Sessions, &session_key(&address)));
+            }
+        }
+        changed
+    }
+
+    /// Records the identity seen for `account`; a change raises an event.
+    pub(super) fn note_identity(
+        &mut self,
+        store: &LocalStore,
+        account: AccountId,
+        identity: &[u8],
+    ) {
+        if self.record_identity(store, account, identity) {
+            self.pending_events
+                .push(ClientEvent::IdentityChanged { account });
+        }
+    }
+
+    /// Whether a call rings or runs here, or is being started.
+    pub(super) fn in_call(&self) -> bool {
+        self.call_starting || !self.calls.is_empty()
+    }
+}
+
+pub(crate) struct Inner {
+    pub(super) store: Arc<LocalStore>,
+    pub(super) committer: Committer,
+    pub(crate) connection: Connection,
+    pub(super) anonymous: Connection,
+    pub(super) state: std::sync::Mutex<State>,
+    pub(super) events: mpsc::Sender<ClientEvent>,
+    /// Receipts, copies for our own devices and prekey upkeep, done by the worker task.
+    pub(crate) work: mpsc::UnboundedSender<Work>,
+    /// Media of connected calls (a plain mutex: held only for one frame at a time).
+    pub(crate) media: std::sync::Mutex<MediaTable>,
+    /// Serializes the call operations of the app (start, answer, reject, hang up) and of
+    /// the ring timer among themselves; each takes the state lock only briefly.
+    pub(super) call_operations: tokio::sync::Mutex<()>,
+    pub(super) clock: Arc<dyn Clock>,
+}
+
+impl Inner {
+    /// The state. A panic under the lock cannot leave it half-updated in a way a later
+    /// commit would persist: nothing reaches the store but through [`Inner::submit`].
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn now(&self) -> u64 {
+        self.clock.now()
+    }
+
+    /// Hands everything the state marked, plus `extra`, to the committer as one batch.
+    /// Called under the lock, which keeps batches in the order the state went through.
+    pub(super) fn submit(
+        &self,
+        state: &mut State,
+        extra: Vec<Change>,
+        durability: Durability,
+    ) -> Result<Ticket, ClientError> {
+        let mut changes = match state.take_changes(&self.store) {
+            Ok(changes) => changes,
+            Err(error) => {
+                // What was marked cannot be written: memory is ahead of the disk.
+                self.forget_unsaved(state);
+                return Err(error);
+            }
+        };
+        changes.extend(extra);
+        Ok(self.committer.submit(changes, durability))
+    }
+
+    /// A batch failed: memory ran ahead of the disk. The state goes back to what the
+    /// store holds (sessions reload from it when next used), and the committer, which
+    /// refused everything after the failure, takes batches again. What the relay delivered
+    /// meanwhile was not acknowledged and comes again; the old session state opens it.
+    pub(super) fn recover(&self) {
+        let mut state = self.lock();
+        self.forget_unsaved(&mut state);
+        self.committer.resume();
+    }
+
+    fn forget_unsaved(&self, state: &mut State) {
+        state.dirty = Dirty::default();
+        state.sessions.clear();
+        if let Ok(Some(bytes)) = self.store.get(Table::State, PREKEYS_KEY) {
+            if let Ok(prekeys) = pickle::unpickle_prekeys(&bytes) {
+                state.prekeys = prekeys;
+            }
+        }
+        if let Ok(Some(bytes)) = self.store.get(Table::State, SEEN_SETUPS_KEY) {
+            if let Ok(seen) = decode(&bytes) {
+                state.seen_setups = seen;
+            }
+        }
+        if let Ok(Some(bytes)) = self.store.get(Table::State, RETIRED_SESSIONS_KEY) {
+            if let Ok(retired) = decode(&bytes) {
+                state.retired = retired;
+            }
+        }
+        if let Ok(values) = self.store.values(Table::Contacts) {
+            let contacts: Result<HashMap<_, _>, _> = values
+                .iter()
+                .map(|bytes| decode::<Contact>(bytes).map(|c| (AccountId(c.account), c)))
+                .collect();
+            if let Ok(contacts) = contacts {
+                state.contacts = contacts;
+            }
+        }
+    }
+}
+
+/// The delivery token that holders of `profile_key` present to send sealed messages.
+pub(crate) fn delivery_token(profile_key: &[u8; 32]) -> [u8; 16] {
+    *kdf::hkdf::<16>(&[], profile_key, b"hush-delivery-token-v1")
+}
+
+/// A stored session set. A record that does not decode is a damaged store, not a bad
+/// message: the envelope must stay on the relay, not be dropped as undecryptable.
+pub(super) fn load_sessions(bytes: &[u8]) -> Result<SessionSet, ClientError> {
+    pickle::unpickle_session_set(bytes).map_err(|_| ClientError::Store(StoreError::Corrupt))
+}
+
+pub(super) fn session_key(address: &DeviceAddress) -> [u8; 20] {
+    address.to_bytes()
+}
+
+/// Messages are kept per conversation: an id chosen by one contact can never touch a row
+/// of another conversation.
+pub(super) fn message_key(conversation: AccountId, id: MessageId) -> [u8; 32] {
+    let mut key = [0u8; 32];
+    key[..16].copy_from_slice(&conversation.0);
+    key[16..].copy_from_slice(&id.0);
+    key
+}
+
+/// When a message with a timer disappears; a hostile timestamp saturates, never wraps.
+pub(super) fn expiry(start: u64, expires_in: Option<u32>) -> Option<u64> {
+    expires_in.map(|secs| start.saturating_add(u64::from(secs)))
+}
+
+pub(super) fn encode(value: &impl Serialize) -> Result<Zeroizing<Vec<u8>>, ClientError> {
+    postcard::to_allocvec(value)
+        .map(Zeroizing::new)
+        .map_err(|_| ClientError::Store(StoreError::Corrupt))
+}
+
+pub(super) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ClientError> {
+    postcard::from_bytes(bytes).map_err(|_| ClientError::Store(StoreError::Corrupt))
+}
+
+#[cfg(test)]
+mod tests {
+    use rand_core::OsRng;
+
+    use super::*;
+    use crate::pqxdh::PeerBundle;
+    use crate::session::Session;
+    use crate::store::StorageKey;
+
+    fn state() -> State {
+        State {
+            identity: IdentityKeyPair::generate(),
+            address: DeviceAddress {
+                account: AccountId([1; 16]),
+                device: DeviceId(1),
+            },
+            profile_key: Zeroizing::new([0; 32]),
+            prekeys: PrekeySet::default(),
+            sessions: HashMap::new(),
+            contacts: HashMap::new(),
+            settings: Settings::default(),
+            certificate: None,
+            relay_key: [0; 32],
+            pending_events: Vec::new(),
+            seen_setups: BTreeMap::new(),
+            own_devices: None,
+            retired: BTreeMap::new(),
+            calls: HashMap::new(),
+            call_starting: false,
+            dirty: Dirty::default(),
+        }
+    }
+
+    fn session_with(identity: &IdentityKeyPair, device: u32) -> SessionSet {
+        let mut prekeys = PrekeySet::default();
+        let upload = prekeys.rotate(identity, 0, &mut OsRng);
+        let bundle = hush_protocol::DeviceBundle {
+            device: DeviceId(device),
+            device_key: [0; 32],
+            signed_prekey: upload.signed_prekey,
+            one_time: None,
+            kem: upload.kem_last_resort,
+            kem_is_last_resort: true,
+        };
+        let peer = PeerBundle::verify(&identity.public().to_bytes(), &bundle).unwrap();
+        SessionSet::new(Session::initiate(&IdentityKeyPair::generate(), &peer, &mut OsRng).unwrap())
+    }
+
+    fn commit(store: &LocalStore, state: &mut State) {
+        let changes = state.take_changes(store).unwrap();
+        store.commit(changes).unwrap();
+    }
+
+    #[test]
+    fn a_changed_identity_is_reported_and_drops_its_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), &StorageKey::from_bytes([1; 32])).unwrap();
+        let mut state = state();
+        let bob = AccountId([2; 16]);
+        let first = IdentityKeyPair::generate().public().to_bytes();
+        let second = IdentityKeyPair::generate().public().to_bytes();
+        // First sight: recorded, not a change.
+        assert!(!state.record_identity(&store, bob, &first));
+        assert!(!state.record_identity(&store, bob, &first));
+        commit(&store, &mut state);
+
+        // A session with Bob's device, as if set up under the first identity.
+        let address = DeviceAddress {
+            account: bob,
+            device: DeviceId(1),
+        };
+        state
+            .sessions
+            .insert(address, session_with(&IdentityKeyPair::generate(), 1));
+        state.session_changed(address);
+        commit(&store, &mut state);
+        assert!(store
+            .get(Table::Sessions, &session_key(&address))
+            .unwrap()
+            .is_some());
+
+        assert!(state.record_identity(&store, bob, &second));
+        commit(&store, &mut state);
+        assert!(state.sessions.is_empty());
+        assert!(store
+            .get(Table::Sessions, &session_key(&address))
+            .unwrap()
+            .is_none());
+        let stored: Contact =
+            decode(&store.get(Table::Contacts, &bob.0).unwrap().unwrap()).unwrap();
+        assert_eq!(stored.identity.as_deref(), Some(&second[..]));
+        // Our own account is never a contact.
+        let own = state.address.account;
+        assert!(!state.record_identity(&store, own, &second));
+    }
+
+    /// A departed device's session is kept as long as something it sent may still arrive,
+    /// then deleted from memory and store.
+    #[test]
+    fn retired_sessions_are_purged_only_once_nothing_of_theirs_can_arrive() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), &StorageKey::from_bytes([1; 32])).unwrap();
+        let mut state = state();
+        let address = DeviceAddress {
+            account: AccountId([2; 16]),
+            device: DeviceId(2),
+        };
+        state
+            .sessions
+            .insert(address, session_with(&IdentityKeyPair::generate(), 2));
+        state.session_changed(address);
+        state.retire_sessions(&store, &[address], 1000);
+        commit(&store, &mut state);
+
+        let almost = 1000 + RETIRED_SESSIONS_SECS - 1;
+        state.purge_retired(&store, almost);
+        assert!(state.dirty.rows.is_empty());
+        assert!(state.sessions.contains_key(&address));
+
+        state.purge_retired(&store, almost + 1);
+        commit(&store, &mut state);
+        assert!(state.retired.is_empty());
+        assert!(state.sessions.is_empty());
+        assert!(store
+            .get(Table::Sessions, &session_key(&address))
+            .unwrap()
+            .is_none());
+        let stored: BTreeMap<DeviceAddress, u64> = decode(
+            &store
+                .get(Table::State, RETIRED_SESSIONS_KEY)
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(stored.is_empty());
+    }
+
+    /// However many messages moved a session between two batches, the batch writes it
+    /// once, in its newest form.
+    #[test]
+    fn a_batch_writes_each_moved_session_once_in_its_newest_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), &StorageKey::from_bytes([1; 32])).unwrap();
+        let mut state = state();
+        let address = DeviceAddress {
+            account: AccountId([2; 16]),
+            device: DeviceId(1),
+        };
+        state
+            .sessions
+            .insert(address, session_with(&IdentityKeyPair::generate(), 1));
+        for _ in 0..3 {
+            let set = state.sessions.get_mut(&address).unwrap();
+            set.current_mut().unwrap().encrypt(b"hi").unwrap();
+            state.session_changed(address);
+        }
+        let changes = state.take_changes(&store).unwrap();
+        assert_eq!(changes.len(), 1);
+        store.commit(changes).unwrap();
+        let stored = load_sessions(
+            &store
+                .get(Table::Sessions, &session_key(&address))
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            pickle::pickle_session_set(&stored).as_slice(),
+            pickle::pickle_session_set(&state.sessions[&address]).as_slice()
+        );
+        assert!(state.take_changes(&store).unwrap().is_empty());
+    }
+}
