@@ -44,10 +44,11 @@ pub struct ChatArgs {
     #[arg(long, default_value_t = 20)]
     users: usize,
     /// Open loop: messages per second each user sends. Without it, closed loop: each user
-    /// keeps `--window` messages in flight (an E2E client sends one at a time).
+    /// keeps `--window` messages in flight.
     #[arg(long)]
     rate: Option<f64>,
-    /// Closed loop: messages in flight per user with `--raw-envelopes`.
+    /// Closed loop: messages in flight per user (sends an E2E client has under way at
+    /// once; `--window 1` is a user who waits for each send before the next).
     #[arg(long, default_value_t = 32)]
     window: usize,
     /// Message size in bytes (the plaintext; padding is added on top in E2E mode).
@@ -306,8 +307,7 @@ pub async fn load(args: &ChatArgs, target: &Target) -> anyhow::Result<Report> {
 
     let mode = match args.rate {
         Some(rate) => format!("open loop, {rate} msgs/s per user"),
-        None if args.raw_envelopes => format!("closed loop, {} in flight per user", args.window),
-        None => "closed loop, one in flight per user".to_owned(),
+        None => format!("closed loop, {} in flight per user", args.window),
     };
     let label = if args.raw_envelopes {
         "chat --raw-envelopes"
@@ -335,7 +335,7 @@ pub async fn load(args: &ChatArgs, target: &Target) -> anyhow::Result<Report> {
         if let Some(rate) = args.rate {
             senders.spawn(plan.open_loop(rate));
         } else {
-            let lanes = if args.raw_envelopes { args.window } else { 1 };
+            let lanes = args.window.max(1);
             for lane in 0..lanes {
                 senders.spawn(plan.clone().closed_loop(lane, lanes));
             }
@@ -381,7 +381,7 @@ pub async fn load(args: &ChatArgs, target: &Target) -> anyhow::Result<Report> {
         durability: "after the fsync of a group commit (P4)".to_owned(),
         config: serde_json::json!({
             "users": users, "size": args.size, "rate_per_user": args.rate,
-            "window": if args.raw_envelopes { args.window } else { 1 },
+            "window": args.window,
             "duration_s": args.duration.as_secs_f64(), "raw_envelopes": args.raw_envelopes,
             "relay_started_by_bench": target.child.is_some(),
             "plaintext_canary": args.plaintext_canary.is_some(),

@@ -17,8 +17,11 @@
 //! DH(IK_S, IK_R)). The relay-signed certificate inside must name that same identity key,
 //! must not be expired, and names the account and device to answer.
 
+use std::collections::HashMap;
+
 use hush_protocol::sealed::{CertificateError, SenderCertificate, SenderCertificateBody};
 use rand_core::CryptoRngCore;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use x25519_dalek::PublicKey;
 use zeroize::Zeroizing;
@@ -34,6 +37,81 @@ const STATIC_LABEL: &[u8] = b"hush-sealed-static-v1";
 const CONTENT_LABEL: &[u8] = b"hush-sealed-content-v1";
 const TAG_LEN: usize = 16;
 const ENCRYPTED_STATIC_LEN: usize = IDENTITY_KEY_LEN + TAG_LEN;
+/// Entries a [`SealCache`] keeps of each kind; when full it starts over (a device talks
+/// to far fewer identities than this at a time).
+const CACHE_ENTRIES: usize = 4096;
+
+/// Our public agreement key and a peer's.
+type KeyPair = ([u8; 32], [u8; 32]);
+
+/// What a device may remember between envelopes instead of computing again: the static
+/// agreement `DH(IK_ours, IK_peer)` with each peer identity (the same for every envelope
+/// between the two), and the sender certificates it has verified (a sender uses one for a
+/// day). Half the public-key operations of sealing and opening an envelope repeat; the
+/// cache skips them and changes nothing else: the ephemeral agreement, both AEADs and
+/// the certificate's expiry are checked for every envelope as before. Bounded; the
+/// agreements are secrets, zeroized when dropped, never printed.
+#[derive(Default)]
+pub struct SealCache {
+    /// By our agreement key and the peer's.
+    statics: HashMap<KeyPair, Zeroizing<[u8; 32]>>,
+    /// By SHA-256 of the relay key, the certificate body and its signature.
+    certificates: HashMap<[u8; 32], SenderCertificateBody>,
+}
+
+impl std::fmt::Debug for SealCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SealCache(<redacted>)")
+    }
+}
+
+impl SealCache {
+    /// `DH(ours, peer)`, computed once per pair.
+    fn static_agreement(
+        &mut self,
+        ours: &IdentityKeyPair,
+        peer: &PublicKey,
+    ) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
+        let key = (ours.public().agreement().to_bytes(), peer.to_bytes());
+        if let Some(shared) = self.statics.get(&key) {
+            return Ok(shared.clone());
+        }
+        let shared = Zeroizing::new(kdf::dh(ours.agreement(), peer)?.to_bytes());
+        if self.statics.len() >= CACHE_ENTRIES {
+            self.statics.clear();
+        }
+        self.statics.insert(key, shared.clone());
+        Ok(shared)
+    }
+
+    /// What `certificate` asserts, if it is signed by `relay_key` and unexpired at `now`:
+    /// the signature is checked once per certificate, the expiry every time.
+    fn verified(
+        &mut self,
+        certificate: &SenderCertificate,
+        relay_key: &[u8; 32],
+        now: u64,
+    ) -> Result<SenderCertificateBody, CertificateError> {
+        let mut hash = Sha256::new();
+        hash.update(relay_key);
+        hash.update((certificate.body.len() as u64).to_be_bytes());
+        hash.update(&certificate.body);
+        hash.update(certificate.signature.0);
+        let key: [u8; 32] = hash.finalize().into();
+        if let Some(body) = self.certificates.get(&key) {
+            if now >= body.expires_at {
+                return Err(CertificateError::Expired);
+            }
+            return Ok(body.clone());
+        }
+        let body = certificate.verify(relay_key, now)?;
+        if self.certificates.len() >= CACHE_ENTRIES {
+            self.certificates.clear();
+        }
+        self.certificates.insert(key, body.clone());
+        Ok(body)
+    }
+}
 
 /// What opening a sealed envelope yields.
 #[derive(Debug)]
@@ -55,6 +133,28 @@ pub fn seal(
     message: &[u8],
     rng: &mut impl CryptoRngCore,
 ) -> Result<Vec<u8>, CryptoError> {
+    seal_cached(
+        &mut SealCache::default(),
+        sender,
+        certificate,
+        recipient,
+        recipient_device,
+        message,
+        rng,
+    )
+}
+
+/// [`seal`], remembering in `cache` what repeats for the next envelope to the same
+/// identity. One cache per sender identity.
+pub fn seal_cached(
+    cache: &mut SealCache,
+    sender: &IdentityKeyPair,
+    certificate: &SenderCertificate,
+    recipient: &IdentityKey,
+    recipient_device: u32,
+    message: &[u8],
+    rng: &mut impl CryptoRngCore,
+) -> Result<Vec<u8>, CryptoError> {
     let certificate =
         postcard::to_allocvec(certificate).map_err(|_| CryptoError::InvalidMessage)?;
     let certificate_len =
@@ -64,11 +164,22 @@ pub fn seal(
     content.extend_from_slice(&certificate);
     content.extend_from_slice(&recipient_device.to_be_bytes());
     content.extend_from_slice(message);
-    seal_content(sender, recipient, &content, rng)
+    seal_layers(cache, sender, recipient, &content, rng)
 }
 
 /// The two encryption layers around already-encoded content (see the module docs).
+#[cfg_attr(not(feature = "test-support"), allow(dead_code))]
 pub(crate) fn seal_content(
+    sender: &IdentityKeyPair,
+    recipient: &IdentityKey,
+    content: &[u8],
+    rng: &mut impl CryptoRngCore,
+) -> Result<Vec<u8>, CryptoError> {
+    seal_layers(&mut SealCache::default(), sender, recipient, content, rng)
+}
+
+fn seal_layers(
+    cache: &mut SealCache,
     sender: &IdentityKeyPair,
     recipient: &IdentityKey,
     content: &[u8],
@@ -88,7 +199,7 @@ pub(crate) fn seal_content(
     );
     let content_key = second_layer(
         &chain,
-        &kdf::dh(sender.agreement(), recipient.agreement())?.to_bytes(),
+        &*cache.static_agreement(sender, recipient.agreement())?,
         &encrypted_static,
     );
 
@@ -107,6 +218,26 @@ pub(crate) fn seal_content(
 /// Opens a sealed envelope addressed to `our_device`, checking the sender certificate
 /// against the relay's key at time `now`.
 pub fn open(
+    ours: &IdentityKeyPair,
+    our_device: u32,
+    relay_key: &[u8; 32],
+    sealed: &[u8],
+    now: u64,
+) -> Result<Unsealed, CryptoError> {
+    open_cached(
+        &mut SealCache::default(),
+        ours,
+        our_device,
+        relay_key,
+        sealed,
+        now,
+    )
+}
+
+/// [`open`], remembering in `cache` what repeats for the next envelope from the same
+/// sender. One cache per recipient identity.
+pub fn open_cached(
+    cache: &mut SealCache,
     ours: &IdentityKeyPair,
     our_device: u32,
     relay_key: &[u8; 32],
@@ -141,20 +272,20 @@ pub fn open(
     let sender_identity = IdentityKey::from_bytes(&sender_identity)?;
     let content_key = second_layer(
         &chain,
-        &kdf::dh(ours.agreement(), sender_identity.agreement())?.to_bytes(),
+        &*cache.static_agreement(ours, sender_identity.agreement())?,
         encrypted_static,
     );
     let content = kdf::open_once(&content_key, CONTENT_LABEL, encrypted_content, aad)?;
 
     let inner = parse_content(&content)?;
-    let sender = inner
-        .certificate
-        .verify(relay_key, now)
-        .map_err(|error| match error {
-            CertificateError::Expired => CryptoError::InvalidCertificate("expired"),
-            CertificateError::BadSignature => CryptoError::InvalidCertificate("bad signature"),
-            CertificateError::Malformed => CryptoError::InvalidCertificate("malformed"),
-        })?;
+    let sender =
+        cache
+            .verified(&inner.certificate, relay_key, now)
+            .map_err(|error| match error {
+                CertificateError::Expired => CryptoError::InvalidCertificate("expired"),
+                CertificateError::BadSignature => CryptoError::InvalidCertificate("bad signature"),
+                CertificateError::Malformed => CryptoError::InvalidCertificate("malformed"),
+            })?;
     if !bool::from(sender.identity_key.ct_eq(&sender_identity.to_bytes())) {
         return Err(CryptoError::InvalidCertificate(
             "certificate names another identity",
@@ -327,5 +458,75 @@ mod tests {
         for cut in [0, 1, 20, 33, 100, sealed.len() - 1] {
             assert!(open(&w.bob, 3, &relay_key, &sealed[..cut], 10).is_err());
         }
+    }
+
+    /// Cached and uncached sealing produce envelopes the other side opens either way: the
+    /// cache changes what is computed, not what is sent.
+    #[test]
+    fn cached_and_uncached_sealing_and_opening_interoperate() {
+        let mut w = world();
+        let relay_key = w.relay.verifying_key().to_bytes();
+        let cert = certificate(&w.relay, w.alice.public(), 1_000);
+        let (mut sending, mut receiving) = (SealCache::default(), SealCache::default());
+        for round in 0u8..3 {
+            let cached = seal_cached(
+                &mut sending,
+                &w.alice,
+                &cert,
+                w.bob.public(),
+                3,
+                &[round],
+                &mut w.rng,
+            )
+            .unwrap();
+            assert_eq!(
+                open(&w.bob, 3, &relay_key, &cached, 10).unwrap().message,
+                [round]
+            );
+            let plain = seal(&w.alice, &cert, w.bob.public(), 3, &[round], &mut w.rng).unwrap();
+            let opened = open_cached(&mut receiving, &w.bob, 3, &relay_key, &plain, 10).unwrap();
+            assert_eq!(opened.message, [round]);
+            assert_eq!(&opened.sender_identity, w.alice.public());
+        }
+    }
+
+    /// A certificate verified once is still checked for expiry on every envelope, and is
+    /// trusted only under the relay key it was verified under, with its own signature.
+    #[test]
+    fn a_cached_certificate_still_expires_and_binds_its_relay_key_and_signature() {
+        let mut w = world();
+        let relay_key = w.relay.verifying_key().to_bytes();
+        let cert = certificate(&w.relay, w.alice.public(), 1_000);
+        let mut cache = SealCache::default();
+        let sealed = seal(&w.alice, &cert, w.bob.public(), 3, b"x", &mut w.rng).unwrap();
+        open_cached(&mut cache, &w.bob, 3, &relay_key, &sealed, 999).unwrap();
+        assert_eq!(
+            open_cached(&mut cache, &w.bob, 3, &relay_key, &sealed, 1_000).unwrap_err(),
+            CryptoError::InvalidCertificate("expired")
+        );
+
+        // The same certificate under another relay's key.
+        let other_relay = SigningKey::generate(&mut w.rng).verifying_key().to_bytes();
+        assert_eq!(
+            open_cached(&mut cache, &w.bob, 3, &other_relay, &sealed, 10).unwrap_err(),
+            CryptoError::InvalidCertificate("bad signature")
+        );
+
+        // The verified body with a signature that is not the relay's.
+        let mut forged = cert.clone();
+        forged.signature.0[0] ^= 1;
+        let sealed = seal(&w.alice, &forged, w.bob.public(), 3, b"x", &mut w.rng).unwrap();
+        assert_eq!(
+            open_cached(&mut cache, &w.bob, 3, &relay_key, &sealed, 10).unwrap_err(),
+            CryptoError::InvalidCertificate("bad signature")
+        );
+
+        // Mallory, with Alice's genuine (and cached) certificate but not her key.
+        let mallory = IdentityKeyPair::generate_with(&mut w.rng);
+        let sealed = seal(&mallory, &cert, w.bob.public(), 3, b"x", &mut w.rng).unwrap();
+        assert_eq!(
+            open_cached(&mut cache, &w.bob, 3, &relay_key, &sealed, 10).unwrap_err(),
+            CryptoError::InvalidCertificate("certificate names another identity")
+        );
     }
 }

@@ -268,6 +268,7 @@ impl Client {
             calls: HashMap::new(),
             call_starting: false,
             dirty: Dirty::default(),
+            seal_cache: crate::sealed::SealCache::default(),
         };
         state.purge_retired(&store, now);
         let first_start = state.prekeys.one_time_counts().0 == 0;

@@ -181,7 +181,8 @@ impl Inner {
         let now = self.now();
         // The certificate must have been valid when the relay took the envelope, not now:
         // a device that was offline for a day still gets what waited for it.
-        let unsealed = sealed::open(
+        let unsealed = sealed::open_cached(
+            &mut state.seal_cache,
             &state.identity,
             state.address.device.0,
             &state.relay_key,

@@ -402,7 +402,8 @@ fn encrypt_for(
     };
     let message = session.encrypt(plaintext)?.to_bytes();
     state.session_changed(address);
-    let payload = sealed::seal(
+    let payload = sealed::seal_cached(
+        &mut state.seal_cache,
         &state.identity,
         certificate,
         recipient_identity,

@@ -139,6 +139,9 @@ pub(crate) struct State {
     /// left may still be on the relay, or queued behind the send that noticed.
     pub(super) retired: BTreeMap<DeviceAddress, u64>,
     pub(super) dirty: Dirty,
+    /// Static agreements and verified certificates of sealed sender, kept between
+    /// envelopes.
+    pub(super) seal_cache: crate::sealed::SealCache,
 }
 
 impl State {
@@ -474,6 +477,7 @@ mod tests {
             calls: HashMap::new(),
             call_starting: false,
             dirty: Dirty::default(),
+            seal_cache: crate::sealed::SealCache::default(),
         }
     }
 
