@@ -395,12 +395,12 @@ fn expiry(start: u64, expires_in: Option<u32>) -> Option<u64> {
     expires_in.map(|secs| start.saturating_add(u64::from(secs)))
 }
 
-fn encode(value: &impl Serialize) -> Zeroizing<Vec<u8>> {
-    Zeroizing::new(postcard::to_allocvec(value).unwrap_or_default())
+fn encode(value: &impl Serialize) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+    crate::store::encode_record(value)
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ClientError> {
-    postcard::from_bytes(bytes).map_err(|_| ClientError::Store(StoreError::Corrupt))
+    Ok(crate::store::decode_record(bytes)?)
 }
 
 impl Client {
@@ -437,8 +437,8 @@ impl Client {
             )
             .await?;
         store.commit(vec![
-            store.put(Table::State, ACCOUNT_KEY, encode(&record)),
-            store.put(Table::State, SETTINGS_KEY, encode(&settings)),
+            store.put(Table::State, ACCOUNT_KEY, encode(&record)?),
+            store.put(Table::State, SETTINGS_KEY, encode(&settings)?),
         ])?;
         Self::start(config, store, connection, true).await
     }
@@ -499,7 +499,7 @@ impl Client {
                 Some(bytes) => decode(&bytes)?,
                 None => BTreeMap::new(),
             };
-        let purged = purge_retired(&store, &mut retired, &mut HashMap::new(), now);
+        let purged = purge_retired(&store, &mut retired, &mut HashMap::new(), now)?;
         if !purged.is_empty() {
             store.commit(purged)?;
         }
@@ -605,7 +605,7 @@ impl Client {
         self.inner.store.commit(vec![self.inner.store.put(
             Table::Contacts,
             &account.0,
-            encode(&contact),
+            encode(&contact)?,
         )])?;
         state.contacts.insert(account, contact);
         Ok(account)
@@ -648,7 +648,7 @@ impl Client {
         self.inner.store.commit(vec![self.inner.store.put(
             Table::State,
             SETTINGS_KEY,
-            encode(&settings),
+            encode(&settings)?,
         )])?;
         state.settings = settings;
         Ok(())
@@ -678,7 +678,7 @@ impl Client {
         self.inner.store.commit(vec![self.inner.store.put(
             Table::Outbox,
             &id.0,
-            encode(&pending),
+            encode(&pending)?,
         )])?;
         let result = self.inner.deliver(&mut state, &pending).await;
         let events = std::mem::take(&mut state.pending_events);
@@ -932,8 +932,8 @@ impl LinkRequest {
             profile_key: bundle.profile_key,
         };
         let mut changes = vec![
-            store.put(Table::State, ACCOUNT_KEY, encode(&record)),
-            store.put(Table::State, SETTINGS_KEY, encode(&Settings::default())),
+            store.put(Table::State, ACCOUNT_KEY, encode(&record)?),
+            store.put(Table::State, SETTINGS_KEY, encode(&Settings::default())?),
         ];
         for linked in &bundle.contacts {
             let contact = Contact {
@@ -943,7 +943,7 @@ impl LinkRequest {
                 devices: Vec::new(),
                 expires_in: None,
             };
-            changes.push(store.put(Table::Contacts, &linked.account, encode(&contact)));
+            changes.push(store.put(Table::Contacts, &linked.account, encode(&contact)?));
         }
         store.commit(changes)?;
         drop(store);
@@ -1090,13 +1090,13 @@ impl Inner {
             changes.push(self.store.put(
                 Table::Messages,
                 &message_key(to, content.id),
-                encode(&message),
+                encode(&message)?,
             ));
         }
         if let Body::Timer { expires_in } = content.body {
             if let Some(contact) = state.contacts.get_mut(&to) {
                 contact.expires_in = expires_in;
-                changes.push(self.store.put(Table::Contacts, &to.0, encode(contact)));
+                changes.push(self.store.put(Table::Contacts, &to.0, encode(contact)?));
             }
         }
         self.store.commit(changes)?;
@@ -1125,7 +1125,7 @@ impl Inner {
             .ok_or(ClientError::UnknownContact)?;
         let access = contact.profile_key.as_ref().map(delivery_token);
         let mut devices: Vec<DeviceId> = contact.devices.iter().copied().map(DeviceId).collect();
-        let plaintext = content.encode();
+        let plaintext = content.encode()?;
         for _attempt in 0..3 {
             if devices.is_empty() {
                 devices = self
@@ -1179,7 +1179,7 @@ impl Inner {
                             self.store.commit(vec![self.store.put(
                                 Table::Contacts,
                                 &to.0,
-                                encode(contact),
+                                encode(contact)?,
                             )])?;
                         }
                     }
@@ -1220,12 +1220,12 @@ impl Inner {
             state.retired.entry(*address).or_insert(now);
         }
         let added = state.retired.len() != before;
-        let mut changes = purge_retired(&self.store, &mut state.retired, &mut state.sessions, now);
+        let mut changes = purge_retired(&self.store, &mut state.retired, &mut state.sessions, now)?;
         if changes.is_empty() && added {
             changes.push(self.store.put(
                 Table::State,
                 RETIRED_SESSIONS_KEY,
-                encode(&state.retired),
+                encode(&state.retired)?,
             ));
         }
         if !changes.is_empty() {
@@ -1255,7 +1255,7 @@ impl Inner {
         changes.push(self.store.put(
             Table::Sessions,
             &session_key(&address),
-            pickle::pickle_session_set(set),
+            pickle::pickle_session_set(set).map_err(StoreError::Pickle)?,
         ));
         let payload = sealed::seal(
             &state.identity,
@@ -1296,7 +1296,7 @@ impl Inner {
             }
             self.ensure_sessions(state, own.account, &devices).await?;
             let certificate = self.certificate(state).await?;
-            let plaintext = content.encode();
+            let plaintext = content.encode()?;
             let identity = *state.identity.public();
             let mut envelopes = Vec::new();
             let mut changes = Vec::new();
@@ -1416,7 +1416,10 @@ impl Inner {
         };
         // The ratchet moved (and prekeys may be used up): that is stored with whatever the
         // content turns out to be, in one commit.
-        let mut changes = self.session_changes(state, &from, used);
+        let mut changes = match self.session_changes(state, &from, used) {
+            Ok(changes) => changes,
+            Err(error) => return Err(self.forget(state, &from, error)),
+        };
         let content = match Content::decode(&plaintext) {
             Ok(content) => content,
             Err(error) => {
@@ -1433,10 +1436,14 @@ impl Inner {
                 }
             }
         }
-        let (event, receipt) = if own {
+        let outcome = if own {
             self.own_copy(state, content, &mut changes)
         } else {
             self.contact_content(state, from, content, &mut changes)
+        };
+        let (event, receipt) = match outcome {
+            Ok(outcome) => outcome,
+            Err(error) => return Err(self.forget(state, &from, error)),
         };
         self.commit_or_forget(state, &from, changes)?;
         let mut events = std::mem::take(&mut state.pending_events);
@@ -1450,13 +1457,13 @@ impl Inner {
         state: &mut State,
         from: &DeviceAddress,
         used: Option<crate::prekeys::UsedPrekeys>,
-    ) -> Vec<Change> {
+    ) -> Result<Vec<Change>, StoreError> {
         let mut changes = Vec::new();
         if let Some(set) = state.sessions.get(from) {
             changes.push(self.store.put(
                 Table::Sessions,
                 &session_key(from),
-                pickle::pickle_session_set(set),
+                pickle::pickle_session_set(set).map_err(StoreError::Pickle)?,
             ));
         }
         if let Some(used) = used {
@@ -1464,14 +1471,15 @@ impl Inner {
             changes.push(self.store.put(
                 Table::State,
                 PREKEYS_KEY,
-                pickle::pickle_prekeys(&state.prekeys),
+                pickle::pickle_prekeys(&state.prekeys).map_err(StoreError::Pickle)?,
             ));
-            changes.push(
-                self.store
-                    .put(Table::State, SEEN_SETUPS_KEY, encode(&state.seen_setups)),
-            );
+            changes.push(self.store.put(
+                Table::State,
+                SEEN_SETUPS_KEY,
+                encode(&state.seen_setups)?,
+            ));
         }
-        changes
+        Ok(changes)
     }
 
     /// Commits; if that fails, memory ran ahead of the disk: forget the session and reload
@@ -1482,9 +1490,14 @@ impl Inner {
         from: &DeviceAddress,
         changes: Vec<Change>,
     ) -> Result<(), ClientError> {
-        let Err(error) = self.store.commit(changes) else {
-            return Ok(());
-        };
+        self.store
+            .commit(changes)
+            .map_err(|error| self.forget(state, from, error))
+    }
+
+    /// Memory ran ahead of the disk (a commit, or the encoding of what it would have
+    /// written, failed): forget the session and reload the prekeys. Returns `error`.
+    fn forget(&self, state: &mut State, from: &DeviceAddress, error: StoreError) -> ClientError {
         state.sessions.remove(from);
         if let Ok(Some(bytes)) = self.store.get(Table::State, PREKEYS_KEY) {
             if let Ok(prekeys) = pickle::unpickle_prekeys(&bytes) {
@@ -1496,7 +1509,7 @@ impl Inner {
                 state.seen_setups = seen;
             }
         }
-        Err(error.into())
+        error.into()
     }
 
     /// A copy of something we sent from another device.
@@ -1505,12 +1518,12 @@ impl Inner {
         state: &mut State,
         content: Content,
         changes: &mut Vec<Change>,
-    ) -> (Option<ClientEvent>, Option<(AccountId, MessageId)>) {
+    ) -> Result<(Option<ClientEvent>, Option<(AccountId, MessageId)>), StoreError> {
         let Some(conversation) = content.sent_to.map(AccountId) else {
-            return (None, None);
+            return Ok((None, None));
         };
         if let Body::Call(signal) = &content.body {
-            return (crate::call::own_call_signal(state, signal), None);
+            return Ok((crate::call::own_call_signal(state, signal), None));
         }
         if let Body::Delete { target } = content.body {
             // We deleted one of our messages for everyone from another device.
@@ -1518,10 +1531,10 @@ impl Inner {
                 self.store
                     .delete(Table::Messages, &message_key(conversation, target)),
             );
-            return (None, None);
+            return Ok((None, None));
         }
         if !content.body.is_message() {
-            return (None, None);
+            return Ok((None, None));
         }
         let message = StoredMessage {
             id: content.id,
@@ -1534,9 +1547,9 @@ impl Inner {
         changes.push(self.store.put(
             Table::Messages,
             &message_key(conversation, message.id),
-            encode(&message),
+            encode(&message)?,
         ));
-        (Some(ClientEvent::SentElsewhere { message }), None)
+        Ok((Some(ClientEvent::SentElsewhere { message }), None))
     }
 
     /// Something a contact sent.
@@ -1546,7 +1559,7 @@ impl Inner {
         from: DeviceAddress,
         content: Content,
         changes: &mut Vec<Change>,
-    ) -> (Option<ClientEvent>, Option<(AccountId, MessageId)>) {
+    ) -> Result<(Option<ClientEvent>, Option<(AccountId, MessageId)>), StoreError> {
         let account = from.account;
         // A device that left still has its last messages read, but is not sent to again.
         let retired = state.retired.contains_key(&from);
@@ -1645,7 +1658,7 @@ impl Inner {
                 changes.push(self.store.put(
                     Table::Messages,
                     &message_key(account, message.id),
-                    encode(&message),
+                    encode(&message)?,
                 ));
                 let receipt = state
                     .settings
@@ -1663,10 +1676,13 @@ impl Inner {
         };
         if contact_changed {
             if let Some(contact) = state.contacts.get(&account) {
-                changes.push(self.store.put(Table::Contacts, &account.0, encode(contact)));
+                changes.push(
+                    self.store
+                        .put(Table::Contacts, &account.0, encode(contact)?),
+                );
             }
         }
-        result
+        Ok(result)
     }
 
     /// Emits events raised on the app's side (from `send`) without waiting: the app may be
@@ -1738,7 +1754,7 @@ async fn maintain_prekeys(
     store.commit(vec![store.put(
         Table::State,
         PREKEYS_KEY,
-        pickle::pickle_prekeys(prekeys),
+        pickle::pickle_prekeys(prekeys).map_err(StoreError::Pickle)?,
     )])?;
     connection.upload_prekeys(upload).await?;
     Ok(())
@@ -1752,14 +1768,14 @@ fn purge_retired(
     retired: &mut BTreeMap<DeviceAddress, u64>,
     sessions: &mut HashMap<DeviceAddress, SessionSet>,
     now: u64,
-) -> Vec<Change> {
+) -> Result<Vec<Change>, StoreError> {
     let expired: Vec<DeviceAddress> = retired
         .iter()
         .filter(|(_, at)| now.saturating_sub(**at) >= RETIRED_SESSIONS_SECS)
         .map(|(address, _)| *address)
         .collect();
     if expired.is_empty() {
-        return Vec::new();
+        return Ok(Vec::new());
     }
     let mut changes = Vec::with_capacity(expired.len() + 1);
     for address in expired {
@@ -1767,8 +1783,8 @@ fn purge_retired(
         sessions.remove(&address);
         changes.push(store.delete(Table::Sessions, &session_key(&address)));
     }
-    changes.push(store.put(Table::State, RETIRED_SESSIONS_KEY, encode(retired)));
-    changes
+    changes.push(store.put(Table::State, RETIRED_SESSIONS_KEY, encode(retired)?));
+    Ok(changes)
 }
 
 /// Records the identity key seen for a contact (trust on first use). Returns whether it
@@ -1792,7 +1808,7 @@ fn record_identity(
     }
     let changed = contact.identity.is_some();
     contact.identity = Some(identity.to_vec());
-    let mut changes = vec![store.put(Table::Contacts, &account.0, encode(contact))];
+    let mut changes = vec![store.put(Table::Contacts, &account.0, encode(contact)?)];
     if changed {
         let stale: Vec<_> = state
             .sessions
@@ -2041,17 +2057,19 @@ mod tests {
             .commit(vec![store.put(
                 Table::Sessions,
                 &session_key(&address),
-                pickle::pickle_session_set(&set),
+                pickle::pickle_session_set(&set).unwrap(),
             )])
             .unwrap();
         let mut sessions = HashMap::from([(address, set)]);
         let mut retired = BTreeMap::from([(address, 1000)]);
 
         let almost = 1000 + RETIRED_SESSIONS_SECS - 1;
-        assert!(purge_retired(&store, &mut retired, &mut sessions, almost).is_empty());
+        assert!(purge_retired(&store, &mut retired, &mut sessions, almost)
+            .unwrap()
+            .is_empty());
         assert!(sessions.contains_key(&address));
 
-        let changes = purge_retired(&store, &mut retired, &mut sessions, almost + 1);
+        let changes = purge_retired(&store, &mut retired, &mut sessions, almost + 1).unwrap();
         store.commit(changes).unwrap();
         assert!(retired.is_empty());
         assert!(sessions.is_empty());

@@ -1,5 +1,9 @@
 //! Serialized forms of secret state, for the encrypted local store only (vodozemac calls
 //! these pickles). They zeroize on drop; nothing else serializes a secret.
+//!
+//! Every pickle is `version byte || postcard body`: a reader checks the version before it
+//! decodes, and refuses a body with bytes left over, so a damaged or foreign value is a
+//! typed [`PickleError`], never a half-read state.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -7,11 +11,47 @@ use serde::{Deserialize, Serialize};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-use crate::error::CryptoError;
+pub(crate) use crate::error::PickleError;
 use crate::keys::{EcKeyPair, IdentityKey, KemPrekey, OneTimePrekey, SignedPrekey};
 use crate::prekeys::PrekeySet;
 use crate::ratchet::{Chain, Ratchet, SkippedKey};
 use crate::session::{PendingPrekey, Session, SessionSet};
+
+// The format versions this build writes and reads, one per pickled type so that one can
+// change without the others. Version 1 is the first versioned format: stores written before
+// it (a bare postcard body, no version byte) are not read, as none was ever deployed.
+const SESSION_VERSION: u8 = 1;
+const SESSION_SET_VERSION: u8 = 1;
+const PREKEYS_VERSION: u8 = 1;
+
+/// `version || postcard(value)`. Postcard fails only for a `Serialize` impl that reports an
+/// error (the derived ones never do), but a failure is an error, never an empty value that
+/// would be persisted in place of the state.
+pub(crate) fn versioned(
+    version: u8,
+    value: &impl Serialize,
+) -> Result<Zeroizing<Vec<u8>>, PickleError> {
+    postcard::to_extend(value, vec![version])
+        .map(Zeroizing::new)
+        .map_err(|_| PickleError::Encode)
+}
+
+/// The reverse of [`versioned`]: the version must be `version`, the body must decode and
+/// be all of the input.
+pub(crate) fn unversioned<'a, T: Deserialize<'a>>(
+    version: u8,
+    bytes: &'a [u8],
+) -> Result<T, PickleError> {
+    let (&found, body) = bytes.split_first().ok_or(PickleError::Corrupt)?;
+    if found != version {
+        return Err(PickleError::UnknownVersion(found));
+    }
+    let (value, rest) = postcard::take_from_bytes(body).map_err(|_| PickleError::Corrupt)?;
+    if !rest.is_empty() {
+        return Err(PickleError::Corrupt);
+    }
+    Ok(value)
+}
 
 #[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
 struct ChainPickle {
@@ -66,8 +106,8 @@ fn chain_unpickle(pickle: &ChainPickle) -> Chain {
     }
 }
 
-/// A session as bytes (postcard), for sealing into the local store.
-pub(crate) fn pickle_session(session: &Session) -> Zeroizing<Vec<u8>> {
+/// A session as bytes, for sealing into the local store.
+pub(crate) fn pickle_session(session: &Session) -> Result<Zeroizing<Vec<u8>>, PickleError> {
     let ratchet = &session.ratchet;
     let pickle = SessionPickle {
         root_key: *ratchet.root_key,
@@ -98,13 +138,12 @@ pub(crate) fn pickle_session(session: &Session) -> Zeroizing<Vec<u8>> {
             kem_ciphertext: pending.kem_ciphertext.clone(),
         }),
     };
-    Zeroizing::new(postcard::to_allocvec(&pickle).unwrap_or_default())
+    versioned(SESSION_VERSION, &pickle)
 }
 
 /// The reverse of [`pickle_session`].
-pub(crate) fn unpickle_session(bytes: &[u8]) -> Result<Session, CryptoError> {
-    let pickle: SessionPickle =
-        postcard::from_bytes(bytes).map_err(|_| CryptoError::InvalidMessage)?;
+pub(crate) fn unpickle_session(bytes: &[u8]) -> Result<Session, PickleError> {
+    let pickle: SessionPickle = unversioned(SESSION_VERSION, bytes)?;
     let ratchet = Ratchet {
         root_key: Zeroizing::new(pickle.root_key),
         our_ratchet_key: EcKeyPair::from_secret(StaticSecret::from(pickle.our_ratchet_key)),
@@ -135,7 +174,7 @@ pub(crate) fn unpickle_session(bytes: &[u8]) -> Result<Session, CryptoError> {
     let pending = match &pickle.pending {
         None => None,
         Some(p) => Some(PendingPrekey {
-            identity: IdentityKey::from_bytes(&p.identity)?,
+            identity: IdentityKey::from_bytes(&p.identity).map_err(|_| PickleError::Corrupt)?,
             signed_prekey_id: p.signed_prekey_id,
             one_time_prekey_id: p.one_time_prekey_id,
             kem_prekey_id: p.kem_prekey_id,
@@ -144,28 +183,33 @@ pub(crate) fn unpickle_session(bytes: &[u8]) -> Result<Session, CryptoError> {
     };
     Ok(Session {
         ratchet,
-        remote_identity: IdentityKey::from_bytes(&pickle.remote_identity)?,
+        remote_identity: IdentityKey::from_bytes(&pickle.remote_identity)
+            .map_err(|_| PickleError::Corrupt)?,
         base_key: pickle.base_key,
         pending,
     })
 }
 
 /// The sessions with one device, current first.
-pub(crate) fn pickle_session_set(set: &SessionSet) -> Zeroizing<Vec<u8>> {
-    let pickles: Vec<Zeroizing<Vec<u8>>> = set.sessions.iter().map(pickle_session).collect();
+pub(crate) fn pickle_session_set(set: &SessionSet) -> Result<Zeroizing<Vec<u8>>, PickleError> {
+    let pickles = set
+        .sessions
+        .iter()
+        .map(pickle_session)
+        .collect::<Result<Vec<_>, _>>()?;
     let raw: Vec<&[u8]> = pickles.iter().map(|p| p.as_slice()).collect();
-    Zeroizing::new(postcard::to_allocvec(&raw).unwrap_or_default())
+    versioned(SESSION_SET_VERSION, &raw)
 }
 
-/// The reverse of [`pickle_session_set`].
-pub(crate) fn unpickle_session_set(bytes: &[u8]) -> Result<SessionSet, CryptoError> {
-    let raw: Vec<&[u8]> = postcard::from_bytes(bytes).map_err(|_| CryptoError::InvalidMessage)?;
+/// The reverse of [`pickle_session_set`]. A set is never empty: an empty one is damage.
+pub(crate) fn unpickle_session_set(bytes: &[u8]) -> Result<SessionSet, PickleError> {
+    let raw: Vec<&[u8]> = unversioned(SESSION_SET_VERSION, bytes)?;
     let sessions = raw
         .into_iter()
         .map(unpickle_session)
         .collect::<Result<Vec<_>, _>>()?;
     if sessions.is_empty() {
-        return Err(CryptoError::InvalidMessage);
+        return Err(PickleError::Corrupt);
     }
     Ok(SessionSet { sessions })
 }
@@ -195,7 +239,7 @@ struct PrekeysPickle {
 }
 
 /// A device's prekeys as bytes.
-pub(crate) fn pickle_prekeys(prekeys: &PrekeySet) -> Zeroizing<Vec<u8>> {
+pub(crate) fn pickle_prekeys(prekeys: &PrekeySet) -> Result<Zeroizing<Vec<u8>>, PickleError> {
     let pickle = PrekeysPickle {
         signed: prekeys
             .signed
@@ -224,15 +268,14 @@ pub(crate) fn pickle_prekeys(prekeys: &PrekeySet) -> Zeroizing<Vec<u8>> {
             .collect(),
         next_id: prekeys.next_id,
     };
-    Zeroizing::new(postcard::to_allocvec(&pickle).unwrap_or_default())
+    versioned(PREKEYS_VERSION, &pickle)
 }
 
 /// The reverse of [`pickle_prekeys`].
-pub(crate) fn unpickle_prekeys(bytes: &[u8]) -> Result<PrekeySet, CryptoError> {
-    let pickle: PrekeysPickle =
-        postcard::from_bytes(bytes).map_err(|_| CryptoError::InvalidMessage)?;
-    let signature = |bytes: &[u8]| -> Result<[u8; 64], CryptoError> {
-        bytes.try_into().map_err(|_| CryptoError::InvalidMessage)
+pub(crate) fn unpickle_prekeys(bytes: &[u8]) -> Result<PrekeySet, PickleError> {
+    let pickle: PrekeysPickle = unversioned(PREKEYS_VERSION, bytes)?;
+    let signature = |bytes: &[u8]| -> Result<[u8; 64], PickleError> {
+        bytes.try_into().map_err(|_| PickleError::Corrupt)
     };
     let mut set = PrekeySet {
         next_id: pickle.next_id,
@@ -260,7 +303,7 @@ pub(crate) fn unpickle_prekeys(bytes: &[u8]) -> Result<PrekeySet, CryptoError> {
             .seed
             .as_slice()
             .try_into()
-            .map_err(|_| CryptoError::InvalidMessage)?;
+            .map_err(|_| PickleError::Corrupt)?;
         set.kem.insert(
             key.id,
             KemPrekey {
@@ -293,7 +336,7 @@ mod tests {
         let mut prekeys = PrekeySet::default();
         let upload = prekeys.rotate(&bob, 0, &mut rng);
         let fresh = prekeys.replenish(&bob, 2, &mut rng);
-        let prekeys = unpickle_prekeys(&pickle_prekeys(&prekeys)).unwrap();
+        let prekeys = unpickle_prekeys(&pickle_prekeys(&prekeys).unwrap()).unwrap();
         let bundle = hush_protocol::DeviceBundle {
             device: hush_protocol::DeviceId(1),
             device_key: [0; 32],
@@ -308,13 +351,13 @@ mod tests {
         let CiphertextMessage::Prekey(first) = a.encrypt(b"one").unwrap() else {
             panic!("prekey message expected")
         };
-        let mut a = unpickle_session(&pickle_session(&a)).unwrap();
+        let mut a = unpickle_session(&pickle_session(&a).unwrap()).unwrap();
         let (b, _, _) = Session::accept(&bob, &prekeys, &first, 0, &mut rng).unwrap();
-        let mut b = unpickle_session(&pickle_session(&b)).unwrap();
+        let mut b = unpickle_session(&pickle_session(&b).unwrap()).unwrap();
         assert_eq!(b.ratchet.skipped_keys(), 1);
         let reply = b.encrypt(b"two").unwrap();
         assert_eq!(a.decrypt(&reply, 0, &mut rng).unwrap().as_slice(), b"two");
-        let mut a = unpickle_session(&pickle_session(&a)).unwrap();
+        let mut a = unpickle_session(&pickle_session(&a).unwrap()).unwrap();
         let three = a.encrypt(b"three").unwrap();
         assert_eq!(b.decrypt(&three, 0, &mut rng).unwrap().as_slice(), b"three");
     }

@@ -85,7 +85,7 @@ pub(crate) fn seal_content(
         STATIC_LABEL,
         &sender.public().to_bytes(),
         ephemeral.public().as_bytes(),
-    );
+    )?;
     let content_key = second_layer(
         &chain,
         &kdf::dh(sender.agreement(), recipient.agreement())?.to_bytes(),
@@ -95,7 +95,7 @@ pub(crate) fn seal_content(
     let mut aad = Vec::with_capacity(32 + ENCRYPTED_STATIC_LEN);
     aad.extend_from_slice(ephemeral.public().as_bytes());
     aad.extend_from_slice(&encrypted_static);
-    let encrypted_content = kdf::seal_once(&content_key, CONTENT_LABEL, content, &aad);
+    let encrypted_content = kdf::seal_once(&content_key, CONTENT_LABEL, content, &aad)?;
 
     let mut out = Vec::with_capacity(1 + aad.len() + encrypted_content.len());
     out.push(VERSION);

@@ -5,8 +5,18 @@
 //! the table name and row key are the associated data, so a value cannot be moved to
 //! another row. Row keys are HMAC-SHA256 tags of what they name (a contact's account, a
 //! session's device address), so the file shows no identifiers either. Changes are applied
-//! in one write transaction with immediate durability: a session update and the message it
-//! decrypted land together or not at all.
+//! in one write transaction: a session update and the message it decrypted land together
+//! or not at all.
+//!
+//! That policy lives here, over a [`Backend`] that only keeps opaque rows: the redb file
+//! ([`redb`]) for the app, or memory ([`memory`]) for tests. What a backend holds is
+//! already sealed and tagged, so it never sees a plaintext or an identifier.
+//!
+//! Values are `version byte || postcard body`: secret state through [`crate::pickle`],
+//! plain records through [`encode_record`] and [`decode_record`].
+
+mod memory;
+mod redb;
 
 use std::path::Path;
 
@@ -14,10 +24,15 @@ use argon2::{Algorithm, Argon2, Params, Version};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand_core::{OsRng, RngCore};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-use crate::kdf;
+use crate::error::PickleError;
+use crate::{kdf, pickle};
+
+pub(crate) use self::memory::MemoryBackend;
+pub(crate) use self::redb::RedbBackend;
 
 /// The file in the data directory.
 pub const STORE_FILE: &str = "client.redb";
@@ -38,10 +53,6 @@ pub(crate) enum Table {
 }
 
 impl Table {
-    fn definition(self) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
-        TableDefinition::new(self.name())
-    }
-
     fn name(self) -> &'static str {
         match self {
             Table::State => "state",
@@ -61,7 +72,7 @@ impl Table {
     ];
 }
 
-/// One change in a commit.
+/// One change in a commit, as the client names it (the value not sealed yet).
 pub(crate) enum Change {
     Put {
         table: Table,
@@ -165,15 +176,61 @@ pub enum StoreError {
     /// The passphrase could not be turned into a key.
     #[error("passphrase key derivation failed")]
     Passphrase,
+    /// A value inside a row did not encode or decode (the row itself opened).
+    #[error("local store value: {0}")]
+    Pickle(#[from] PickleError),
+    /// A value is over what XChaCha20-Poly1305 seals (about 256 GiB); nothing was written.
+    #[error("a value too large to seal into the local store")]
+    Seal,
 }
 
-fn db_error(error: impl std::fmt::Display) -> StoreError {
-    StoreError::Database(error.to_string())
+/// How durable a commit is when [`LocalStore::commit_with`] returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// On disk (fsynced) before the call returns, as [`LocalStore::commit`] is.
+    Immediate,
+    /// Applied and visible to every read at once, but made durable only by the next
+    /// `Immediate` commit (or a clean close of the store): a group committer batches
+    /// several of these behind one fsync. What a crash loses is said at
+    /// [`RedbBackend`]'s `apply`.
+    Deferred,
+}
+
+/// One change as a backend stores it: a tagged row and, for a put, the sealed value.
+pub(crate) enum RawChange {
+    Put {
+        table: Table,
+        row: Vec<u8>,
+        sealed: Vec<u8>,
+    },
+    Delete {
+        table: Table,
+        row: Vec<u8>,
+    },
+}
+
+/// Raw byte storage under the store: rows of opaque bytes per table, changed in atomic
+/// batches. Everything it is given is already sealed and tagged.
+pub(crate) trait Backend: Send + Sync {
+    /// The sealed value at `row`, if there is one.
+    fn get(&self, table: Table, row: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Calls `visit` with every row and sealed value of `table`, in row order, stopping
+    /// at the first error (its own or `visit`'s).
+    fn scan(
+        &self,
+        table: Table,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
+
+    /// Applies every change or none, visible to reads once this returns, and durable as
+    /// `durability` says.
+    fn apply(&self, changes: Vec<RawChange>, durability: Durability) -> Result<(), StoreError>;
 }
 
 /// The open store.
 pub(crate) struct LocalStore {
-    db: Database,
+    backend: Box<dyn Backend>,
     seal_key: Zeroizing<[u8; 32]>,
     index_key: Zeroizing<[u8; 32]>,
 }
@@ -182,17 +239,23 @@ impl LocalStore {
     /// Opens (or creates) the store in `dir`.
     pub(crate) fn open(dir: &Path, key: &StorageKey) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)?;
-        let db = Database::create(dir.join(STORE_FILE)).map_err(db_error)?;
-        let txn = db.begin_write().map_err(db_error)?;
-        for table in Table::ALL {
-            txn.open_table(table.definition()).map_err(db_error)?;
-        }
-        txn.commit().map_err(db_error)?;
-        Ok(LocalStore {
-            db,
+        let backend = RedbBackend::open(&dir.join(STORE_FILE))?;
+        Ok(Self::with_backend(Box::new(backend), key))
+    }
+
+    /// An empty store that lives in memory only, for tests.
+    #[allow(dead_code)] // The client's own tests and the lead's test harness use it.
+    pub(crate) fn in_memory(key: &StorageKey) -> Self {
+        Self::with_backend(Box::new(MemoryBackend::default()), key)
+    }
+
+    /// The store over any backend.
+    pub(crate) fn with_backend(backend: Box<dyn Backend>, key: &StorageKey) -> Self {
+        LocalStore {
+            backend,
             seal_key: kdf::hkdf::<32>(&[], &key.0, b"hush-local-store-seal-v1"),
             index_key: kdf::hkdf::<32>(&[], &key.0, b"hush-local-store-index-v1"),
-        })
+        }
     }
 
     /// The row key for `name` in `table`.
@@ -212,7 +275,8 @@ impl LocalStore {
         aad
     }
 
-    fn seal(&self, table: Table, row: &[u8], value: &[u8]) -> Vec<u8> {
+    /// `nonce || ciphertext`, or an error: never an empty value written in its place.
+    fn seal(&self, table: Table, row: &[u8], value: &[u8]) -> Result<Vec<u8>, StoreError> {
         let mut nonce = [0u8; 24];
         OsRng.fill_bytes(&mut nonce);
         let cipher = XChaCha20Poly1305::new((&*self.seal_key).into());
@@ -224,11 +288,11 @@ impl LocalStore {
                     aad: &Self::aad(table, row),
                 },
             )
-            .unwrap_or_default();
+            .map_err(|_| StoreError::Seal)?;
         let mut out = Vec::with_capacity(24 + sealed.len());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
-        out
+        Ok(out)
     }
 
     fn unseal(
@@ -260,23 +324,19 @@ impl LocalStore {
         name: &[u8],
     ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
         let row = self.row(table, name);
-        let txn = self.db.begin_read().map_err(db_error)?;
-        let t = txn.open_table(table.definition()).map_err(db_error)?;
-        let Some(value) = t.get(row.as_slice()).map_err(db_error)? else {
+        let Some(sealed) = self.backend.get(table, &row)? else {
             return Ok(None);
         };
-        self.unseal(table, &row, value.value()).map(Some)
+        self.unseal(table, &row, &sealed).map(Some)
     }
 
     /// Every value of a table.
     pub(crate) fn values(&self, table: Table) -> Result<Vec<Zeroizing<Vec<u8>>>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_error)?;
-        let t = txn.open_table(table.definition()).map_err(db_error)?;
         let mut out = Vec::new();
-        for entry in t.iter().map_err(db_error)? {
-            let (row, value) = entry.map_err(db_error)?;
-            out.push(self.unseal(table, row.value(), value.value())?);
-        }
+        self.backend.scan(table, &mut |row, sealed| {
+            out.push(self.unseal(table, row, sealed)?);
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -299,26 +359,48 @@ impl LocalStore {
 
     /// Applies `changes` in one durable transaction.
     pub(crate) fn commit(&self, changes: Vec<Change>) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_error)?;
-        {
-            for change in changes {
-                match change {
-                    Change::Put { table, key, value } => {
-                        let sealed = self.seal(table, &key, &value);
-                        let mut t = txn.open_table(table.definition()).map_err(db_error)?;
-                        t.insert(key.as_slice(), sealed.as_slice())
-                            .map_err(db_error)?;
-                    }
-                    Change::Delete { table, key } => {
-                        let mut t = txn.open_table(table.definition()).map_err(db_error)?;
-                        t.remove(key.as_slice()).map_err(db_error)?;
-                    }
-                }
-            }
-        }
-        // redb's default durability is immediate: the commit returns after the fsync.
-        txn.commit().map_err(db_error)
+        self.commit_with(changes, Durability::Immediate)
     }
+
+    /// Applies `changes` in one transaction, all or nothing, as durable as `durability`
+    /// says. Every value is sealed before the backend's transaction begins, so a value
+    /// that does not seal leaves the store as it was.
+    pub(crate) fn commit_with(
+        &self,
+        changes: Vec<Change>,
+        durability: Durability,
+    ) -> Result<(), StoreError> {
+        let raw = changes
+            .into_iter()
+            .map(|change| match change {
+                Change::Put { table, key, value } => Ok(RawChange::Put {
+                    sealed: self.seal(table, &key, &value)?,
+                    table,
+                    row: key,
+                }),
+                Change::Delete { table, key } => Ok(RawChange::Delete { table, row: key }),
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.backend.apply(raw, durability)
+    }
+}
+
+/// The format version of the store's plain records (account record, settings, contacts,
+/// messages, outbox, seen set-ups, retired sessions). Version 1 is the first versioned
+/// format: stores written before it (a bare postcard body, no version byte) are not read,
+/// as none was ever deployed.
+const RECORD_VERSION: u8 = 1;
+
+/// A plain record as `version || postcard body`, for [`LocalStore::put`]. A record that
+/// does not encode is an error, never an empty value persisted in its place.
+pub(crate) fn encode_record(value: &impl Serialize) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+    Ok(pickle::versioned(RECORD_VERSION, value)?)
+}
+
+/// The reverse of [`encode_record`]: the version must be this build's, and the body must
+/// decode and be all of `bytes`.
+pub(crate) fn decode_record<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    Ok(pickle::unversioned(RECORD_VERSION, bytes)?)
 }
 
 #[cfg(test)]
