@@ -361,4 +361,150 @@ mod tests {
         let three = a.encrypt(b"three").unwrap();
         assert_eq!(b.decrypt(&three, 0, &mut rng).unwrap().as_slice(), b"three");
     }
+
+    /// A session that has sent a prekey message (so it carries its pending prekey), and
+    /// the prekeys of its peer.
+    fn a_session_and_prekeys() -> (Session, PrekeySet) {
+        let mut rng = ChaCha20Rng::seed_from_u64(22);
+        let alice = IdentityKeyPair::generate_with(&mut rng);
+        let bob = IdentityKeyPair::generate_with(&mut rng);
+        let mut prekeys = PrekeySet::default();
+        let upload = prekeys.rotate(&bob, 0, &mut rng);
+        let fresh = prekeys.replenish(&bob, 1, &mut rng);
+        let bundle = hush_protocol::DeviceBundle {
+            device: hush_protocol::DeviceId(1),
+            device_key: [0; 32],
+            signed_prekey: upload.signed_prekey,
+            one_time: Some(fresh.one_time[0].clone()),
+            kem: Some(fresh.kem_one_time[0].clone()),
+            kem_is_last_resort: false,
+        };
+        let peer = PeerBundle::verify(&bob.public().to_bytes(), &bundle).unwrap();
+        let mut session = Session::initiate(&alice, &peer, &mut rng).unwrap();
+        session.encrypt(b"hello").unwrap();
+        assert!(session.pending.is_some());
+        (session, prekeys)
+    }
+
+    /// Checks that every damaged copy of the good pickle `good` is refused with the
+    /// error that names the damage, by `unpickle`.
+    fn refuses_damaged_copies<T>(good: &[u8], unpickle: impl Fn(&[u8]) -> Result<T, PickleError>) {
+        assert!(unpickle(good).is_ok(), "the good pickle opens");
+        let version = good[0];
+        let checks: [(&str, Vec<u8>, PickleError); 5] = [
+            ("empty", Vec::new(), PickleError::Corrupt),
+            (
+                "truncated",
+                good[..good.len() - 1].to_vec(),
+                PickleError::Corrupt,
+            ),
+            ("trailing byte", [good, &[0]].concat(), PickleError::Corrupt),
+            (
+                "garbage",
+                [&[version][..], &[0xff; 40]].concat(),
+                PickleError::Corrupt,
+            ),
+            (
+                "another version",
+                [&[version.wrapping_add(1)][..], &good[1..]].concat(),
+                PickleError::UnknownVersion(version.wrapping_add(1)),
+            ),
+        ];
+        for (damage, bytes, expected) in checks {
+            assert_eq!(unpickle(&bytes).err(), Some(expected), "{damage}");
+        }
+    }
+
+    #[test]
+    fn a_damaged_session_pickle_is_a_typed_error() {
+        let (session, _) = a_session_and_prekeys();
+        let good = pickle_session(&session).unwrap();
+        assert_eq!(good[0], SESSION_VERSION);
+        refuses_damaged_copies(&good, unpickle_session);
+    }
+
+    #[test]
+    fn a_damaged_session_set_pickle_is_a_typed_error() {
+        let (session, _) = a_session_and_prekeys();
+        let good = pickle_session_set(&SessionSet::new(session)).unwrap();
+        assert_eq!(good[0], SESSION_SET_VERSION);
+        refuses_damaged_copies(&good, unpickle_session_set);
+    }
+
+    #[test]
+    fn a_damaged_prekeys_pickle_is_a_typed_error() {
+        let (_, prekeys) = a_session_and_prekeys();
+        let good = pickle_prekeys(&prekeys).unwrap();
+        assert_eq!(good[0], PREKEYS_VERSION);
+        refuses_damaged_copies(&good, unpickle_prekeys);
+    }
+
+    #[test]
+    fn a_session_pickle_whose_identity_keys_do_not_parse_is_corrupt() {
+        let (session, _) = a_session_and_prekeys();
+        let good = pickle_session(&session).unwrap();
+        let mut pickle: SessionPickle = unversioned(SESSION_VERSION, &good).unwrap();
+        pickle.remote_identity = vec![7; 3];
+        let bad_remote = versioned(SESSION_VERSION, &pickle).unwrap();
+        assert_eq!(
+            unpickle_session(&bad_remote).err(),
+            Some(PickleError::Corrupt)
+        );
+
+        let mut pickle: SessionPickle = unversioned(SESSION_VERSION, &good).unwrap();
+        pickle.pending.as_mut().unwrap().identity = vec![7; 3];
+        let bad_pending = versioned(SESSION_VERSION, &pickle).unwrap();
+        assert_eq!(
+            unpickle_session(&bad_pending).err(),
+            Some(PickleError::Corrupt)
+        );
+    }
+
+    #[test]
+    fn an_empty_session_set_pickle_is_corrupt() {
+        let empty: Vec<&[u8]> = Vec::new();
+        let bytes = versioned(SESSION_SET_VERSION, &empty).unwrap();
+        assert_eq!(
+            unpickle_session_set(&bytes).err(),
+            Some(PickleError::Corrupt)
+        );
+    }
+
+    #[test]
+    fn a_prekeys_pickle_with_a_short_signature_or_seed_is_corrupt() {
+        let (_, prekeys) = a_session_and_prekeys();
+        let good = pickle_prekeys(&prekeys).unwrap();
+        let mut pickle: PrekeysPickle = unversioned(PREKEYS_VERSION, &good).unwrap();
+        pickle.signed[0].signature.truncate(63);
+        let short_signature = versioned(PREKEYS_VERSION, &pickle).unwrap();
+        assert_eq!(
+            unpickle_prekeys(&short_signature).err(),
+            Some(PickleError::Corrupt)
+        );
+
+        let mut pickle: PrekeysPickle = unversioned(PREKEYS_VERSION, &good).unwrap();
+        pickle.kem[0].seed.truncate(63);
+        let short_seed = versioned(PREKEYS_VERSION, &pickle).unwrap();
+        assert_eq!(
+            unpickle_prekeys(&short_seed).err(),
+            Some(PickleError::Corrupt)
+        );
+    }
+
+    /// A value whose serializer fails, as a hand-written `Serialize` may.
+    struct Unencodable;
+
+    impl Serialize for Unencodable {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("refuses to encode"))
+        }
+    }
+
+    #[test]
+    fn a_value_that_does_not_encode_is_an_encode_error_not_an_empty_pickle() {
+        assert_eq!(
+            versioned(SESSION_VERSION, &Unencodable).err(),
+            Some(PickleError::Encode)
+        );
+    }
 }
