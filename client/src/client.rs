@@ -354,6 +354,10 @@ pub(crate) fn delivery_token(profile_key: &[u8; 32]) -> [u8; 16] {
     *kdf::hkdf::<16>(&[], profile_key, b"hush-delivery-token-v1")
 }
 
+/// What a received content raised: an event for the app, and a message to send a
+/// delivery receipt for.
+type ContentOutcome = (Option<ClientEvent>, Option<(AccountId, MessageId)>);
+
 /// A stored session set. A record that does not decode is a damaged store, not a bad
 /// message: the envelope must stay on the relay, not be dropped as undecryptable.
 fn load_sessions(bytes: &[u8]) -> Result<SessionSet, ClientError> {
@@ -1518,7 +1522,7 @@ impl Inner {
         state: &mut State,
         content: Content,
         changes: &mut Vec<Change>,
-    ) -> Result<(Option<ClientEvent>, Option<(AccountId, MessageId)>), StoreError> {
+    ) -> Result<ContentOutcome, StoreError> {
         let Some(conversation) = content.sent_to.map(AccountId) else {
             return Ok((None, None));
         };
@@ -1559,7 +1563,7 @@ impl Inner {
         from: DeviceAddress,
         content: Content,
         changes: &mut Vec<Change>,
-    ) -> Result<(Option<ClientEvent>, Option<(AccountId, MessageId)>), StoreError> {
+    ) -> Result<ContentOutcome, StoreError> {
         let account = from.account;
         // A device that left still has its last messages read, but is not sent to again.
         let retired = state.retired.contains_key(&from);

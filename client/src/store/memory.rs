@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Backend, Durability, RawChange, StoreError, Table};
+use super::{Backend, Durability, RawChange, StoreError, Table, Visit};
 
 type Rows = BTreeMap<Vec<u8>, Vec<u8>>;
 
@@ -32,11 +32,7 @@ impl Backend for MemoryBackend {
         Ok(self.lock()?[table as usize].get(row).cloned())
     }
 
-    fn scan(
-        &self,
-        table: Table,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
+    fn scan(&self, table: Table, visit: &mut Visit<'_>) -> Result<(), StoreError> {
         // A snapshot, as a redb read transaction is: `visit` runs without the lock held.
         let rows = self.lock()?[table as usize].clone();
         for (row, sealed) in &rows {

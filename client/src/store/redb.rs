@@ -4,7 +4,7 @@ use std::path::Path;
 
 use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Backend, Durability, RawChange, StoreError, Table};
+use super::{Backend, Durability, RawChange, StoreError, Table, Visit};
 
 fn definition(table: Table) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
     TableDefinition::new(table.name())
@@ -42,11 +42,7 @@ impl Backend for RedbBackend {
             .map(|value| value.value().to_vec()))
     }
 
-    fn scan(
-        &self,
-        table: Table,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
+    fn scan(&self, table: Table, visit: &mut Visit<'_>) -> Result<(), StoreError> {
         let txn = self.db.begin_read().map_err(db_error)?;
         let t = txn.open_table(definition(table)).map_err(db_error)?;
         for entry in t.iter().map_err(db_error)? {
