@@ -430,6 +430,16 @@ mod tests {
             }
         }
 
+        /// The raw backend, as the store would open it.
+        fn backend(&self) -> Box<dyn Backend> {
+            match self {
+                Place::File(dir) => {
+                    Box::new(RedbBackend::open(&dir.path().join(STORE_FILE)).unwrap())
+                }
+                Place::Memory(rows) => Box::new(rows.clone()),
+            }
+        }
+
         /// Every byte the backend keeps.
         fn raw_bytes(&self) -> Vec<u8> {
             match self {
@@ -474,7 +484,92 @@ mod tests {
         a_deferred_commit_is_visible_to_reads_at_once,
         a_value_moved_to_another_row_does_not_open,
         a_damaged_record_in_the_store_is_a_typed_pickle_error,
+        a_backend_applies_a_batch_in_order_across_tables,
+        a_backend_scans_in_row_order_and_stops_at_the_visitors_error,
     );
+
+    fn put(table: Table, row: &[u8], sealed: &[u8]) -> RawChange {
+        RawChange::Put {
+            table,
+            row: row.to_vec(),
+            sealed: sealed.to_vec(),
+        }
+    }
+
+    fn delete(table: Table, row: &[u8]) -> RawChange {
+        RawChange::Delete {
+            table,
+            row: row.to_vec(),
+        }
+    }
+
+    fn a_backend_applies_a_batch_in_order_across_tables(place: &Place) {
+        let backend = place.backend();
+        assert_eq!(backend.get(Table::Sessions, b"s").unwrap(), None);
+        backend
+            .apply(
+                vec![
+                    put(Table::Sessions, b"s", b"first"),
+                    put(Table::Messages, b"m", b"message"),
+                    put(Table::Outbox, b"o", b"queued"),
+                    // Later changes in a batch win over earlier ones to the same row.
+                    put(Table::Sessions, b"s", b"second"),
+                    delete(Table::Outbox, b"o"),
+                    // Deleting a row that is not there is no error.
+                    delete(Table::Contacts, b"nobody"),
+                ],
+                Durability::Immediate,
+            )
+            .unwrap();
+        assert_eq!(
+            backend.get(Table::Sessions, b"s").unwrap().as_deref(),
+            Some(&b"second"[..])
+        );
+        assert_eq!(
+            backend.get(Table::Messages, b"m").unwrap().as_deref(),
+            Some(&b"message"[..])
+        );
+        assert_eq!(backend.get(Table::Outbox, b"o").unwrap(), None);
+        // Tables are apart: a row of one is not found in another.
+        assert_eq!(backend.get(Table::State, b"s").unwrap(), None);
+    }
+
+    fn a_backend_scans_in_row_order_and_stops_at_the_visitors_error(place: &Place) {
+        let backend = place.backend();
+        backend
+            .apply(
+                vec![
+                    put(Table::Contacts, b"c", b"3"),
+                    put(Table::Contacts, b"a", b"1"),
+                    put(Table::Contacts, b"b", b"2"),
+                    put(Table::Messages, b"x", b"elsewhere"),
+                ],
+                Durability::Deferred,
+            )
+            .unwrap();
+        let mut seen = Vec::new();
+        backend
+            .scan(Table::Contacts, &mut |row, sealed| {
+                seen.push((row.to_vec(), sealed.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(
+            seen,
+            [
+                (b"a".to_vec(), b"1".to_vec()),
+                (b"b".to_vec(), b"2".to_vec()),
+                (b"c".to_vec(), b"3".to_vec()),
+            ]
+        );
+        let mut visited = 0;
+        let stopped = backend.scan(Table::Contacts, &mut |_, _| {
+            visited += 1;
+            Err(StoreError::Corrupt)
+        });
+        assert!(matches!(stopped, Err(StoreError::Corrupt)));
+        assert_eq!(visited, 1);
+    }
 
     fn values_round_trip_sealed_and_only_with_the_key(place: &Place) {
         let key = StorageKey::from_bytes([3; 32]);
