@@ -13,10 +13,12 @@
 //! already sealed and tagged, so it never sees a plaintext or an identifier.
 //!
 //! Values are `version byte || postcard body`: secret state through [`crate::pickle`],
-//! plain records through [`encode_record`] and [`decode_record`].
+//! plain records through [`encode_record`] and [`decode_record`]. [`typed`] reads and
+//! writes sessions and prekeys by what they are, libsignal-style.
 
 mod memory;
 mod redb;
+pub(crate) mod typed;
 
 use std::path::Path;
 
