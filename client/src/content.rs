@@ -153,8 +153,11 @@ impl Content {
         }
     }
 
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        padding::pad(&postcard::to_allocvec(self).unwrap_or_default())
+    /// The padded plaintext. A content that does not encode is an error, never an empty
+    /// plaintext that would be encrypted and sent in its place.
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, CryptoError> {
+        let encoded = postcard::to_allocvec(self).map_err(|_| CryptoError::Encode)?;
+        Ok(padding::pad(&encoded))
     }
 
     pub(crate) fn decode(padded: &[u8]) -> Result<Self, CryptoError> {
@@ -178,7 +181,7 @@ mod tests {
                 text: "hello".into(),
             },
         };
-        let encoded = content.encode();
+        let encoded = content.encode().unwrap();
         assert_eq!(encoded.len(), padding::MIN_PADDED_LEN);
         assert_eq!(Content::decode(&encoded).unwrap(), content);
         assert!(Content::decode(&[0x80]).is_err());

@@ -108,4 +108,26 @@ pub enum CryptoError {
     /// A device claims to belong to our own account but does not hold our identity key.
     #[error("a device of our own account with a foreign identity key")]
     UntrustedIdentity,
+    /// A message's content could not be encoded; nothing was sent.
+    #[error("message content does not encode")]
+    Encode,
+    /// A plaintext is over what the AEAD can seal (about 256 GiB); nothing was sealed.
+    #[error("plaintext too large to seal")]
+    PlaintextTooLarge,
+}
+
+/// A persisted value (a pickle of secret state, or a plain record of the local store) did
+/// not encode or decode. Every persisted value is `version byte || postcard body`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PickleError {
+    /// The value could not be serialized; nothing was written.
+    #[error("a value for the local store does not encode")]
+    Encode,
+    /// The value was written in a format version this build does not read.
+    #[error("a stored value has the unknown format version {0}")]
+    UnknownVersion(u8),
+    /// The value does not decode: truncated, garbage, trailing bytes, or a key inside it
+    /// that does not parse.
+    #[error("a stored value is damaged")]
+    Corrupt,
 }

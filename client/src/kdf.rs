@@ -30,12 +30,16 @@ pub(crate) fn hmac(key: &[u8], data: &[u8]) -> Zeroizing<[u8; 32]> {
 
 /// Seals `plaintext` under a key that is used for exactly one message: the AEAD key and
 /// nonce both come from HKDF over it, so no nonce is ever reused under one key.
+///
+/// ChaCha20-Poly1305 refuses only a plaintext or AAD over about 256 GiB (RFC 8439's 32-bit
+/// block counter), which no caller comes near; it is still an error, never an empty
+/// ciphertext that would be sent as if it were one.
 pub(crate) fn seal_once(
     single_use_key: &[u8; 32],
     label: &[u8],
     plaintext: &[u8],
     aad: &[u8],
-) -> Vec<u8> {
+) -> Result<Vec<u8>, CryptoError> {
     let material = hkdf::<44>(&[], single_use_key, label);
     let cipher = ChaCha20Poly1305::new((&material[..32]).into());
     cipher
@@ -46,8 +50,7 @@ pub(crate) fn seal_once(
                 aad,
             },
         )
-        // Encryption fails only for messages over ~256 GiB.
-        .unwrap_or_default()
+        .map_err(|_| CryptoError::PlaintextTooLarge)
 }
 
 /// Opens what [`seal_once`] sealed.
@@ -118,7 +121,7 @@ mod tests {
     #[test]
     fn sealed_once_opens_only_with_same_key_label_and_aad() {
         let key = [9u8; 32];
-        let sealed = seal_once(&key, b"label", b"hello", b"aad");
+        let sealed = seal_once(&key, b"label", b"hello", b"aad").unwrap();
         assert_eq!(
             open_once(&key, b"label", &sealed, b"aad")
                 .unwrap()

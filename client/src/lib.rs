@@ -60,7 +60,7 @@ pub use connection::{
     close_code, ConnectOptions, Connection, Connector, Envelope, Event, RawStream, Trust,
 };
 pub use content::{Body, CallId, CallSignal, MessageId, ReceiptKind};
-pub use error::{ConnectionError, CryptoError};
+pub use error::{ConnectionError, CryptoError, PickleError};
 pub use hush_protocol as protocol;
 pub use keys::{DeviceKey, IdentityKey, IdentityKeyPair, KemPrekey, OneTimePrekey, SignedPrekey};
 pub use pqxdh::PeerBundle;

@@ -104,15 +104,14 @@ pub(crate) fn seal_bundle(
     let ours = EcKeyPair::generate(rng);
     let shared = kdf::dh(ours.secret(), to)?;
     let key = key(shared.as_bytes(), to, ours.public());
-    let plaintext =
-        Zeroizing::new(postcard::to_allocvec(bundle).map_err(|_| CryptoError::InvalidMessage)?);
+    let plaintext = Zeroizing::new(postcard::to_allocvec(bundle).map_err(|_| CryptoError::Encode)?);
     let mut out = ours.public().as_bytes().to_vec();
     out.extend_from_slice(&kdf::seal_once(
         &key,
         LABEL,
         &plaintext,
         ours.public().as_bytes(),
-    ));
+    )?);
     Ok(out)
 }
 

@@ -1,5 +1,9 @@
 //! Serialized forms of secret state, for the encrypted local store only (vodozemac calls
 //! these pickles). They zeroize on drop; nothing else serializes a secret.
+//!
+//! Every pickle is `version byte || postcard body`: a reader checks the version before it
+//! decodes, and refuses a body with bytes left over, so a damaged or foreign value is a
+//! typed [`PickleError`], never a half-read state.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -7,11 +11,47 @@ use serde::{Deserialize, Serialize};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-use crate::error::CryptoError;
+pub(crate) use crate::error::PickleError;
 use crate::keys::{EcKeyPair, IdentityKey, KemPrekey, OneTimePrekey, SignedPrekey};
 use crate::prekeys::PrekeySet;
 use crate::ratchet::{Chain, Ratchet, SkippedKey};
 use crate::session::{PendingPrekey, Session, SessionSet};
+
+// The format versions this build writes and reads, one per pickled type so that one can
+// change without the others. Version 1 is the first versioned format: stores written before
+// it (a bare postcard body, no version byte) are not read, as none was ever deployed.
+const SESSION_VERSION: u8 = 1;
+const SESSION_SET_VERSION: u8 = 1;
+const PREKEYS_VERSION: u8 = 1;
+
+/// `version || postcard(value)`. Postcard fails only for a `Serialize` impl that reports an
+/// error (the derived ones never do), but a failure is an error, never an empty value that
+/// would be persisted in place of the state.
+pub(crate) fn versioned(
+    version: u8,
+    value: &impl Serialize,
+) -> Result<Zeroizing<Vec<u8>>, PickleError> {
+    postcard::to_extend(value, vec![version])
+        .map(Zeroizing::new)
+        .map_err(|_| PickleError::Encode)
+}
+
+/// The reverse of [`versioned`]: the version must be `version`, the body must decode and
+/// be all of the input.
+pub(crate) fn unversioned<'a, T: Deserialize<'a>>(
+    version: u8,
+    bytes: &'a [u8],
+) -> Result<T, PickleError> {
+    let (&found, body) = bytes.split_first().ok_or(PickleError::Corrupt)?;
+    if found != version {
+        return Err(PickleError::UnknownVersion(found));
+    }
+    let (value, rest) = postcard::take_from_bytes(body).map_err(|_| PickleError::Corrupt)?;
+    if !rest.is_empty() {
+        return Err(PickleError::Corrupt);
+    }
+    Ok(value)
+}
 
 #[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
 struct ChainPickle {
@@ -66,8 +106,8 @@ fn chain_unpickle(pickle: &ChainPickle) -> Chain {
     }
 }
 
-/// A session as bytes (postcard), for sealing into the local store.
-pub(crate) fn pickle_session(session: &Session) -> Zeroizing<Vec<u8>> {
+/// A session as bytes, for sealing into the local store.
+pub(crate) fn pickle_session(session: &Session) -> Result<Zeroizing<Vec<u8>>, PickleError> {
     let ratchet = &session.ratchet;
     let pickle = SessionPickle {
         root_key: *ratchet.root_key,
@@ -98,13 +138,12 @@ pub(crate) fn pickle_session(session: &Session) -> Zeroizing<Vec<u8>> {
             kem_ciphertext: pending.kem_ciphertext.clone(),
         }),
     };
-    Zeroizing::new(postcard::to_allocvec(&pickle).unwrap_or_default())
+    versioned(SESSION_VERSION, &pickle)
 }
 
 /// The reverse of [`pickle_session`].
-pub(crate) fn unpickle_session(bytes: &[u8]) -> Result<Session, CryptoError> {
-    let pickle: SessionPickle =
-        postcard::from_bytes(bytes).map_err(|_| CryptoError::InvalidMessage)?;
+pub(crate) fn unpickle_session(bytes: &[u8]) -> Result<Session, PickleError> {
+    let pickle: SessionPickle = unversioned(SESSION_VERSION, bytes)?;
     let ratchet = Ratchet {
         root_key: Zeroizing::new(pickle.root_key),
         our_ratchet_key: EcKeyPair::from_secret(StaticSecret::from(pickle.our_ratchet_key)),
@@ -135,7 +174,7 @@ pub(crate) fn unpickle_session(bytes: &[u8]) -> Result<Session, CryptoError> {
     let pending = match &pickle.pending {
         None => None,
         Some(p) => Some(PendingPrekey {
-            identity: IdentityKey::from_bytes(&p.identity)?,
+            identity: IdentityKey::from_bytes(&p.identity).map_err(|_| PickleError::Corrupt)?,
             signed_prekey_id: p.signed_prekey_id,
             one_time_prekey_id: p.one_time_prekey_id,
             kem_prekey_id: p.kem_prekey_id,
@@ -144,28 +183,33 @@ pub(crate) fn unpickle_session(bytes: &[u8]) -> Result<Session, CryptoError> {
     };
     Ok(Session {
         ratchet,
-        remote_identity: IdentityKey::from_bytes(&pickle.remote_identity)?,
+        remote_identity: IdentityKey::from_bytes(&pickle.remote_identity)
+            .map_err(|_| PickleError::Corrupt)?,
         base_key: pickle.base_key,
         pending,
     })
 }
 
 /// The sessions with one device, current first.
-pub(crate) fn pickle_session_set(set: &SessionSet) -> Zeroizing<Vec<u8>> {
-    let pickles: Vec<Zeroizing<Vec<u8>>> = set.sessions.iter().map(pickle_session).collect();
+pub(crate) fn pickle_session_set(set: &SessionSet) -> Result<Zeroizing<Vec<u8>>, PickleError> {
+    let pickles = set
+        .sessions
+        .iter()
+        .map(pickle_session)
+        .collect::<Result<Vec<_>, _>>()?;
     let raw: Vec<&[u8]> = pickles.iter().map(|p| p.as_slice()).collect();
-    Zeroizing::new(postcard::to_allocvec(&raw).unwrap_or_default())
+    versioned(SESSION_SET_VERSION, &raw)
 }
 
-/// The reverse of [`pickle_session_set`].
-pub(crate) fn unpickle_session_set(bytes: &[u8]) -> Result<SessionSet, CryptoError> {
-    let raw: Vec<&[u8]> = postcard::from_bytes(bytes).map_err(|_| CryptoError::InvalidMessage)?;
+/// The reverse of [`pickle_session_set`]. A set is never empty: an empty one is damage.
+pub(crate) fn unpickle_session_set(bytes: &[u8]) -> Result<SessionSet, PickleError> {
+    let raw: Vec<&[u8]> = unversioned(SESSION_SET_VERSION, bytes)?;
     let sessions = raw
         .into_iter()
         .map(unpickle_session)
         .collect::<Result<Vec<_>, _>>()?;
     if sessions.is_empty() {
-        return Err(CryptoError::InvalidMessage);
+        return Err(PickleError::Corrupt);
     }
     Ok(SessionSet { sessions })
 }
@@ -195,7 +239,7 @@ struct PrekeysPickle {
 }
 
 /// A device's prekeys as bytes.
-pub(crate) fn pickle_prekeys(prekeys: &PrekeySet) -> Zeroizing<Vec<u8>> {
+pub(crate) fn pickle_prekeys(prekeys: &PrekeySet) -> Result<Zeroizing<Vec<u8>>, PickleError> {
     let pickle = PrekeysPickle {
         signed: prekeys
             .signed
@@ -224,15 +268,14 @@ pub(crate) fn pickle_prekeys(prekeys: &PrekeySet) -> Zeroizing<Vec<u8>> {
             .collect(),
         next_id: prekeys.next_id,
     };
-    Zeroizing::new(postcard::to_allocvec(&pickle).unwrap_or_default())
+    versioned(PREKEYS_VERSION, &pickle)
 }
 
 /// The reverse of [`pickle_prekeys`].
-pub(crate) fn unpickle_prekeys(bytes: &[u8]) -> Result<PrekeySet, CryptoError> {
-    let pickle: PrekeysPickle =
-        postcard::from_bytes(bytes).map_err(|_| CryptoError::InvalidMessage)?;
-    let signature = |bytes: &[u8]| -> Result<[u8; 64], CryptoError> {
-        bytes.try_into().map_err(|_| CryptoError::InvalidMessage)
+pub(crate) fn unpickle_prekeys(bytes: &[u8]) -> Result<PrekeySet, PickleError> {
+    let pickle: PrekeysPickle = unversioned(PREKEYS_VERSION, bytes)?;
+    let signature = |bytes: &[u8]| -> Result<[u8; 64], PickleError> {
+        bytes.try_into().map_err(|_| PickleError::Corrupt)
     };
     let mut set = PrekeySet {
         next_id: pickle.next_id,
@@ -260,7 +303,7 @@ pub(crate) fn unpickle_prekeys(bytes: &[u8]) -> Result<PrekeySet, CryptoError> {
             .seed
             .as_slice()
             .try_into()
-            .map_err(|_| CryptoError::InvalidMessage)?;
+            .map_err(|_| PickleError::Corrupt)?;
         set.kem.insert(
             key.id,
             KemPrekey {
@@ -293,7 +336,7 @@ mod tests {
         let mut prekeys = PrekeySet::default();
         let upload = prekeys.rotate(&bob, 0, &mut rng);
         let fresh = prekeys.replenish(&bob, 2, &mut rng);
-        let prekeys = unpickle_prekeys(&pickle_prekeys(&prekeys)).unwrap();
+        let prekeys = unpickle_prekeys(&pickle_prekeys(&prekeys).unwrap()).unwrap();
         let bundle = hush_protocol::DeviceBundle {
             device: hush_protocol::DeviceId(1),
             device_key: [0; 32],
@@ -308,14 +351,160 @@ mod tests {
         let CiphertextMessage::Prekey(first) = a.encrypt(b"one").unwrap() else {
             panic!("prekey message expected")
         };
-        let mut a = unpickle_session(&pickle_session(&a)).unwrap();
+        let mut a = unpickle_session(&pickle_session(&a).unwrap()).unwrap();
         let (b, _, _) = Session::accept(&bob, &prekeys, &first, 0, &mut rng).unwrap();
-        let mut b = unpickle_session(&pickle_session(&b)).unwrap();
+        let mut b = unpickle_session(&pickle_session(&b).unwrap()).unwrap();
         assert_eq!(b.ratchet.skipped_keys(), 1);
         let reply = b.encrypt(b"two").unwrap();
         assert_eq!(a.decrypt(&reply, 0, &mut rng).unwrap().as_slice(), b"two");
-        let mut a = unpickle_session(&pickle_session(&a)).unwrap();
+        let mut a = unpickle_session(&pickle_session(&a).unwrap()).unwrap();
         let three = a.encrypt(b"three").unwrap();
         assert_eq!(b.decrypt(&three, 0, &mut rng).unwrap().as_slice(), b"three");
+    }
+
+    /// A session that has sent a prekey message (so it carries its pending prekey), and
+    /// the prekeys of its peer.
+    fn a_session_and_prekeys() -> (Session, PrekeySet) {
+        let mut rng = ChaCha20Rng::seed_from_u64(22);
+        let alice = IdentityKeyPair::generate_with(&mut rng);
+        let bob = IdentityKeyPair::generate_with(&mut rng);
+        let mut prekeys = PrekeySet::default();
+        let upload = prekeys.rotate(&bob, 0, &mut rng);
+        let fresh = prekeys.replenish(&bob, 1, &mut rng);
+        let bundle = hush_protocol::DeviceBundle {
+            device: hush_protocol::DeviceId(1),
+            device_key: [0; 32],
+            signed_prekey: upload.signed_prekey,
+            one_time: Some(fresh.one_time[0].clone()),
+            kem: Some(fresh.kem_one_time[0].clone()),
+            kem_is_last_resort: false,
+        };
+        let peer = PeerBundle::verify(&bob.public().to_bytes(), &bundle).unwrap();
+        let mut session = Session::initiate(&alice, &peer, &mut rng).unwrap();
+        session.encrypt(b"hello").unwrap();
+        assert!(session.pending.is_some());
+        (session, prekeys)
+    }
+
+    /// Checks that every damaged copy of the good pickle `good` is refused with the
+    /// error that names the damage, by `unpickle`.
+    fn refuses_damaged_copies<T>(good: &[u8], unpickle: impl Fn(&[u8]) -> Result<T, PickleError>) {
+        assert!(unpickle(good).is_ok(), "the good pickle opens");
+        let version = good[0];
+        let checks: [(&str, Vec<u8>, PickleError); 5] = [
+            ("empty", Vec::new(), PickleError::Corrupt),
+            (
+                "truncated",
+                good[..good.len() - 1].to_vec(),
+                PickleError::Corrupt,
+            ),
+            ("trailing byte", [good, &[0]].concat(), PickleError::Corrupt),
+            (
+                "garbage",
+                [&[version][..], &[0xff; 40]].concat(),
+                PickleError::Corrupt,
+            ),
+            (
+                "another version",
+                [&[version.wrapping_add(1)][..], &good[1..]].concat(),
+                PickleError::UnknownVersion(version.wrapping_add(1)),
+            ),
+        ];
+        for (damage, bytes, expected) in checks {
+            assert_eq!(unpickle(&bytes).err(), Some(expected), "{damage}");
+        }
+    }
+
+    #[test]
+    fn a_damaged_session_pickle_is_a_typed_error() {
+        let (session, _) = a_session_and_prekeys();
+        let good = pickle_session(&session).unwrap();
+        assert_eq!(good[0], SESSION_VERSION);
+        refuses_damaged_copies(&good, unpickle_session);
+    }
+
+    #[test]
+    fn a_damaged_session_set_pickle_is_a_typed_error() {
+        let (session, _) = a_session_and_prekeys();
+        let good = pickle_session_set(&SessionSet::new(session)).unwrap();
+        assert_eq!(good[0], SESSION_SET_VERSION);
+        refuses_damaged_copies(&good, unpickle_session_set);
+    }
+
+    #[test]
+    fn a_damaged_prekeys_pickle_is_a_typed_error() {
+        let (_, prekeys) = a_session_and_prekeys();
+        let good = pickle_prekeys(&prekeys).unwrap();
+        assert_eq!(good[0], PREKEYS_VERSION);
+        refuses_damaged_copies(&good, unpickle_prekeys);
+    }
+
+    #[test]
+    fn a_session_pickle_whose_identity_keys_do_not_parse_is_corrupt() {
+        let (session, _) = a_session_and_prekeys();
+        let good = pickle_session(&session).unwrap();
+        let mut pickle: SessionPickle = unversioned(SESSION_VERSION, &good).unwrap();
+        pickle.remote_identity = vec![7; 3];
+        let bad_remote = versioned(SESSION_VERSION, &pickle).unwrap();
+        assert_eq!(
+            unpickle_session(&bad_remote).err(),
+            Some(PickleError::Corrupt)
+        );
+
+        let mut pickle: SessionPickle = unversioned(SESSION_VERSION, &good).unwrap();
+        pickle.pending.as_mut().unwrap().identity = vec![7; 3];
+        let bad_pending = versioned(SESSION_VERSION, &pickle).unwrap();
+        assert_eq!(
+            unpickle_session(&bad_pending).err(),
+            Some(PickleError::Corrupt)
+        );
+    }
+
+    #[test]
+    fn an_empty_session_set_pickle_is_corrupt() {
+        let empty: Vec<&[u8]> = Vec::new();
+        let bytes = versioned(SESSION_SET_VERSION, &empty).unwrap();
+        assert_eq!(
+            unpickle_session_set(&bytes).err(),
+            Some(PickleError::Corrupt)
+        );
+    }
+
+    #[test]
+    fn a_prekeys_pickle_with_a_short_signature_or_seed_is_corrupt() {
+        let (_, prekeys) = a_session_and_prekeys();
+        let good = pickle_prekeys(&prekeys).unwrap();
+        let mut pickle: PrekeysPickle = unversioned(PREKEYS_VERSION, &good).unwrap();
+        pickle.signed[0].signature.truncate(63);
+        let short_signature = versioned(PREKEYS_VERSION, &pickle).unwrap();
+        assert_eq!(
+            unpickle_prekeys(&short_signature).err(),
+            Some(PickleError::Corrupt)
+        );
+
+        let mut pickle: PrekeysPickle = unversioned(PREKEYS_VERSION, &good).unwrap();
+        pickle.kem[0].seed.truncate(63);
+        let short_seed = versioned(PREKEYS_VERSION, &pickle).unwrap();
+        assert_eq!(
+            unpickle_prekeys(&short_seed).err(),
+            Some(PickleError::Corrupt)
+        );
+    }
+
+    /// A value whose serializer fails, as a hand-written `Serialize` may.
+    struct Unencodable;
+
+    impl Serialize for Unencodable {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("refuses to encode"))
+        }
+    }
+
+    #[test]
+    fn a_value_that_does_not_encode_is_an_encode_error_not_an_empty_pickle() {
+        assert_eq!(
+            versioned(SESSION_VERSION, &Unencodable).err(),
+            Some(PickleError::Encode)
+        );
     }
 }

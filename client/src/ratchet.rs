@@ -223,7 +223,7 @@ impl Ratchet {
         let aad = aad(&self.associated_data, &header);
         Ok((
             header,
-            kdf::seal_once(&message_key, MESSAGE_LABEL, plaintext, &aad),
+            kdf::seal_once(&message_key, MESSAGE_LABEL, plaintext, &aad)?,
         ))
     }
 

@@ -196,7 +196,7 @@ fn seal_layers(
         STATIC_LABEL,
         &sender.public().to_bytes(),
         ephemeral.public().as_bytes(),
-    );
+    )?;
     let content_key = second_layer(
         &chain,
         &*cache.static_agreement(sender, recipient.agreement())?,
@@ -206,7 +206,7 @@ fn seal_layers(
     let mut aad = Vec::with_capacity(32 + ENCRYPTED_STATIC_LEN);
     aad.extend_from_slice(ephemeral.public().as_bytes());
     aad.extend_from_slice(&encrypted_static);
-    let encrypted_content = kdf::seal_once(&content_key, CONTENT_LABEL, content, &aad);
+    let encrypted_content = kdf::seal_once(&content_key, CONTENT_LABEL, content, &aad)?;
 
     let mut out = Vec::with_capacity(1 + aad.len() + encrypted_content.len());
     out.push(VERSION);

@@ -40,17 +40,14 @@ pub use self::events::{ClientEvent, StoredMessage};
 pub use self::link::LinkRequest;
 use self::state::{
     decode, delivery_token, encode, message_key, AccountRecord, Contact, Dirty, Inner,
-    PendingMessage, State, ACCOUNT_KEY, PREKEYS_KEY, RETIRED_SESSIONS_KEY, SEEN_SETUPS_KEY,
-    SETTINGS_KEY,
+    PendingMessage, State, ACCOUNT_KEY, RETIRED_SESSIONS_KEY, SEEN_SETUPS_KEY, SETTINGS_KEY,
 };
 use crate::connection::{ConnectOptions, Connection};
 use crate::content::{Body, Content, MessageId, ReceiptKind};
 use crate::error::{ConnectionError, CryptoError};
 use crate::keys::{DeviceKey, IdentityKey, IdentityKeyPair};
-use crate::pickle;
-use crate::prekeys::PrekeySet;
 use crate::safety::SafetyNumber;
-use crate::store::{LocalStore, StorageKey, StoreError, Table};
+use crate::store::{LocalStore, PrekeyStore, StorageKey, StoreError, Table};
 use crate::util::{hex_decode, hex_encode, random, Clock, SystemClock};
 
 /// Events buffered for the app; when it stops reading, the client stops acknowledging and
@@ -232,10 +229,7 @@ impl Client {
             Some(bytes) => decode(&bytes)?,
             None => Settings::default(),
         };
-        let prekeys = match store.get(Table::State, PREKEYS_KEY)? {
-            Some(bytes) => pickle::unpickle_prekeys(&bytes).map_err(|_| StoreError::Corrupt)?,
-            None => PrekeySet::default(),
-        };
+        let prekeys = store.load_prekeys()?.unwrap_or_default();
         let seen_setups: BTreeMap<[u8; 32], u64> = match store.get(Table::State, SEEN_SETUPS_KEY)? {
             Some(bytes) => decode(&bytes)?,
             None => BTreeMap::new(),

@@ -210,7 +210,7 @@ impl Inner {
                     .collect::<Vec<_>>(),
             )
         };
-        let plaintext = content.encode();
+        let plaintext = content.encode()?;
         for _attempt in 0..DEVICE_LIST_TRIES {
             if devices.is_empty() {
                 devices = self
@@ -324,7 +324,7 @@ impl Inner {
             }
             self.ensure_sessions(own.account, &devices).await?;
             let certificate = self.certificate().await?;
-            let plaintext = content.encode();
+            let plaintext = content.encode()?;
             let (envelopes, ticket) = {
                 let mut state = self.lock();
                 let identity = *state.identity.public();

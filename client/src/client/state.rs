@@ -25,15 +25,14 @@ use super::commit::{Committer, Durability, Ticket};
 use super::{ClientError, ClientEvent, Settings};
 use crate::connection::Connection;
 use crate::content::{CallId, CallSignal, Content, MessageId};
+use crate::kdf;
 use crate::keys::IdentityKeyPair;
 use crate::prekeys::PrekeySet;
 use crate::session::SessionSet;
-use crate::store::{Change, LocalStore, StoreError, Table};
+use crate::store::{Change, LocalStore, PrekeyStore, SessionStore, Table};
 use crate::util::Clock;
-use crate::{kdf, pickle};
 
 pub(super) const ACCOUNT_KEY: &[u8] = b"account";
-pub(super) const PREKEYS_KEY: &[u8] = b"prekeys";
 pub(super) const SETTINGS_KEY: &[u8] = b"settings";
 pub(super) const SEEN_SETUPS_KEY: &[u8] = b"seen-setups";
 pub(super) const RETIRED_SESSIONS_KEY: &[u8] = b"retired-sessions";
@@ -178,11 +177,7 @@ impl State {
         for address in dirty.sessions {
             // A session deleted since it was marked is not written back.
             if let Some(set) = self.sessions.get(&address) {
-                changes.push(store.put(
-                    Table::Sessions,
-                    &session_key(&address),
-                    pickle::pickle_session_set(set),
-                ));
+                changes.push(store.store_sessions(&address, set)?);
             }
         }
         for account in dirty.contacts {
@@ -191,11 +186,7 @@ impl State {
             }
         }
         if dirty.prekeys {
-            changes.push(store.put(
-                Table::State,
-                PREKEYS_KEY,
-                pickle::pickle_prekeys(&self.prekeys),
-            ));
+            changes.push(store.store_prekeys(&self.prekeys)?);
         }
         if dirty.seen_setups {
             changes.push(store.put(Table::State, SEEN_SETUPS_KEY, encode(&self.seen_setups)?));
@@ -221,10 +212,12 @@ impl State {
         address: DeviceAddress,
     ) -> Result<Option<&mut SessionSet>, ClientError> {
         if let std::collections::hash_map::Entry::Vacant(slot) = self.sessions.entry(address) {
-            let Some(bytes) = store.get(Table::Sessions, &session_key(&address))? else {
+            // A record that does not decode is a damaged store, not a bad message: the
+            // envelope must stay on the relay, not be dropped as undecryptable.
+            let Some(set) = store.load_sessions(&address)? else {
                 return Ok(None);
             };
-            slot.insert(load_sessions(&bytes)?);
+            slot.insert(set);
         }
         Ok(self.sessions.get_mut(&address))
     }
@@ -259,7 +252,7 @@ impl State {
         for address in expired {
             self.retired.remove(&address);
             self.sessions.remove(&address);
-            self.write(store.delete(Table::Sessions, &session_key(&address)));
+            self.write(store.delete_sessions(&address));
             self.retired_changed();
         }
     }
@@ -295,7 +288,7 @@ impl State {
                 .collect();
             for address in stale {
                 self.sessions.remove(&address);
-                self.write(store.delete(Table::Sessions, &session_key(&address)));
+                self.write(store.delete_sessions(&address));
             }
         }
         changed
@@ -381,10 +374,8 @@ impl Inner {
     fn forget_unsaved(&self, state: &mut State) {
         state.dirty = Dirty::default();
         state.sessions.clear();
-        if let Ok(Some(bytes)) = self.store.get(Table::State, PREKEYS_KEY) {
-            if let Ok(prekeys) = pickle::unpickle_prekeys(&bytes) {
-                state.prekeys = prekeys;
-            }
+        if let Ok(Some(prekeys)) = self.store.load_prekeys() {
+            state.prekeys = prekeys;
         }
         if let Ok(Some(bytes)) = self.store.get(Table::State, SEEN_SETUPS_KEY) {
             if let Ok(seen) = decode(&bytes) {
@@ -413,16 +404,6 @@ pub(crate) fn delivery_token(profile_key: &[u8; 32]) -> [u8; 16] {
     *kdf::hkdf::<16>(&[], profile_key, b"hush-delivery-token-v1")
 }
 
-/// A stored session set. A record that does not decode is a damaged store, not a bad
-/// message: the envelope must stay on the relay, not be dropped as undecryptable.
-pub(super) fn load_sessions(bytes: &[u8]) -> Result<SessionSet, ClientError> {
-    pickle::unpickle_session_set(bytes).map_err(|_| ClientError::Store(StoreError::Corrupt))
-}
-
-pub(super) fn session_key(address: &DeviceAddress) -> [u8; 20] {
-    address.to_bytes()
-}
-
 /// Messages are kept per conversation: an id chosen by one contact can never touch a row
 /// of another conversation.
 pub(super) fn message_key(conversation: AccountId, id: MessageId) -> [u8; 32] {
@@ -438,13 +419,11 @@ pub(super) fn expiry(start: u64, expires_in: Option<u32>) -> Option<u64> {
 }
 
 pub(super) fn encode(value: &impl Serialize) -> Result<Zeroizing<Vec<u8>>, ClientError> {
-    postcard::to_allocvec(value)
-        .map(Zeroizing::new)
-        .map_err(|_| ClientError::Store(StoreError::Corrupt))
+    Ok(crate::store::encode_record(value)?)
 }
 
 pub(super) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ClientError> {
-    postcard::from_bytes(bytes).map_err(|_| ClientError::Store(StoreError::Corrupt))
+    Ok(crate::store::decode_record(bytes)?)
 }
 
 #[cfg(test)]
@@ -524,18 +503,12 @@ mod tests {
             .insert(address, session_with(&IdentityKeyPair::generate(), 1));
         state.session_changed(address);
         commit(&store, &mut state);
-        assert!(store
-            .get(Table::Sessions, &session_key(&address))
-            .unwrap()
-            .is_some());
+        assert!(store.load_sessions(&address).unwrap().is_some());
 
         assert!(state.record_identity(&store, bob, &second));
         commit(&store, &mut state);
         assert!(state.sessions.is_empty());
-        assert!(store
-            .get(Table::Sessions, &session_key(&address))
-            .unwrap()
-            .is_none());
+        assert!(store.load_sessions(&address).unwrap().is_none());
         let stored: Contact =
             decode(&store.get(Table::Contacts, &bob.0).unwrap().unwrap()).unwrap();
         assert_eq!(stored.identity.as_deref(), Some(&second[..]));
@@ -571,10 +544,7 @@ mod tests {
         commit(&store, &mut state);
         assert!(state.retired.is_empty());
         assert!(state.sessions.is_empty());
-        assert!(store
-            .get(Table::Sessions, &session_key(&address))
-            .unwrap()
-            .is_none());
+        assert!(store.load_sessions(&address).unwrap().is_none());
         let stored: BTreeMap<DeviceAddress, u64> = decode(
             &store
                 .get(Table::State, RETIRED_SESSIONS_KEY)
@@ -607,16 +577,14 @@ mod tests {
         let changes = state.take_changes(&store).unwrap();
         assert_eq!(changes.len(), 1);
         store.commit(changes).unwrap();
-        let stored = load_sessions(
-            &store
-                .get(Table::Sessions, &session_key(&address))
-                .unwrap()
-                .unwrap(),
-        )
-        .unwrap();
+        let stored = store.load_sessions(&address).unwrap().unwrap();
         assert_eq!(
-            pickle::pickle_session_set(&stored).as_slice(),
-            pickle::pickle_session_set(&state.sessions[&address]).as_slice()
+            crate::pickle::pickle_session_set(&stored)
+                .unwrap()
+                .as_slice(),
+            crate::pickle::pickle_session_set(&state.sessions[&address])
+                .unwrap()
+                .as_slice()
         );
         assert!(state.take_changes(&store).unwrap().is_empty());
     }

@@ -1,12 +1,25 @@
-//! The encrypted local store: everything the client must keep, in one redb file.
+//! The encrypted local store: everything the client must keep, in one redb file (in
+//! memory for tests).
 //!
 //! Every value is sealed with XChaCha20-Poly1305 under a key derived from the app's
 //! 32-byte storage key (from the platform keystore) or from a passphrase with Argon2id;
 //! the table name and row key are the associated data, so a value cannot be moved to
 //! another row. Row keys are HMAC-SHA256 tags of what they name (a contact's account, a
 //! session's device address), so the file shows no identifiers either. Changes are applied
-//! in one write transaction with immediate durability: a session update and the message it
-//! decrypted land together or not at all.
+//! in one write transaction: a session update and the message it decrypted land together
+//! or not at all.
+//!
+//! That policy lives here, over a [`Backend`] that only keeps opaque rows: the redb file
+//! ([`redb`]) for the app, or memory ([`memory`]) for tests. What a backend holds is
+//! already sealed and tagged, so it never sees a plaintext or an identifier.
+//!
+//! Values are `version byte || postcard body`: secret state through [`crate::pickle`],
+//! plain records through [`encode_record`] and [`decode_record`]. [`typed`] reads and
+//! writes sessions and prekeys by what they are, libsignal-style.
+
+mod memory;
+mod redb;
+pub(crate) mod typed;
 
 use std::path::Path;
 
@@ -14,10 +27,16 @@ use argon2::{Algorithm, Argon2, Params, Version};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand_core::{OsRng, RngCore};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-use crate::kdf;
+use crate::error::PickleError;
+use crate::{kdf, pickle};
+
+pub(crate) use self::memory::MemoryBackend;
+pub(crate) use self::redb::RedbBackend;
+pub(crate) use self::typed::{PrekeyStore, SessionStore};
 
 /// The file in the data directory.
 pub const STORE_FILE: &str = "client.redb";
@@ -38,10 +57,6 @@ pub(crate) enum Table {
 }
 
 impl Table {
-    fn definition(self) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
-        TableDefinition::new(self.name())
-    }
-
     fn name(self) -> &'static str {
         match self {
             Table::State => "state",
@@ -61,17 +76,7 @@ impl Table {
     ];
 }
 
-/// When a commit is on disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Durability {
-    /// Before the commit returns (fsync).
-    Immediate,
-    /// Visible to reads at once, on disk with the next `Immediate` commit: a crash before
-    /// that loses it.
-    Deferred,
-}
-
-/// One change in a commit.
+/// One change in a commit, as the client names it (the value not sealed yet).
 pub(crate) enum Change {
     Put {
         table: Table,
@@ -179,15 +184,60 @@ pub enum StoreError {
     /// to what the store holds.
     #[error("an earlier commit to the local store failed")]
     Interrupted,
+    /// A value inside a row did not encode or decode (the row itself opened).
+    #[error("local store value: {0}")]
+    Pickle(#[from] PickleError),
+    /// A value is over what XChaCha20-Poly1305 seals (about 256 GiB); nothing was written.
+    #[error("a value too large to seal into the local store")]
+    Seal,
 }
 
-fn db_error(error: impl std::fmt::Display) -> StoreError {
-    StoreError::Database(error.to_string())
+/// How durable a commit is when [`LocalStore::commit_with`] returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// On disk (fsynced) before the call returns, as [`LocalStore::commit`] is.
+    Immediate,
+    /// Applied and visible to every read at once, but made durable only by the next
+    /// `Immediate` commit (or a clean close of the store): a group committer batches
+    /// several of these behind one fsync. What a crash loses is said at
+    /// [`RedbBackend`]'s `apply`.
+    Deferred,
+}
+
+/// One change as a backend stores it: a tagged row and, for a put, the sealed value.
+pub(crate) enum RawChange {
+    Put {
+        table: Table,
+        row: Vec<u8>,
+        sealed: Vec<u8>,
+    },
+    Delete {
+        table: Table,
+        row: Vec<u8>,
+    },
+}
+
+/// What [`Backend::scan`] calls with each row and its sealed value.
+pub(crate) type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError> + 'a;
+
+/// Raw byte storage under the store: rows of opaque bytes per table, changed in atomic
+/// batches. Everything it is given is already sealed and tagged.
+pub(crate) trait Backend: Send + Sync {
+    /// The sealed value at `row`, if there is one.
+    fn get(&self, table: Table, row: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Calls `visit` with every row and sealed value of `table`, in row order, stopping
+    /// at the first error (its own or `visit`'s).
+    fn scan(&self, table: Table, visit: &mut Visit<'_>) -> Result<(), StoreError>;
+
+    /// Applies every change or none, visible to reads once this returns, and durable as
+    /// `durability` says.
+    fn apply(&self, changes: Vec<RawChange>, durability: Durability) -> Result<(), StoreError>;
 }
 
 /// The open store.
 pub(crate) struct LocalStore {
-    db: Database,
+    backend: Box<dyn Backend>,
     /// Set by tests: the next commit fails as a full disk would.
     fail_next: std::sync::atomic::AtomicBool,
     seal_key: Zeroizing<[u8; 32]>,
@@ -198,18 +248,24 @@ impl LocalStore {
     /// Opens (or creates) the store in `dir`.
     pub(crate) fn open(dir: &Path, key: &StorageKey) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)?;
-        let db = Database::create(dir.join(STORE_FILE)).map_err(db_error)?;
-        let txn = db.begin_write().map_err(db_error)?;
-        for table in Table::ALL {
-            txn.open_table(table.definition()).map_err(db_error)?;
-        }
-        txn.commit().map_err(db_error)?;
-        Ok(LocalStore {
-            db,
+        let backend = RedbBackend::open(&dir.join(STORE_FILE))?;
+        Ok(Self::with_backend(Box::new(backend), key))
+    }
+
+    /// An empty store that lives in memory only, for tests.
+    #[cfg_attr(not(test), allow(dead_code))] // For the client's tests, not the app.
+    pub(crate) fn in_memory(key: &StorageKey) -> Self {
+        Self::with_backend(Box::new(MemoryBackend::default()), key)
+    }
+
+    /// The store over any backend.
+    pub(crate) fn with_backend(backend: Box<dyn Backend>, key: &StorageKey) -> Self {
+        LocalStore {
+            backend,
             fail_next: std::sync::atomic::AtomicBool::new(false),
             seal_key: kdf::hkdf::<32>(&[], &key.0, b"hush-local-store-seal-v1"),
             index_key: kdf::hkdf::<32>(&[], &key.0, b"hush-local-store-index-v1"),
-        })
+        }
     }
 
     /// The row key for `name` in `table`.
@@ -229,7 +285,8 @@ impl LocalStore {
         aad
     }
 
-    fn seal(&self, table: Table, row: &[u8], value: &[u8]) -> Vec<u8> {
+    /// `nonce || ciphertext`, or an error: never an empty value written in its place.
+    fn seal(&self, table: Table, row: &[u8], value: &[u8]) -> Result<Vec<u8>, StoreError> {
         let mut nonce = [0u8; 24];
         OsRng.fill_bytes(&mut nonce);
         let cipher = XChaCha20Poly1305::new((&*self.seal_key).into());
@@ -241,11 +298,11 @@ impl LocalStore {
                     aad: &Self::aad(table, row),
                 },
             )
-            .unwrap_or_default();
+            .map_err(|_| StoreError::Seal)?;
         let mut out = Vec::with_capacity(24 + sealed.len());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
-        out
+        Ok(out)
     }
 
     fn unseal(
@@ -277,23 +334,19 @@ impl LocalStore {
         name: &[u8],
     ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
         let row = self.row(table, name);
-        let txn = self.db.begin_read().map_err(db_error)?;
-        let t = txn.open_table(table.definition()).map_err(db_error)?;
-        let Some(value) = t.get(row.as_slice()).map_err(db_error)? else {
+        let Some(sealed) = self.backend.get(table, &row)? else {
             return Ok(None);
         };
-        self.unseal(table, &row, value.value()).map(Some)
+        self.unseal(table, &row, &sealed).map(Some)
     }
 
     /// Every value of a table.
     pub(crate) fn values(&self, table: Table) -> Result<Vec<Zeroizing<Vec<u8>>>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_error)?;
-        let t = txn.open_table(table.definition()).map_err(db_error)?;
         let mut out = Vec::new();
-        for entry in t.iter().map_err(db_error)? {
-            let (row, value) = entry.map_err(db_error)?;
-            out.push(self.unseal(table, row.value(), value.value())?);
-        }
+        self.backend.scan(table, &mut |row, sealed| {
+            out.push(self.unseal(table, row, sealed)?);
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -326,7 +379,9 @@ impl LocalStore {
         self.commit_with(changes, Durability::Immediate)
     }
 
-    /// Applies `changes` in one transaction of the given durability.
+    /// Applies `changes` in one transaction, all or nothing, as durable as `durability`
+    /// says. Every value is sealed before the backend's transaction begins, so a value
+    /// that does not seal leaves the store as it was.
     pub(crate) fn commit_with(
         &self,
         changes: Vec<Change>,
@@ -338,96 +393,38 @@ impl LocalStore {
         {
             return Err(StoreError::Io(std::io::Error::other("injected failure")));
         }
-        let mut txn = self.db.begin_write().map_err(db_error)?;
-        txn.set_durability(match durability {
-            Durability::Immediate => redb::Durability::Immediate,
-            Durability::Deferred => redb::Durability::None,
-        })
-        .map_err(db_error)?;
-        {
-            for change in changes {
-                match change {
-                    Change::Put { table, key, value } => {
-                        let sealed = self.seal(table, &key, &value);
-                        let mut t = txn.open_table(table.definition()).map_err(db_error)?;
-                        t.insert(key.as_slice(), sealed.as_slice())
-                            .map_err(db_error)?;
-                    }
-                    Change::Delete { table, key } => {
-                        let mut t = txn.open_table(table.definition()).map_err(db_error)?;
-                        t.remove(key.as_slice()).map_err(db_error)?;
-                    }
-                }
-            }
-        }
-        txn.commit().map_err(db_error)
+        let raw = changes
+            .into_iter()
+            .map(|change| match change {
+                Change::Put { table, key, value } => Ok(RawChange::Put {
+                    sealed: self.seal(table, &key, &value)?,
+                    table,
+                    row: key,
+                }),
+                Change::Delete { table, key } => Ok(RawChange::Delete { table, row: key }),
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.backend.apply(raw, durability)
     }
+}
+
+/// The format version of the store's plain records (account record, settings, contacts,
+/// messages, outbox, seen set-ups, retired sessions). Version 1 is the first versioned
+/// format: stores written before it (a bare postcard body, no version byte) are not read,
+/// as none was ever deployed.
+const RECORD_VERSION: u8 = 1;
+
+/// A plain record as `version || postcard body`, for [`LocalStore::put`]. A record that
+/// does not encode is an error, never an empty value persisted in its place.
+pub(crate) fn encode_record(value: &impl Serialize) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+    Ok(pickle::versioned(RECORD_VERSION, value)?)
+}
+
+/// The reverse of [`encode_record`]: the version must be this build's, and the body must
+/// decode and be all of `bytes`.
+pub(crate) fn decode_record<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    Ok(pickle::unversioned(RECORD_VERSION, bytes)?)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn values_round_trip_sealed_and_only_with_the_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = StorageKey::from_bytes([3; 32]);
-        {
-            let store = LocalStore::open(dir.path(), &key).unwrap();
-            store
-                .commit(vec![
-                    store.put(
-                        Table::State,
-                        b"identity",
-                        Zeroizing::new(b"secret-identity".to_vec()),
-                    ),
-                    store.put(
-                        Table::Contacts,
-                        b"alice-account",
-                        Zeroizing::new(b"alice".to_vec()),
-                    ),
-                ])
-                .unwrap();
-            assert_eq!(
-                store
-                    .get(Table::State, b"identity")
-                    .unwrap()
-                    .unwrap()
-                    .as_slice(),
-                b"secret-identity"
-            );
-            store
-                .commit(vec![store.delete(Table::Contacts, b"alice-account")])
-                .unwrap();
-            assert!(store.values(Table::Contacts).unwrap().is_empty());
-        }
-        let bytes = std::fs::read(dir.path().join(STORE_FILE)).unwrap();
-        for needle in [&b"secret-identity"[..], b"identity", b"alice"] {
-            assert!(!bytes.windows(needle.len()).any(|w| w == needle));
-        }
-        let wrong = LocalStore::open(dir.path(), &StorageKey::from_bytes([4; 32])).unwrap();
-        // Another key derives other row tags, and cannot open the rows it finds.
-        assert!(wrong.get(Table::State, b"identity").unwrap().is_none());
-        assert!(matches!(
-            wrong.values(Table::State),
-            Err(StoreError::Corrupt)
-        ));
-    }
-
-    #[test]
-    fn passphrase_keys_depend_on_passphrase_and_salt() {
-        let cost = PassphraseCost {
-            memory_kib: 256,
-            iterations: 1,
-        };
-        let a = StorageKey::from_passphrase(b"correct horse", &[1; 16], cost).unwrap();
-        let b = StorageKey::from_passphrase(b"correct horse", &[1; 16], cost).unwrap();
-        let c = StorageKey::from_passphrase(b"correct horse", &[2; 16], cost).unwrap();
-        let d = StorageKey::from_passphrase(b"wrong horse", &[1; 16], cost).unwrap();
-        assert_eq!(a.0, b.0);
-        assert_ne!(a.0, c.0);
-        assert_ne!(a.0, d.0);
-        let dir = tempfile::tempdir().unwrap();
-        assert_eq!(salt_for(dir.path()).unwrap(), salt_for(dir.path()).unwrap());
-    }
-}
+mod tests;
