@@ -125,8 +125,9 @@ mod tests {
     use hush_protocol::auth::EXPORTER_LEN;
     use hush_protocol::sealed::SealedEnvelope;
     use hush_protocol::{
-        Ack, AllocateCall, Authenticate, DeviceId, FetchPrekeys, ListDevices, OutgoingEnvelope,
-        Retract, SealedSend, Send, Signature,
+        Ack, AddDevice, AllocateCall, Authenticate, CallOutcome, CallToken, DeviceId, EndCall,
+        FetchPrekeys, JoinCall, ListDevices, OutgoingEnvelope, Provision, RemoveDevice, Retract,
+        SealedSend, Send, SetDeliveryAccess, Signature,
     };
 
     use super::super::fixtures::{
@@ -177,9 +178,31 @@ mod tests {
         let others = [
             send,
             RequestBody::Ack(Ack { ids: Vec::new() }),
+            RequestBody::AddDevice(AddDevice {
+                device_key: [1; 32],
+            }),
+            RequestBody::RemoveDevice(RemoveDevice {
+                device: DeviceId(2),
+            }),
             RequestBody::GetSenderCertificate,
+            RequestBody::SetDeliveryAccess(SetDeliveryAccess {
+                token: None,
+                allow_unknown_senders: true,
+            }),
+            RequestBody::Provision(Provision {
+                address: [1; 16],
+                payload: vec![1],
+            }),
             RequestBody::AllocateCall(AllocateCall {
                 callee: alice().account,
+            }),
+            RequestBody::JoinCall(JoinCall {
+                allocation: 1,
+                token: CallToken([1; 16]),
+            }),
+            RequestBody::EndCall(EndCall {
+                allocation: 1,
+                outcome: CallOutcome::Missed,
             }),
         ];
         for body in others {

@@ -21,8 +21,8 @@ use super::calls::ConnectionCalls;
 use super::charge::Budget;
 use super::datagrams::media_loop;
 use super::delivery::{deliver_loop, DeliveryWindow};
+use super::frames::read_frame;
 use super::handshake::{self, Binding};
-use super::read::read_frame;
 use super::writer::{commit_error_code, write_loop, Answer, AnswerQueue, Answers};
 use super::{record_call_end, Decision, End, SessionContext};
 use crate::mailbox::DeviceLink;
@@ -115,6 +115,7 @@ struct Attached {
     media: JoinHandle<()>,
 }
 
+/// One connection, as the driver holds it: the handles its effects need, and its phase.
 pub(super) struct Session {
     /// What this connection may still spend under the rate limits.
     pub(super) budget: Budget,

@@ -32,8 +32,8 @@ mod delivery;
 mod driver;
 #[cfg(test)]
 mod fixtures;
+mod frames;
 mod handshake;
-mod read;
 mod reads;
 mod writer;
 
