@@ -205,3 +205,33 @@ pub(super) async fn deliver_loop(
         link.wake.notified().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_window_waits_for_an_ack_of_what_is_in_flight_here() {
+        let window = DeliveryWindow::new(2);
+        assert!(window.push(EnvelopeId(1)).await == Some(Room::AtOnce));
+        assert!(window.push(EnvelopeId(2)).await == Some(Room::AtOnce));
+        // Ids not in flight here, and an id acked twice, free nothing.
+        window.acked(&[EnvelopeId(9)]);
+        window.acked(&[EnvelopeId(1)]);
+        window.acked(&[EnvelopeId(1)]);
+        assert_eq!(window.room(), 1);
+        assert!(window.push(EnvelopeId(3)).await == Some(Room::AtOnce));
+        let mut waiting = std::pin::pin!(window.push(EnvelopeId(4)));
+        let mut polled = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(
+            waiting.as_mut().poll(&mut polled).is_pending(),
+            "a full window gave room"
+        );
+        window.acked(&[EnvelopeId(2)]);
+        assert!(waiting.await == Some(Room::AfterWaiting));
+        window.permits.close();
+        assert!(window.push(EnvelopeId(5)).await.is_none());
+    }
+}

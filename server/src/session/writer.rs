@@ -334,4 +334,30 @@ mod tests {
             "a late answer kept its permit"
         );
     }
+
+    #[test]
+    fn a_commit_outcome_becomes_the_clients_answer() {
+        assert_eq!(respond_to_write(Ok(Ok(acked()))), Ok(ResponseBody::Acked));
+        assert_eq!(
+            respond_to_write(Ok(Ok(Outcome::Acked { unknown: 2 }))),
+            Err(ErrorCode::UnknownEnvelope)
+        );
+        assert_eq!(
+            respond_to_write(Ok(Err(Refusal::MailboxFull))),
+            Err(Refusal::MailboxFull.code())
+        );
+        assert_eq!(
+            respond_to_write(Err(CommitError::Storage)),
+            Err(ErrorCode::StorageFailure)
+        );
+        assert_eq!(
+            respond_to_write(Err(CommitError::Stopped)),
+            Err(ErrorCode::ShuttingDown)
+        );
+        // Outcomes no client request can have.
+        assert_eq!(
+            respond_to_write(Ok(Ok(Outcome::Registered))),
+            Err(ErrorCode::Internal)
+        );
+    }
 }
