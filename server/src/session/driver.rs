@@ -118,7 +118,7 @@ struct Attached {
 /// One connection, as the driver holds it: the handles its effects need, and its phase.
 pub(super) struct Session {
     /// What this connection may still spend under the rate limits.
-    pub(super) budget: Budget,
+    budget: Budget,
     pub(super) connection: quinn::Connection,
     pub(super) context: Arc<SessionContext>,
     pub(super) number: u64,

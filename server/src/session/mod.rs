@@ -11,7 +11,7 @@
 //!
 //! Around the request loop: the [`writer`] owns the stream's send half and answers writes
 //! as their commits become durable; the [`delivery`] loop pushes the device's mailbox;
-//! [`after_commit`] is what a commit causes besides its answers, on the commit thread;
+//! `after_commit` is what a commit causes besides its answers, on the commit thread;
 //! [`datagrams`] forwards the connection's media datagrams.
 //!
 //! Protocol violations (a frame that does not decode, a request its phase does not allow,
