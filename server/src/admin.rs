@@ -22,9 +22,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 
 use crate::cdr::{day_report, format_time};
+use crate::commit::CommitStats;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::relay::Shared;
 use crate::store::{RetentionSummary, Store, StoreError};
 
 /// The socket's file name in the data dir.
@@ -50,6 +50,20 @@ pub enum AdminError {
     },
 }
 
+/// What the admin socket reads: the store (day statistics, what is held), the committer's
+/// counters, the relay's counters and the retention rules in force. Nothing it could
+/// write with.
+pub(crate) struct AdminView {
+    /// Read through the blocking pool, one query a command.
+    pub store: Arc<dyn Store>,
+    /// Commits and the writes they carried.
+    pub commits: Arc<CommitStats>,
+    /// The relay's counters.
+    pub metrics: Arc<Metrics>,
+    /// The configuration, for the retention rules.
+    pub config: Config,
+}
+
 /// The listening admin socket; [`AdminSocket::stop`] closes it and removes the file.
 pub(crate) struct AdminSocket {
     path: PathBuf,
@@ -59,7 +73,7 @@ pub(crate) struct AdminSocket {
 impl AdminSocket {
     /// Binds `path` (replacing a stale socket left by a relay that did not stop cleanly)
     /// and serves commands.
-    pub(crate) fn start(path: &Path, shared: Arc<Shared>) -> Result<Self, AdminError> {
+    pub(crate) fn start(path: &Path, view: AdminView) -> Result<Self, AdminError> {
         let io = |source| AdminError::Io {
             path: path.to_owned(),
             source,
@@ -83,7 +97,7 @@ impl AdminSocket {
             use std::os::unix::fs::MetadataExt;
             std::fs::metadata(path).map_err(io)?.uid()
         };
-        let task = tokio::spawn(accept_loop(listener, shared, owner));
+        let task = tokio::spawn(accept_loop(listener, Arc::new(view), owner));
         Ok(AdminSocket {
             path: path.to_owned(),
             task,
@@ -98,7 +112,7 @@ impl AdminSocket {
     }
 }
 
-async fn accept_loop(listener: UnixListener, shared: Arc<Shared>, owner: u32) {
+async fn accept_loop(listener: UnixListener, view: Arc<AdminView>, owner: u32) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             // Out of file descriptors, say: do not spin on it.
@@ -112,40 +126,40 @@ async fn accept_loop(listener: UnixListener, shared: Arc<Shared>, owner: u32) {
             tracing::warn!("refused an admin connection from another user");
             continue;
         }
-        let shared = shared.clone();
+        let view = view.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(TIMEOUT, serve(stream, &shared)).await;
+            let _ = tokio::time::timeout(TIMEOUT, serve(stream, &view)).await;
         });
     }
 }
 
-async fn serve(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
+async fn serve(stream: UnixStream, view: &AdminView) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read.take(MAX_COMMAND))
         .read_line(&mut line)
         .await?;
-    let answer = answer(line.trim(), shared).await;
+    let answer = answer(line.trim(), view).await;
     write.write_all(answer.as_bytes()).await?;
     write.shutdown().await
 }
 
-async fn answer(command: &str, shared: &Shared) -> String {
-    let store = shared.store.clone();
+async fn answer(command: &str, view: &AdminView) -> String {
+    let store = view.store.clone();
     match command {
         "cdr-report" => match read(store, Store::day_stats).await {
             Ok(days) => day_report(&days),
             Err(error) => failure(&error),
         },
         "retention" => match read(store, Store::retention_summary).await {
-            Ok(summary) => retention_report(&shared.config, &summary),
+            Ok(summary) => retention_report(&view.config, &summary),
             Err(error) => failure(&error),
         },
         "metrics" => {
-            let stats = shared.committer.stats();
+            let stats = &view.commits;
             format!(
                 "{}hush_store_commits_total {}\nhush_store_commit_writes_total {}\n",
-                shared.metrics.render(),
+                view.metrics.render(),
                 Metrics::get(&stats.commits),
                 Metrics::get(&stats.writes),
             )

@@ -140,6 +140,12 @@ impl Committer {
     pub fn stats(&self) -> &CommitStats {
         &self.stats
     }
+
+    /// The committer's counters, to be read by what must not hold a committer (the admin
+    /// socket: a handle would keep the commit thread alive and could write).
+    pub fn shared_stats(&self) -> Arc<CommitStats> {
+        self.stats.clone()
+    }
 }
 
 fn run(

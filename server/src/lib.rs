@@ -29,6 +29,7 @@ pub mod keyring;
 mod mailbox;
 pub mod media;
 pub mod metrics;
+mod party;
 pub mod provisioning;
 pub mod quota;
 pub mod rate;

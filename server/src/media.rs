@@ -28,10 +28,10 @@ use hush_protocol::media_udp::{
 use rand_core::{OsRng, RngCore};
 use tokio::net::UdpSocket;
 
-use crate::calls::Route;
+use crate::calls::{Calls, Route};
+use crate::clock::Clock;
 use crate::metrics::Metrics;
-use crate::relay::Shared;
-use crate::session::PartyLink;
+use crate::party::PartyLink;
 
 /// Shards of the leg table: packets from different calls rarely touch the same lock.
 const SHARDS: usize = 16;
@@ -296,19 +296,32 @@ impl MediaPlane {
     }
 }
 
+/// What the media port's receive loops use: the legs, the call registry that routes
+/// between them, the counters and the clock; nothing else of the relay.
+#[derive(Clone)]
+pub(crate) struct MediaRoutes {
+    /// The legs of live calls.
+    pub plane: Arc<MediaPlane>,
+    /// The call registry.
+    pub calls: Arc<Calls<PartyLink>>,
+    /// The relay's counters.
+    pub metrics: Arc<Metrics>,
+    /// The relay's clock (calls record media activity by it).
+    pub clock: Arc<dyn Clock>,
+}
+
 /// Sends a frame of `allocation` on to `peer`: on the media port if its leg is bound,
 /// else as a QUIC datagram (`datagram` is the frame with its allocation header, when the
 /// frame came in as one). Never waits: what cannot go at once is dropped and counted.
 pub(crate) fn forward(
-    shared: &Shared,
+    plane: &MediaPlane,
+    metrics: &Metrics,
     allocation: u32,
     peer: &PartyLink,
     payload: &[u8],
     datagram: Option<bytes::Bytes>,
     out: &mut Vec<u8>,
 ) {
-    let metrics = &shared.metrics;
-    let plane = &shared.media;
     if let (Some(socket), Some(to)) = (
         plane.socket.as_ref(),
         plane.seal_for(allocation, peer.number, payload, out),
@@ -334,7 +347,13 @@ pub(crate) fn forward(
 
 /// Reads the media port and forwards each authentic frame to the other party of its call.
 /// Several of these share the socket, one per core.
-pub(crate) async fn receive_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>) {
+pub(crate) async fn receive_loop(routes: MediaRoutes, socket: Arc<UdpSocket>) {
+    let MediaRoutes {
+        plane,
+        calls,
+        metrics,
+        clock,
+    } = routes;
     // One byte over the limit, so that an oversized packet is seen as one, not truncated.
     let mut buffer = vec![0u8; MAX_HOP_PACKET + 1];
     let mut out = Vec::with_capacity(MAX_HOP_PACKET);
@@ -343,11 +362,10 @@ pub(crate) async fn receive_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>) {
             // ICMP errors of earlier sends surface here; the socket itself is fine.
             continue;
         };
-        let metrics = &shared.metrics;
-        let incoming = shared.media.receive(&mut buffer[..len], from);
+        let incoming = plane.receive(&mut buffer[..len], from);
         match incoming {
             Ok(Incoming::Frame { leg, payload }) => {
-                let now = shared.clock.now();
+                let now = clock.now();
                 // The fast path: routed within this second, and the peer's leg is bound.
                 if let Some(to) = leg
                     .routed_peer(now)
@@ -359,10 +377,18 @@ pub(crate) async fn receive_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>) {
                     }
                     continue;
                 }
-                match shared.calls.route(leg.allocation, leg.connection, now) {
+                match calls.route(leg.allocation, leg.connection, now) {
                     Route::Forward(peer) => {
                         leg.routed_at.store(now, Ordering::Relaxed);
-                        forward(&shared, leg.allocation, &peer, payload, None, &mut out);
+                        forward(
+                            &plane,
+                            &metrics,
+                            leg.allocation,
+                            &peer,
+                            payload,
+                            None,
+                            &mut out,
+                        );
                     }
                     Route::Unknown | Route::NotParty => {
                         Metrics::inc(&metrics.media_dropped_unknown);

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::admin::AdminView;
 use crate::calls::{Calls, Timeouts};
 use crate::cdr::{CallRecord, DayStats};
 use crate::clock::Clock;
@@ -14,12 +15,12 @@ use crate::commit::{CommitError, CommitThread, Committer};
 use crate::config::Config;
 use crate::keyring::KeyringError;
 use crate::mailbox::Hub;
-use crate::media::MediaPlane;
+use crate::media::{MediaPlane, MediaRoutes};
 use crate::metrics::Metrics;
 use crate::provisioning::Provisioning;
 use crate::quota::Quotas;
 use crate::sender_key::SenderKey;
-use crate::session::PartyLink;
+use crate::session::SessionContext;
 use crate::store::{Outcome, RedbStore, RetentionSummary, Store, StoreError, StoreStats, Write};
 use crate::tls::TlsError;
 use crate::{admin, session, tls, transport};
@@ -27,21 +28,6 @@ use hush_protocol::AccountId;
 
 /// How long connections get to wind down on shutdown before they are cut.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// What every session shares.
-pub(crate) struct Shared {
-    pub config: Config,
-    pub store: Arc<dyn Store>,
-    pub committer: Committer,
-    pub hub: Arc<Hub>,
-    pub clock: Arc<dyn Clock>,
-    pub metrics: Arc<Metrics>,
-    pub sender_key: SenderKey,
-    pub provisioning: Provisioning,
-    pub calls: Calls<PartyLink>,
-    pub media: MediaPlane,
-    pub quotas: Quotas,
-}
 
 /// The relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +65,7 @@ pub struct Relay {
     local_addr: SocketAddr,
     fingerprint: [u8; 32],
     endpoint: quinn::Endpoint,
-    shared: Arc<Shared>,
+    shared: Arc<SessionContext>,
     shutdown: watch::Sender<bool>,
     accept: JoinHandle<()>,
     sweeper: JoinHandle<()>,
@@ -123,19 +109,19 @@ impl Relay {
             Some(address) => Some(Arc::new(transport::bind_media(address)?)),
             None => None,
         };
-        let media = MediaPlane::new(media_socket.clone())?;
+        let media = Arc::new(MediaPlane::new(media_socket.clone())?);
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let sweep_interval = Duration::from_secs(config.sweep_interval_secs);
         let max_connections = config.limits.max_connections;
         let provisioning = Provisioning::new(config.limits.max_open_provisioning);
-        let calls = Calls::new(
+        let calls = Arc::new(Calls::new(
             config.limits.max_call_allocations,
             config.limits.max_calls_per_account,
-        );
+        ));
         let admin_path = config.data_dir.join(admin::SOCKET_NAME);
         let quotas = Quotas::new(&config.limits);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(SessionContext {
             config,
             store,
             committer,
@@ -150,11 +136,23 @@ impl Relay {
         });
         let mut media_workers = JoinSet::new();
         if let Some(socket) = media_socket {
+            let routes = MediaRoutes {
+                plane: shared.media.clone(),
+                calls: shared.calls.clone(),
+                metrics: shared.metrics.clone(),
+                clock: shared.clock.clone(),
+            };
             for _ in 0..transport::media_workers() {
-                media_workers.spawn(crate::media::receive_loop(shared.clone(), socket.clone()));
+                media_workers.spawn(crate::media::receive_loop(routes.clone(), socket.clone()));
             }
         }
-        let admin = admin::AdminSocket::start(&admin_path, shared.clone())?;
+        let admin_view = AdminView {
+            store: shared.store.clone(),
+            commits: shared.committer.shared_stats(),
+            metrics: shared.metrics.clone(),
+            config: shared.config.clone(),
+        };
+        let admin = admin::AdminSocket::start(&admin_path, admin_view)?;
         let call_timer = tokio::spawn(call_timer_loop(shared.clone(), shutdown_rx.clone()));
         let accept = tokio::spawn(accept_loop(
             endpoint.clone(),
@@ -384,7 +382,7 @@ fn create_private_dir(path: &std::path::Path) -> Result<(), StartError> {
 
 async fn accept_loop(
     endpoint: quinn::Endpoint,
-    shared: Arc<Shared>,
+    shared: Arc<SessionContext>,
     mut shutdown: watch::Receiver<bool>,
     max_connections: usize,
 ) {
@@ -444,7 +442,7 @@ async fn accept_loop(
     }
 }
 
-async fn sweep_loop(shared: Arc<Shared>, interval: Duration) {
+async fn sweep_loop(shared: Arc<SessionContext>, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -460,7 +458,7 @@ const CALL_TIMER: Duration = Duration::from_secs(1);
 
 /// Ends timed-out allocations every `CALL_TIMER`. Stops between rounds at shutdown, never
 /// inside one, so no allocation it removed goes without its record.
-async fn call_timer_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+async fn call_timer_loop(shared: Arc<SessionContext>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(CALL_TIMER);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -473,7 +471,7 @@ async fn call_timer_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool
 }
 
 /// Ends allocations past their timeouts, each with its record.
-async fn expire_calls(shared: &Shared) -> usize {
+async fn expire_calls(shared: &SessionContext) -> usize {
     let timeouts = Timeouts {
         ring_secs: shared.config.call_ring_timeout_secs,
         media_idle_secs: shared.config.call_media_idle_secs,
@@ -487,7 +485,7 @@ async fn expire_calls(shared: &Shared) -> usize {
 }
 
 /// Deletes call-detail records past retention (the day counts stay), batch by batch.
-async fn sweep_call_records(shared: &Shared) -> Result<u64, CommitError> {
+async fn sweep_call_records(shared: &SessionContext) -> Result<u64, CommitError> {
     let mut total = 0;
     loop {
         let until = shared
@@ -518,7 +516,7 @@ async fn sweep_call_records(shared: &Shared) -> Result<u64, CommitError> {
 /// Runs expiry writes until nothing expired is left: call records first, then envelopes,
 /// whose last write also drops the day keys of past days (and with them whatever sealed
 /// call records of those days redb's free pages still hold).
-async fn sweep(shared: &Shared) -> Result<u64, CommitError> {
+async fn sweep(shared: &SessionContext) -> Result<u64, CommitError> {
     sweep_call_records(shared).await?;
     let mut total = 0;
     loop {
