@@ -104,7 +104,11 @@ impl Relay {
     }
 
     /// Starts serving on `store`, already open: the one seam between the relay and its
-    /// storage backend.
+    /// storage backend. Call it inside the tokio runtime: it spawns the relay's tasks.
+    #[allow(
+        clippy::unused_async,
+        reason = "async like `start`, whose callers await both the same way"
+    )]
     pub async fn start_with_store(
         config: Config,
         clock: Arc<dyn Clock>,
