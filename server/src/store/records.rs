@@ -5,7 +5,7 @@ use hush_protocol::DeviceId;
 use serde::{Deserialize, Serialize};
 
 /// An account: its identity key and devices.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Serialize, Deserialize)]
 pub(crate) struct AccountRecord {
     pub identity_key: Vec<u8>,
     pub devices: Vec<DeviceRecord>,
@@ -14,7 +14,7 @@ pub(crate) struct AccountRecord {
 }
 
 /// One device of an account.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Serialize, Deserialize)]
 pub(crate) struct DeviceRecord {
     pub id: u32,
     pub key: [u8; 32],
@@ -46,8 +46,8 @@ impl AccountRecord {
 }
 
 /// Who may send sealed envelopes to an account. No record: no token, and unknown senders
-/// refused.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+/// refused. No `Debug`: the token's hash stays out of logs (P9).
+#[derive(Serialize, Deserialize, Default)]
 pub(crate) struct DeliveryAccess {
     pub token_hash: Option<[u8; 32]>,
     pub allow_unknown_senders: bool,
