@@ -1,8 +1,8 @@
 //! The store conformance suite: what every backend must do, run on each one.
 //!
 //! Each case is a function generic over a [`StoreFactory`]; [`conformance_suite!`]
-//! instantiates every case as a `#[test]` for one backend. Adding a backend is one line
-//! at the bottom of this file, plus its factory.
+//! instantiates every case as a `#[test]` for one backend. Adding a backend is its factory
+//! and one line beside `conformance_suite!(redb, …)` below.
 //!
 //! The cases: the store's batches and refusals (`envelopes`), one case per policy rule
 //! (`policy`), call records (`calls`), and the crash, power-cut and full-disk model
