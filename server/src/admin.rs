@@ -179,11 +179,7 @@ async fn read<T: Send + 'static>(
 ) -> Result<T, StoreError> {
     tokio::task::spawn_blocking(move || query(store.as_ref()))
         .await
-        .unwrap_or_else(|e| {
-            Err(StoreError::Database(redb::Error::Io(
-                std::io::Error::other(e),
-            )))
-        })
+        .unwrap_or_else(|e| Err(StoreError::ReadTask(e)))
 }
 
 /// The `retention` answer: the rules in force, then what is held and when it goes.

@@ -25,6 +25,15 @@ pub enum RegistrationPolicy {
     Invite,
 }
 
+/// Which storage backend holds the relay's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// The embedded store: one redb file in the data dir.
+    #[default]
+    Redb,
+}
+
 /// An operator certificate chain and key, PEM files.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -150,6 +159,8 @@ pub struct Config {
     pub media_listen: Option<SocketAddr>,
     /// Where the database, storage keys and self-signed certificate live.
     pub data_dir: PathBuf,
+    /// Which storage backend holds the data.
+    pub store: StoreKind,
     /// An operator certificate; without one, a self-signed one is made in `data_dir`.
     pub tls: Option<TlsFiles>,
     /// Who may register.
@@ -182,6 +193,7 @@ impl Default for Config {
             udp_media: true,
             media_listen: None,
             data_dir: PathBuf::from("hush-data"),
+            store: StoreKind::Redb,
             tls: None,
             registration: RegistrationPolicy::Open,
             max_devices_per_account: 5,
@@ -570,6 +582,21 @@ mod tests {
             .find(|block| block.contains("[limits]"))
             .unwrap();
         assert_eq!(Config::from_toml(block).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_store_backend_is_redb_by_default_and_an_unknown_one_is_an_error() {
+        assert_eq!(Config::default().store, StoreKind::Redb);
+        assert_eq!(
+            Config::from_toml("store = \"redb\"").unwrap().store,
+            StoreKind::Redb
+        );
+        for bad in ["store = \"nats\"", "store = \"Redb\"", "store = 1"] {
+            assert!(
+                matches!(Config::from_toml(bad), Err(ConfigError::Parse { .. })),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

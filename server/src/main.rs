@@ -10,7 +10,7 @@ use hush_server::clock::SystemClock;
 use hush_server::config::Config;
 use hush_server::redact::RedactingWriter;
 use hush_server::signals;
-use hush_server::store::{RedbStore, Store, Write};
+use hush_server::store::{self, Write};
 use hush_server::Relay;
 use rand_core::{OsRng, RngCore};
 
@@ -163,8 +163,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
 fn invite(config: &Config, count: u32) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)?;
-    let store = RedbStore::open(&config.data_dir)
-        .context("opening the store (is the relay running? stop it first)")?;
+    let store = store::open(
+        config.store,
+        &config.data_dir,
+        config.limits.store_cache_bytes,
+    )
+    .context("opening the store (is the relay running? stop it first)")?;
     let mut tokens = Vec::new();
     let mut writes = Vec::new();
     for _ in 0..count {

@@ -21,7 +21,7 @@ use crate::provisioning::Provisioning;
 use crate::quota::Quotas;
 use crate::sender_key::SenderKey;
 use crate::session::SessionContext;
-use crate::store::{Outcome, RedbStore, RetentionSummary, Store, StoreError, StoreStats, Write};
+use crate::store::{Outcome, RetentionSummary, Store, StoreError, StoreStats, Write};
 use crate::tls::TlsError;
 use crate::{admin, session, tls, transport};
 use hush_protocol::AccountId;
@@ -76,19 +76,34 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Opens the store, loads or makes the certificate, binds, and starts serving.
+    /// Opens the configured store, loads or makes the certificate, binds, and starts
+    /// serving.
     pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Relay, StartError> {
+        config.validate()?;
+        create_private_dir(&config.data_dir)?;
+        let (kind, data_dir) = (config.store, config.data_dir.clone());
+        let cache = config.limits.store_cache_bytes;
+        let store = tokio::task::spawn_blocking(move || crate::store::open(kind, &data_dir, cache))
+            .await
+            .map_err(|e| StartError::Io(std::io::Error::other(e)))??;
+        Self::start_with_store(config, clock, store).await
+    }
+
+    /// Starts serving on `store`, already open: the one seam between the relay and its
+    /// storage backend. Call it inside the tokio runtime: it spawns the relay's tasks.
+    #[allow(
+        clippy::unused_async,
+        reason = "async like `start`, whose callers await both the same way"
+    )]
+    pub async fn start_with_store(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        store: Arc<dyn Store>,
+    ) -> Result<Relay, StartError> {
         config.validate()?;
         create_private_dir(&config.data_dir)?;
         let identity = tls::load_or_create(config.tls.as_ref(), &config.data_dir)?;
         let fingerprint = identity.fingerprint;
-        let data_dir = config.data_dir.clone();
-        let cache = config.limits.store_cache_bytes;
-        let store: Arc<dyn Store> =
-            tokio::task::spawn_blocking(move || RedbStore::open_with_cache(&data_dir, cache))
-                .await
-                .map_err(|e| StartError::Io(std::io::Error::other(e)))??
-                .into_arc();
         let sender_key =
             SenderKey::open_or_create(&config.data_dir.join("sender-certificate-key"))?;
         let hub = Arc::new(Hub::default());
@@ -260,11 +275,7 @@ impl Relay {
         let store = self.shared.store.clone();
         tokio::task::spawn_blocking(move || read(store.as_ref()))
             .await
-            .unwrap_or_else(|e| {
-                Err(StoreError::Database(redb::Error::Io(
-                    std::io::Error::other(e),
-                )))
-            })
+            .unwrap_or_else(|e| Err(StoreError::ReadTask(e)))
     }
 
     /// What the store holds.
@@ -272,11 +283,7 @@ impl Relay {
         let store = self.shared.store.clone();
         tokio::task::spawn_blocking(move || store.stats())
             .await
-            .unwrap_or_else(|e| {
-                Err(StoreError::Database(redb::Error::Io(
-                    std::io::Error::other(e),
-                )))
-            })
+            .unwrap_or_else(|e| Err(StoreError::ReadTask(e)))
     }
 
     /// The relay's counters.
@@ -356,16 +363,6 @@ impl Relay {
         endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         tracing::info!("relay stopped");
-    }
-}
-
-trait IntoArc {
-    fn into_arc(self) -> Arc<dyn Store>;
-}
-
-impl IntoArc for RedbStore {
-    fn into_arc(self) -> Arc<dyn Store> {
-        Arc::new(self)
     }
 }
 

@@ -5,8 +5,28 @@
 //! among many concurrent senders. Each write either is refused *before* it changes
 //! anything (a [`Refusal`], which leaves the rest of the batch alone) or is applied; a
 //! storage failure fails the whole batch and nothing of it is committed.
+//!
+//! Three layers, so that a second backend copies no rule:
+//! - [`rules`]: what each write means (invites, the device limit, the primary device,
+//!   sealed admission, device-list exactness, quotas, prekey consumption), decided above
+//!   the backend, inside its transaction, and generic over it;
+//! - [`at_rest`]: blinded tags and sealed values (P10), shared by every backend;
+//! - a backend ([`backend::Backend`]): one write transaction at a time with typed
+//!   primitives over tags and sealed bytes. [`RedbStore`] is the one there is.
+//!
+//! What every backend must pass is the conformance suite (`conformance`, run on each
+//! backend by `cargo test -p hush-server`).
 
+pub(crate) mod at_rest;
+pub(crate) mod backend;
+#[cfg(test)]
+mod conformance;
+pub(crate) mod records;
 mod redb;
+pub(crate) mod rules;
+
+use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use hush_protocol::{
@@ -16,7 +36,15 @@ use hush_protocol::{
 
 pub use self::redb::RedbStore;
 use crate::cdr::{CallRecord, DayStats};
+use crate::config::StoreKind;
 use crate::keyring::KeyringError;
+
+/// Opens the backend the configuration names, in `dir`.
+pub fn open(kind: StoreKind, dir: &Path, cache_bytes: usize) -> Result<Arc<dyn Store>, StoreError> {
+    match kind {
+        StoreKind::Redb => Ok(Arc::new(RedbStore::open_with_cache(dir, cache_bytes)?)),
+    }
+}
 
 /// One change to the store.
 #[derive(Debug)]
@@ -320,16 +348,21 @@ pub struct StoredEnvelope {
     pub payload: Vec<u8>,
 }
 
-/// Counts of what the store holds, for tests, stats and the bench.
+/// Counts of what the store holds, in the relay's words, for tests, stats and the bench.
+/// Several count the same envelopes from different sides (as listed in mailboxes, as
+/// scheduled for expiry): equal counts are how a test sees that nothing is held that the
+/// relay cannot reach, or that it would never delete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StoreStats {
     /// Accounts.
     pub accounts: u64,
-    /// Envelopes in all mailboxes.
+    /// Devices of all accounts.
+    pub devices: u64,
+    /// Envelope copies held (one per recipient device), pending delivery.
     pub envelopes: u64,
-    /// Entries in the mailbox index (equals `envelopes` when consistent).
+    /// Envelope copies as the mailboxes list them (equals `envelopes` when consistent).
     pub mailbox_entries: u64,
-    /// Entries in the expiry index (equals `envelopes` when consistent).
+    /// Envelope copies scheduled for expiry (equals `envelopes` when consistent).
     pub expiry_entries: u64,
     /// Stored prekeys of every kind.
     pub prekeys: u64,
@@ -337,13 +370,14 @@ pub struct StoreStats {
     pub invites: u64,
     /// Expiry days with a live key.
     pub day_keys: u64,
-    /// Entries in the retraction index (one per mailbox entry with a retraction tag).
+    /// Envelope copies that carry a retraction tag.
     pub retract_entries: u64,
     /// Accounts with delivery access settings.
     pub delivery_access: u64,
     /// Call-detail records.
     pub call_records: u64,
-    /// Entries in the call records' account index (one per distinct account per call).
+    /// (account, call) pairs by which records can be found for an account: one per
+    /// distinct party of each call.
     pub call_index_entries: u64,
     /// Days with call statistics.
     pub call_days: u64,
@@ -374,9 +408,14 @@ pub struct AccountView {
 /// The store failed; the batch that hit this was not committed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// redb reported an error.
-    #[error("database: {0}")]
-    Database(#[from] ::redb::Error),
+    /// The storage backend failed (IO, a full disk, damage it detected, …).
+    #[error("storage backend ({kind}): {source}")]
+    Backend {
+        /// What kind of failure.
+        kind: BackendFailure,
+        /// The backend's own error: it names files and internals, never people.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The key file could not be read or written.
     #[error(transparent)]
     Keyring(#[from] KeyringError),
@@ -389,30 +428,36 @@ pub enum StoreError {
         /// The table.
         table: &'static str,
     },
+    /// The blocking task that ran a read failed (it panicked or was cancelled).
+    #[error("the store read task failed: {0}")]
+    ReadTask(#[source] tokio::task::JoinError),
 }
 
-macro_rules! from_redb_errors {
-    ($($ty:ty),*) => {$(
-        impl From<$ty> for StoreError {
-            fn from(e: $ty) -> Self {
-                StoreError::Database(e.into())
-            }
-        }
-    )*};
+/// What kind of backend failure a [`StoreError::Backend`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BackendFailure {
+    /// The disk (or a file-size or quota limit) is full: writes fail until space returns.
+    #[error("full")]
+    Full,
+    /// Another IO failure.
+    #[error("io")]
+    Io,
+    /// The backend found its own data damaged.
+    #[error("corrupt")]
+    Corrupt,
+    /// Anything else the backend reports.
+    #[error("other")]
+    Other,
 }
-
-from_redb_errors!(
-    ::redb::DatabaseError,
-    ::redb::TransactionError,
-    ::redb::TableError,
-    ::redb::StorageError,
-    ::redb::CommitError
-);
 
 /// The result of one write inside a batch.
 pub type WriteResult = Result<Outcome, Refusal>;
 
 /// What the relay needs from storage. Implementations: [`RedbStore`] (embedded).
+///
+/// What an implementation must guarantee (the conformance suite checks each): a batch
+/// lands whole or not at all; each mailbox keeps arrival order and ids only grow; a batch
+/// is durable before `apply` returns; a failed batch leaves the store as before it.
 pub trait Store: Send + Sync + 'static {
     /// Applies `writes` in order in one transaction and makes it durable before returning.
     fn apply(&self, writes: Vec<Write>) -> Result<Vec<WriteResult>, StoreError>;
