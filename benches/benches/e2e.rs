@@ -220,6 +220,30 @@ fn sealed_sender(c: &mut Criterion) {
     group.bench_function("open", |b| {
         b.iter(|| hush_client::sealed::open(&bob, 1, &relay_key, &sealed, 0).unwrap());
     });
+    // What a client pays once it has met the peer: the static agreement and the
+    // certificate's signature are remembered (the client keeps one cache).
+    let mut sending = hush_client::sealed::SealCache::default();
+    group.bench_function("seal_cached", |b| {
+        b.iter(|| {
+            hush_client::sealed::seal_cached(
+                &mut sending,
+                &alice,
+                &certificate,
+                bob.public(),
+                1,
+                &PAYLOAD,
+                &mut OsRng,
+            )
+            .unwrap()
+        });
+    });
+    let mut receiving = hush_client::sealed::SealCache::default();
+    group.bench_function("open_cached", |b| {
+        b.iter(|| {
+            hush_client::sealed::open_cached(&mut receiving, &bob, 1, &relay_key, &sealed, 0)
+                .unwrap()
+        });
+    });
     group.finish();
 }
 

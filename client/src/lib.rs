@@ -1,27 +1,40 @@
 //! The Hush client library: the part of Hush that apps link. It holds every key; the relay
 //! sees only ciphertext.
 //!
-//! This release carries the transport: a [`Connection`] to a relay that registers or
-//! authenticates a device, manages prekeys, sends opaque envelopes and receives pushed
-//! ones. The end-to-end layer (sessions, sealed sender) builds on it.
+//! An app holds one [`Client`] per device. It registers or opens the account kept in an
+//! encrypted local store, sets up end-to-end sessions (PQXDH, then the Double Ratchet),
+//! sends sealed (the relay does not learn the sender) to every device of a contact and a
+//! copy to the account's other devices, and turns what arrives into [`ClientEvent`]s:
+//! messages, receipts, typing, deletions, identity changes, calls. The transport under it,
+//! [`Connection`], is public for tools and tests.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), hush_client::ConnectionError> {
-//! use hush_client::{ConnectOptions, Connection, DeviceKey, Event, Trust};
+//! # async fn demo(relay: std::net::SocketAddr, fingerprint: [u8; 32], card: &str)
+//! #     -> Result<(), hush_client::ClientError> {
+//! use hush_client::{Client, ClientConfig, ClientEvent, ConnectOptions, StorageKey, Trust};
 //!
-//! let options = ConnectOptions::new("127.0.0.1:4433".parse().unwrap(), Trust::Pinned([0u8; 32]));
-//! let key = DeviceKey::generate();
-//! let alice = Connection::connect(&options).await?;
-//! let address = alice.register(b"identity", &key, None).await?;
-//! alice.send_to(&[address], b"ciphertext".to_vec()).await?;
+//! let config = ClientConfig::new(
+//!     ConnectOptions::new(relay, Trust::Pinned(fingerprint)),
+//!     "alice".into(),
+//!     // From the platform keystore in an app.
+//!     StorageKey::from_bytes([7; 32]),
+//! );
+//! let alice = Client::create(config, None).await?;
+//! println!("my contact card: {}", alice.contact_card().await);
+//! let bob = alice.add_contact(card).await?;
+//! alice.send_text(bob, "hello bob").await?;
 //! while let Some(event) = alice.next_event().await {
-//!     if let Event::Envelope(envelope) = event {
-//!         alice.ack(&[envelope.id]).await?;
+//!     if let ClientEvent::Message { message, .. } = event {
+//!         println!("{:?}", message.body);
 //!     }
 //! }
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! Sends, receives and calls go on concurrently: the client's state is never locked
+//! across a round trip to the relay or the disk, and what they change is written in
+//! shared commits to the local store.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -72,16 +72,35 @@ impl SealCache {
         ours: &IdentityKeyPair,
         peer: &PublicKey,
     ) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
+        let (shared, fresh) = self.agreement(ours, peer)?;
+        if fresh {
+            self.remember(ours, peer, &shared);
+        }
+        Ok(shared)
+    }
+
+    /// `DH(ours, peer)` from the cache, or computed (then `true`: not remembered yet).
+    fn agreement(
+        &self,
+        ours: &IdentityKeyPair,
+        peer: &PublicKey,
+    ) -> Result<(Zeroizing<[u8; 32]>, bool), CryptoError> {
         let key = (ours.public().agreement().to_bytes(), peer.to_bytes());
         if let Some(shared) = self.statics.get(&key) {
-            return Ok(shared.clone());
+            return Ok((shared.clone(), false));
         }
-        let shared = Zeroizing::new(kdf::dh(ours.agreement(), peer)?.to_bytes());
+        Ok((
+            Zeroizing::new(kdf::dh(ours.agreement(), peer)?.to_bytes()),
+            true,
+        ))
+    }
+
+    fn remember(&mut self, ours: &IdentityKeyPair, peer: &PublicKey, shared: &[u8; 32]) {
         if self.statics.len() >= CACHE_ENTRIES {
             self.statics.clear();
         }
-        self.statics.insert(key, shared.clone());
-        Ok(shared)
+        let key = (ours.public().agreement().to_bytes(), peer.to_bytes());
+        self.statics.insert(key, Zeroizing::new(*shared));
     }
 
     /// What `certificate` asserts, if it is signed by `relay_key` and unexpired at `now`:
@@ -270,12 +289,14 @@ pub fn open_cached(
         ephemeral.as_bytes(),
     )?;
     let sender_identity = IdentityKey::from_bytes(&sender_identity)?;
-    let content_key = second_layer(
-        &chain,
-        &*cache.static_agreement(ours, sender_identity.agreement())?,
-        encrypted_static,
-    );
+    // Remembered only once the content opens: anyone may send us envelopes naming any
+    // identity, and must not fill the cache with them.
+    let (shared, fresh) = cache.agreement(ours, sender_identity.agreement())?;
+    let content_key = second_layer(&chain, &shared, encrypted_static);
     let content = kdf::open_once(&content_key, CONTENT_LABEL, encrypted_content, aad)?;
+    if fresh {
+        cache.remember(ours, sender_identity.agreement(), &shared);
+    }
 
     let inner = parse_content(&content)?;
     let sender =

@@ -62,6 +62,7 @@ pub(crate) enum Phase {
 }
 
 /// A call this device takes part in (or rings for).
+#[derive(Clone)]
 pub(crate) struct ActiveCall {
     pub(crate) peer: AccountId,
     pub(crate) role: Role,
@@ -445,25 +446,9 @@ impl super::Client {
             }
             state.call_starting = true;
         }
-        let started = self.offer_call(to, video).await;
-        let mut state = inner.lock();
-        state.call_starting = false;
-        let (call_id, call) = started?;
-        state.calls.insert(call_id, call);
-        let timeout = std::time::Duration::from_secs(u64::from(state.settings.ring_timeout_secs));
-        drop(state);
-        inner.ring_out_after(call_id, timeout);
-        Ok(call_id)
-    }
-
-    /// Allocates a call at the relay and sends the offer.
-    async fn offer_call(
-        &self,
-        to: AccountId,
-        video: bool,
-    ) -> Result<(CallId, ActiveCall), ClientError> {
-        let inner = self.inner();
-        let (allocation, token, call_id) = inner.connection.allocate_call(to).await?;
+        let allocated = inner.connection.allocate_call(to).await;
+        inner.lock().call_starting = false;
+        let (allocation, token, call_id) = allocated?;
         let key = CallKey::generate();
         let offer = CallSignal::Offer {
             call_id,
@@ -472,24 +457,33 @@ impl super::Client {
             token: token.0,
             video,
         };
+        // In the table before the offer leaves: the callee's answer (or busy) may come
+        // back before `send_signal` returns.
+        let timeout = {
+            let mut state = inner.lock();
+            state.calls.insert(
+                call_id,
+                ActiveCall {
+                    peer: to,
+                    role: Role::Caller,
+                    allocation,
+                    token: token.0,
+                    key,
+                    phase: Phase::Ringing,
+                },
+            );
+            std::time::Duration::from_secs(u64::from(state.settings.ring_timeout_secs))
+        };
         if let Err(error) = inner.send_signal(to, offer).await {
+            inner.lock().calls.remove(&call_id);
             let _ = inner
                 .connection
                 .end_call(allocation, CallOutcome::Failed)
                 .await;
             return Err(error);
         }
-        Ok((
-            call_id,
-            ActiveCall {
-                peer: to,
-                role: Role::Caller,
-                allocation,
-                token: token.0,
-                key,
-                phase: Phase::Ringing,
-            },
-        ))
+        inner.ring_out_after(call_id, timeout);
+        Ok(call_id)
     }
 
     /// Answers a ringing call on this device.

@@ -11,6 +11,9 @@
 //! - After a failed commit, every batch is refused ([`StoreError::Interrupted`]) until
 //!   [`Committer::resume`]: those batches were computed from a memory that ran ahead of
 //!   the disk, and writing them would persist state derived from what was lost.
+//! - [`Committer::fence`] answers once every batch submitted before it is applied or
+//!   refused, and refuses every batch after it until `resume`: only then may the client
+//!   read its state back from the store, which nothing queued can change any more.
 //! - Dropping the committer writes what is deferred durably and waits for the thread, so
 //!   the store is released when the client is.
 
@@ -32,6 +35,7 @@ enum Job {
         done: oneshot::Sender<Result<(), StoreError>>,
     },
     Resume,
+    Fence(oneshot::Sender<()>),
 }
 
 /// The handle that submits batches to the commit thread.
@@ -77,6 +81,18 @@ impl Committer {
         Ticket(answer)
     }
 
+    /// Refuses every batch from now until [`Committer::resume`]; the answer comes once
+    /// everything submitted before is applied or refused.
+    pub(crate) fn fence(&self) -> impl std::future::Future<Output = ()> {
+        let (done, answer) = oneshot::channel();
+        if let Some(queue) = &self.queue {
+            let _ = queue.send(Job::Fence(done));
+        }
+        async move {
+            let _ = answer.await;
+        }
+    }
+
     /// Takes batches again after a failure (the caller has reset the state it derives
     /// them from).
     pub(crate) fn resume(&self) {
@@ -113,10 +129,14 @@ fn run(store: &LocalStore, jobs: &mpsc::Receiver<Job>) {
         while let Some(current) = job.take() {
             match current {
                 Job::Resume if group.is_empty() => failed = false,
-                // A resume ends the group: what follows it is written, what precedes it
-                // is refused.
-                resume @ Job::Resume => {
-                    next = Some(resume);
+                Job::Fence(done) if group.is_empty() => {
+                    failed = true;
+                    let _ = done.send(());
+                }
+                // A resume or a fence ends the group: what precedes it is written (or
+                // refused) first.
+                job @ (Job::Resume | Job::Fence(_)) => {
+                    next = Some(job);
                     break;
                 }
                 Job::Commit {
@@ -172,7 +192,9 @@ fn run(store: &LocalStore, jobs: &mpsc::Receiver<Job>) {
             }
         }
     }
-    if deferred && !failed {
+    // Deferred batches already applied are made durable even after a failure: they were
+    // answered `Ok`.
+    if deferred {
         if let Err(error) = store.commit_with(Vec::new(), Durability::Immediate) {
             tracing::warn!(%error, "local store: the last deferred commits are not durable");
         }
@@ -194,9 +216,7 @@ mod tests {
 
     #[tokio::test]
     async fn batches_land_in_submission_order_and_a_later_write_wins() {
-        let dir = tempfile::tempdir().unwrap();
-        let store =
-            Arc::new(LocalStore::open(dir.path(), &StorageKey::from_bytes([1; 32])).unwrap());
+        let store = Arc::new(LocalStore::in_memory(&StorageKey::from_bytes([1; 32])));
         let committer = Committer::start(store.clone()).unwrap();
         let tickets: Vec<Ticket> = (0u8..50)
             .map(|i| committer.submit(vec![put(&store, b"row", &[i])], Durability::Immediate))
@@ -240,9 +260,7 @@ mod tests {
 
     #[tokio::test]
     async fn after_a_failed_commit_nothing_is_written_until_resumed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store =
-            Arc::new(LocalStore::open(dir.path(), &StorageKey::from_bytes([3; 32])).unwrap());
+        let store = Arc::new(LocalStore::in_memory(&StorageKey::from_bytes([3; 32])));
         let committer = Committer::start(store.clone()).unwrap();
         store.fail_next_commit();
         let failed = committer.submit(vec![put(&store, b"a", b"1")], Durability::Immediate);
@@ -261,5 +279,30 @@ mod tests {
             .unwrap();
         assert!(store.get(Table::State, b"a").unwrap().is_none());
         assert!(store.get(Table::State, b"c").unwrap().is_some());
+    }
+
+    /// The client reads its state back from the store only behind a fence: everything
+    /// queued before is on disk (or refused), and nothing after it is written until resumed.
+    #[tokio::test]
+    async fn a_fence_waits_for_what_was_queued_and_refuses_what_follows() {
+        let store = Arc::new(LocalStore::in_memory(&StorageKey::from_bytes([4; 32])));
+        let committer = Committer::start(store.clone()).unwrap();
+        let before = committer.submit(vec![put(&store, b"before", b"1")], Durability::Immediate);
+        committer.fence().await;
+        assert!(store.get(Table::State, b"before").unwrap().is_some());
+        before.committed().await.unwrap();
+        let after = committer.submit(vec![put(&store, b"after", b"2")], Durability::Immediate);
+        assert!(matches!(
+            after.committed().await,
+            Err(StoreError::Interrupted)
+        ));
+        assert!(store.get(Table::State, b"after").unwrap().is_none());
+        committer.resume();
+        committer
+            .submit(vec![put(&store, b"after", b"3")], Durability::Immediate)
+            .committed()
+            .await
+            .unwrap();
+        assert!(store.get(Table::State, b"after").unwrap().is_some());
     }
 }

@@ -93,7 +93,9 @@ pub enum ClientError {
     CallMedia,
 }
 
-/// Where the client keeps its state, which relay it talks to, and its clock.
+/// Where the client keeps its state, which relay it talks to, and its clock. Made with
+/// [`ClientConfig::new`]; fields may be set after.
+#[non_exhaustive]
 pub struct ClientConfig {
     /// The relay.
     pub relay: ConnectOptions,
@@ -263,6 +265,7 @@ impl Client {
             call_starting: false,
             dirty: Dirty::default(),
             seal_cache: crate::sealed::SealCache::default(),
+            sending: std::collections::HashSet::new(),
         };
         state.purge_retired(&store, now);
         let first_start = state.prekeys.one_time_counts().0 == 0;
@@ -351,9 +354,9 @@ impl Client {
                 .profile_key = Some(profile_key);
             state.contact_changed(account);
             self.inner
-                .submit(&mut state, Vec::new(), Durability::Immediate)?
+                .submit(&mut state, Vec::new(), Durability::Immediate)
         };
-        ticket.committed().await?;
+        self.inner.committed(ticket).await?;
         Ok(account)
     }
 
@@ -404,9 +407,9 @@ impl Client {
                 .store
                 .put(Table::State, SETTINGS_KEY, encode(&settings)?);
             self.inner
-                .submit(&mut state, vec![change], Durability::Immediate)?
+                .submit(&mut state, vec![change], Durability::Immediate)
         };
-        ticket.committed().await?;
+        self.inner.committed(ticket).await?;
         Ok(())
     }
 
@@ -450,9 +453,9 @@ impl Client {
                 let ticket = {
                     let mut state = self.inner.lock();
                     self.inner
-                        .submit(&mut state, vec![delete], Durability::Immediate)?
+                        .submit(&mut state, vec![delete], Durability::Immediate)
                 };
-                ticket.committed().await?;
+                self.inner.committed(ticket).await?;
                 Err(error)
             }
         }
@@ -479,9 +482,9 @@ impl Client {
                     let ticket = {
                         let mut state = self.inner.lock();
                         self.inner
-                            .submit(&mut state, vec![delete], Durability::Immediate)?
+                            .submit(&mut state, vec![delete], Durability::Immediate)
                     };
-                    ticket.committed().await?;
+                    self.inner.committed(ticket).await?;
                 }
             }
         }
@@ -540,9 +543,9 @@ impl Client {
         let ticket = {
             let mut state = self.inner.lock();
             self.inner
-                .submit(&mut state, vec![delete], Durability::Immediate)?
+                .submit(&mut state, vec![delete], Durability::Immediate)
         };
-        ticket.committed().await?;
+        self.inner.committed(ticket).await?;
         Ok(dropped)
     }
 
@@ -579,9 +582,9 @@ impl Client {
         let ticket = {
             let mut state = self.inner.lock();
             self.inner
-                .submit(&mut state, changes, Durability::Immediate)?
+                .submit(&mut state, changes, Durability::Immediate)
         };
-        ticket.committed().await?;
+        self.inner.committed(ticket).await?;
         Ok(count)
     }
 
@@ -600,9 +603,9 @@ impl Client {
             }
             state.retire_sessions(&self.inner.store, &[address], now);
             self.inner
-                .submit(&mut state, Vec::new(), Durability::Immediate)?
+                .submit(&mut state, Vec::new(), Durability::Immediate)
         };
-        ticket.committed().await?;
+        self.inner.committed(ticket).await?;
         Ok(())
     }
 

@@ -52,17 +52,24 @@ type Outcome = (Option<ClientEvent>, Option<(AccountId, MessageId)>);
 /// What one batch of pushed events produced, to act on once its commit is durable.
 #[derive(Default)]
 struct Batch {
-    /// Events of opened envelopes: emitted only if the commit succeeds.
-    stored: Vec<ClientEvent>,
-    /// Events that do not depend on the commit (a call the relay ended).
-    other: Vec<ClientEvent>,
+    /// Events in the order of what caused them, each marked whether it may be emitted
+    /// only if the batch's commit succeeds (what an envelope said) or regardless (a call
+    /// the relay ended, events raised elsewhere).
+    events: Vec<(ClientEvent, Needs)>,
     acks: Vec<EnvelopeId>,
     receipts: Vec<(AccountId, MessageId)>,
     /// The connection closed (with the relay's code, if it gave one).
     closed: Closed,
-    /// An envelope failed for a local reason after it may have moved the state: the batch
-    /// is not committed, and memory goes back to the store.
+    /// An envelope failed for a local reason after it moved the state: the batch is not
+    /// committed, and memory goes back to the store.
     local_failure: bool,
+}
+
+/// Whether an event waits for its batch's commit.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    Commit,
+    Nothing,
 }
 
 /// Reads what the relay pushes and handles it in batches. Acknowledgements, receipts and
@@ -77,40 +84,54 @@ pub(super) async fn receive_loop(inner: Arc<Inner>, acks: mpsc::UnboundedSender<
                 None => break,
             }
         }
-        let (batch, ticket) = {
+        let (batch, ticket, calls_before) = {
             let mut state = inner.lock();
+            // Calls are not stored: if the batch fails, the call table goes back to this,
+            // so the redelivered signals find it as they first did.
+            let calls_before = state.calls.clone();
             let batch = inner.handle_batch(&mut state, events);
             let ticket = if batch.local_failure {
-                None
+                Err(ClientError::Store(crate::store::StoreError::Interrupted))
             } else {
-                Some(inner.submit(&mut state, Vec::new(), Durability::Immediate))
+                inner.submit(&mut state, Vec::new(), Durability::Immediate)
             };
-            (batch, ticket)
+            (batch, ticket, calls_before)
         };
-        let committed = match ticket {
-            Some(Ok(ticket)) => ticket.committed().await.map_err(ClientError::from),
-            Some(Err(error)) => Err(error),
-            None => Err(ClientError::Store(crate::store::StoreError::Interrupted)),
-        };
-        let mut emit = batch.other;
-        if let Err(error) = committed {
-            // Local trouble (the store): the envelopes stay on the relay and come again on
-            // the next connection; memory goes back to what is on disk, so the old session
-            // state opens them then.
-            tracing::warn!(%error, "could not store a batch of envelopes");
-            inner.recover();
+        let committed = if batch.local_failure {
+            inner.recover().await;
+            false
         } else {
-            emit.extend(batch.stored);
+            inner.committed(ticket).await.is_ok()
+        };
+        if !committed {
+            // Local trouble (the store): the envelopes stay on the relay and come again
+            // on the next connection, to the old session state.
+            tracing::warn!("could not store a batch of envelopes");
+            let mut state = inner.lock();
+            for (allocation, call_id) in state
+                .calls
+                .iter()
+                .filter(|(id, _)| !calls_before.contains_key(*id))
+                .map(|(id, call)| (call.allocation, *id))
+                .collect::<Vec<_>>()
+            {
+                inner.drop_media(allocation, &call_id);
+            }
+            state.calls = calls_before;
+        }
+        for (event, needs) in batch.events {
+            if (committed || needs == Needs::Nothing) && inner.events.send(event).await.is_err() {
+                return;
+            }
+        }
+        // Acknowledged once stored and handed to the app: an app that stops reading
+        // stops the acks, and the relay holds the rest.
+        if committed {
             for id in batch.acks {
                 let _ = acks.send(id);
             }
             for (to, id) in batch.receipts {
                 let _ = inner.work.send(Work::Receipt(to, id));
-            }
-        }
-        for event in emit {
-            if inner.events.send(event).await.is_err() {
-                return;
             }
         }
         if let Closed::With(code) = batch.closed {
@@ -124,28 +145,68 @@ impl Inner {
     /// Handles pushed events in order under the lock.
     fn handle_batch(self: &Arc<Self>, state: &mut State, events: Vec<Event>) -> Batch {
         let mut batch = Batch::default();
+        // Events raised elsewhere (a send's identity change, what did not fit the app's
+        // channel) go first and do not wait for this batch.
+        batch.events.extend(
+            std::mem::take(&mut state.pending_events)
+                .into_iter()
+                .map(|event| (event, Needs::Nothing)),
+        );
         let mut stored_now = HashSet::new();
         for event in events {
             match event {
-                Event::Envelope(envelope) => match self.handle(state, &envelope, &mut stored_now) {
-                    Ok(handled) => {
-                        batch.stored.extend(handled.events);
-                        batch.receipts.extend(handled.receipt);
-                        batch.acks.push(envelope.id);
+                Event::Envelope(envelope) => {
+                    let unsealed = match self.unseal(state, &envelope) {
+                        Ok(unsealed) => unsealed,
+                        // Already handled (we crashed or lost the connection before the
+                        // ack).
+                        Err(ClientError::Crypto(CryptoError::DuplicateMessage)) => {
+                            batch.acks.push(envelope.id);
+                            continue;
+                        }
+                        Err(ClientError::Crypto(error)) => {
+                            batch
+                                .events
+                                .push((ClientEvent::Undecryptable { error }, Needs::Commit));
+                            batch.acks.push(envelope.id);
+                            continue;
+                        }
+                        Err(error) => {
+                            // Nothing moved yet (a session did not load): only this envelope
+                            // stays on the relay, for the next connection.
+                            tracing::warn!(%error, "could not handle an envelope");
+                            continue;
+                        }
+                    };
+                    match self.handle(state, &unsealed, &mut stored_now) {
+                        Ok(handled) => {
+                            // What the envelope raised on the way (an identity change)
+                            // comes before what it says.
+                            let raised = std::mem::take(&mut state.pending_events);
+                            batch.events.extend(
+                                raised
+                                    .into_iter()
+                                    .chain(handled.events)
+                                    .map(|event| (event, Needs::Commit)),
+                            );
+                            batch.receipts.extend(handled.receipt);
+                            batch.acks.push(envelope.id);
+                        }
+                        Err(ClientError::Crypto(CryptoError::DuplicateMessage)) => {
+                            batch.acks.push(envelope.id);
+                        }
+                        Err(ClientError::Crypto(error)) => {
+                            batch
+                                .events
+                                .push((ClientEvent::Undecryptable { error }, Needs::Commit));
+                            batch.acks.push(envelope.id);
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "could not handle an envelope");
+                            batch.local_failure = true;
+                        }
                     }
-                    // Already handled (we crashed or lost the connection before the ack).
-                    Err(ClientError::Crypto(CryptoError::DuplicateMessage)) => {
-                        batch.acks.push(envelope.id);
-                    }
-                    Err(ClientError::Crypto(error)) => {
-                        batch.stored.push(ClientEvent::Undecryptable { error });
-                        batch.acks.push(envelope.id);
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "could not handle an envelope");
-                        batch.local_failure = true;
-                    }
-                },
+                }
                 // Low on one-time keys: a new batch. Drained (once per connection):
                 // rotation.
                 Event::LowPrekeys { .. } => {
@@ -155,30 +216,30 @@ impl Inner {
                     let _ = self.work.send(Work::Prekeys { replenish: false });
                 }
                 Event::CallEnded { allocation, cause } => {
-                    batch
-                        .other
-                        .extend(self.allocation_ended(state, allocation, cause));
+                    if let Some(event) = self.allocation_ended(state, allocation, cause) {
+                        batch.events.push((event, Needs::Nothing));
+                    }
                 }
                 Event::Provisioning(_) => {}
                 Event::Closed(code) => batch.closed = Closed::With(code),
             }
         }
-        // Events raised on the way (an identity change) come before what caused them.
-        let raised = std::mem::take(&mut state.pending_events);
-        batch.stored.splice(0..0, raised);
+        // Raised by an envelope that then failed: told all the same.
+        batch.events.extend(
+            std::mem::take(&mut state.pending_events)
+                .into_iter()
+                .map(|event| (event, Needs::Nothing)),
+        );
         batch
     }
 
-    /// Opens one envelope and applies it to the state. Returns the events to emit and,
-    /// for a message, who should get a delivery receipt. `stored_now` holds the messages
-    /// this batch stores, which the store does not show until it is committed.
-    fn handle(
-        self: &Arc<Self>,
+    /// Opens the sealed layer of an envelope and loads the session with its sender.
+    /// Changes nothing but the session cache: an error here leaves the state as it was.
+    fn unseal(
+        &self,
         state: &mut State,
         envelope: &Envelope,
-        stored_now: &mut HashSet<[u8; 32]>,
-    ) -> Result<Handled, ClientError> {
-        let now = self.now();
+    ) -> Result<sealed::Unsealed, ClientError> {
         // The certificate must have been valid when the relay took the envelope, not now:
         // a device that was offline for a day still gets what waited for it.
         let unsealed = sealed::open_cached(
@@ -189,19 +250,35 @@ impl Inner {
             &envelope.payload,
             envelope.received_at,
         )?;
+        if unsealed.sender.account == state.address.account
+            && unsealed.sender_identity != *state.identity.public()
+        {
+            return Err(CryptoError::UntrustedIdentity.into());
+        }
+        let from = DeviceAddress {
+            account: unsealed.sender.account,
+            device: unsealed.sender.device,
+        };
+        state.load_session(&self.store, from)?;
+        Ok(unsealed)
+    }
+
+    /// Decrypts an unsealed envelope and applies it to the state. Returns the events to
+    /// emit and, for a message, who should get a delivery receipt. `stored_now` holds the
+    /// messages this batch stores, which the store does not show until it is committed.
+    fn handle(
+        self: &Arc<Self>,
+        state: &mut State,
+        unsealed: &sealed::Unsealed,
+        stored_now: &mut HashSet<[u8; 32]>,
+    ) -> Result<Handled, ClientError> {
+        let now = self.now();
         let from = DeviceAddress {
             account: unsealed.sender.account,
             device: unsealed.sender.device,
         };
         let message = CiphertextMessage::from_bytes(&unsealed.message)?;
         let identity = unsealed.sender_identity.to_bytes();
-        if from.account == state.address.account
-            && unsealed.sender_identity != *state.identity.public()
-        {
-            return Err(CryptoError::UntrustedIdentity.into());
-        }
-
-        state.load_session(&self.store, from)?;
         let plaintext = match &message {
             CiphertextMessage::Prekey(prekey)
                 if !state
@@ -266,7 +343,7 @@ impl Inner {
             }
         }
         let (event, receipt) = if own {
-            self.own_copy(state, content)?
+            self.own_copy(state, content, stored_now)?
         } else {
             self.contact_content(state, from, content, stored_now)?
         };
@@ -277,7 +354,12 @@ impl Inner {
     }
 
     /// A copy of something we sent from another device.
-    fn own_copy(&self, state: &mut State, content: Content) -> Result<Outcome, ClientError> {
+    fn own_copy(
+        &self,
+        state: &mut State,
+        content: Content,
+        stored_now: &mut HashSet<[u8; 32]>,
+    ) -> Result<Outcome, ClientError> {
         let Some(conversation) = content.sent_to.map(AccountId) else {
             return Ok((None, None));
         };
@@ -295,6 +377,17 @@ impl Inner {
         if !content.body.is_message() {
             return Ok((None, None));
         }
+        let key = message_key(conversation, content.id);
+        if stored_now.contains(&key)
+            || self
+                .store
+                .get(Table::Messages, &key)
+                .is_ok_and(|m| m.is_some())
+        {
+            // A copy sent again (the sending device resent it after a crash).
+            return Ok((None, None));
+        }
+        stored_now.insert(key);
         let message = StoredMessage {
             id: content.id,
             conversation,
@@ -303,11 +396,7 @@ impl Inner {
             expires_at: expiry(content.sent_at, content.expires_in),
             body: content.body,
         };
-        state.write(self.store.put(
-            Table::Messages,
-            &message_key(conversation, message.id),
-            encode(&message)?,
-        ));
+        state.write(self.store.put(Table::Messages, &key, encode(&message)?));
         Ok((Some(ClientEvent::SentElsewhere { message }), None))
     }
 

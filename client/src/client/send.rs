@@ -128,7 +128,9 @@ impl Inner {
     /// Sends a pending message to its contact, then records it as sent (dropping it from
     /// the outbox), then has the worker copy it to our other devices. `outbox` is the
     /// message's outbox entry when it is not stored yet: it goes in the same commit as
-    /// the ratchets that encrypt it, or on its own if the send fails before that.
+    /// the ratchets that encrypt it, or is stored on its own if the send fails for a
+    /// reason worth a retry (the relay, the disk). While it is under way, `retry_pending`
+    /// leaves it alone.
     pub(super) async fn deliver(
         &self,
         pending: &PendingMessage,
@@ -136,18 +138,31 @@ impl Inner {
     ) -> Result<(), ClientError> {
         let to = AccountId(pending.to);
         let content = &pending.content;
-        let retract = retract_secret(&self.lock().identity, &content.id);
+        let new = outbox.is_some();
+        let retract = {
+            let mut state = self.lock();
+            if !state.sending.insert(content.id) {
+                // Already under way (a `retry_pending` beside the `send` that queued it).
+                return Ok(());
+            }
+            retract_secret(&state.identity, &content.id)
+        };
         let sent = self
             .send_to_contact(to, content, Some(retract_tag(&retract)), &mut outbox)
             .await;
+        self.lock().sending.remove(&content.id);
         if let Err(error) = sent {
-            if let (ClientError::Connection(_), Some(entry)) = (&error, outbox) {
-                // Not sent: kept for `retry_pending`.
+            if new && matches!(error, ClientError::Connection(_) | ClientError::Store(_)) {
+                // Not sent: kept for `retry_pending`. The entry may have gone down with a
+                // failed commit; written again it is the same row.
+                let entry = self
+                    .store
+                    .put(Table::Outbox, &content.id.0, encode(pending)?);
                 let ticket = {
                     let mut state = self.lock();
-                    self.submit(&mut state, vec![entry], Durability::Immediate)?
+                    self.submit(&mut state, vec![entry], Durability::Immediate)
                 };
-                ticket.committed().await?;
+                self.committed(ticket).await?;
             }
             return Err(error);
         }
@@ -175,9 +190,14 @@ impl Inner {
                     state.contact_changed(to);
                 }
             }
-            self.submit(&mut state, changes, Durability::Deferred)?
+            self.submit(&mut state, changes, Durability::Deferred)
         };
-        ticket.committed().await?;
+        if let Err(error) = self.committed(ticket).await {
+            // The relay has it: the message is sent. Only its record here is missing, and
+            // the outbox entry still there resends it once (the recipient drops the
+            // duplicate id).
+            tracing::warn!(%error, "a sent message was not recorded as sent");
+        }
         let copy = Content {
             sent_to: Some(to.0),
             ..content.clone()
@@ -229,12 +249,21 @@ impl Inner {
                     .and_then(|c| c.identity.clone())
                     .ok_or(ClientError::UnknownContact)?;
                 let recipient_identity = IdentityKey::from_bytes(&identity)?;
-                let mut envelopes = Vec::with_capacity(devices.len());
-                for &device in &devices {
-                    let address = DeviceAddress {
+                let addresses: Vec<DeviceAddress> = devices
+                    .iter()
+                    .map(|&device| DeviceAddress {
                         account: to,
                         device,
-                    };
+                    })
+                    .collect();
+                if !addresses.iter().all(|a| state.sessions.contains_key(a)) {
+                    // A session went between `ensure_sessions` and now (an identity
+                    // change, a failed commit): set it up again rather than send to fewer
+                    // devices.
+                    continue;
+                }
+                let mut envelopes = Vec::with_capacity(devices.len());
+                for address in addresses {
                     let Some(payload) = encrypt_for(
                         &mut state,
                         address,
@@ -247,20 +276,23 @@ impl Inner {
                     };
                     envelopes.push(SealedEnvelope {
                         account: to,
-                        devices: vec![device],
+                        devices: vec![address.device],
                         access,
                         retract_tag: retract,
                         payload,
                     });
                 }
+                if envelopes.len() != devices.len() {
+                    continue;
+                }
                 let extra = with.take().into_iter().collect();
                 (
                     envelopes,
-                    self.submit(&mut state, extra, Durability::Immediate)?,
+                    self.submit(&mut state, extra, Durability::Immediate),
                 )
             };
             // The ratchet moved: that is durable before anything leaves the device.
-            ticket.committed().await?;
+            self.committed(ticket).await?;
             match self.anonymous.sealed_send(envelopes).await {
                 Ok(()) => {
                     let mut state = self.lock();
@@ -347,10 +379,10 @@ impl Inner {
                 }
                 (
                     envelopes,
-                    self.submit(&mut state, Vec::new(), Durability::Immediate)?,
+                    self.submit(&mut state, Vec::new(), Durability::Immediate),
                 )
             };
-            ticket.committed().await?;
+            self.committed(ticket).await?;
             if envelopes.is_empty() {
                 return Ok(());
             }

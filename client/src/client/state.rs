@@ -141,6 +141,8 @@ pub(crate) struct State {
     /// Static agreements and verified certificates of sealed sender, kept between
     /// envelopes.
     pub(super) seal_cache: crate::sealed::SealCache,
+    /// Outbox messages being sent right now.
+    pub(super) sending: std::collections::HashSet<MessageId>,
 }
 
 impl State {
@@ -331,8 +333,8 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
-    /// The state. A panic under the lock cannot leave it half-updated in a way a later
-    /// commit would persist: nothing reaches the store but through [`Inner::submit`].
+    /// The state. A poisoned lock (a panic under it, which is a bug) is taken as it is:
+    /// the client goes on rather than failing every later call.
     pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -343,59 +345,70 @@ impl Inner {
 
     /// Hands everything the state marked, plus `extra`, to the committer as one batch.
     /// Called under the lock, which keeps batches in the order the state went through.
+    /// Wait for it with [`Inner::committed`].
     pub(super) fn submit(
         &self,
         state: &mut State,
         extra: Vec<Change>,
         durability: Durability,
     ) -> Result<Ticket, ClientError> {
-        let mut changes = match state.take_changes(&self.store) {
-            Ok(changes) => changes,
-            Err(error) => {
-                // What was marked cannot be written: memory is ahead of the disk.
-                self.forget_unsaved(state);
-                return Err(error);
-            }
-        };
+        let mut changes = state.take_changes(&self.store)?;
         changes.extend(extra);
         Ok(self.committer.submit(changes, durability))
     }
 
-    /// A batch failed: memory ran ahead of the disk. The state goes back to what the
-    /// store holds (sessions reload from it when next used), and the committer, which
-    /// refused everything after the failure, takes batches again. What the relay delivered
-    /// meanwhile was not acknowledged and comes again; the old session state opens it.
-    pub(super) fn recover(&self) {
-        let mut state = self.lock();
-        self.forget_unsaved(&mut state);
-        self.committer.resume();
+    /// Waits until a submitted batch is committed. If it is not (or could not even be
+    /// submitted), memory is put back to what the store holds before the error is
+    /// returned: see [`Inner::recover`].
+    pub(super) async fn committed(
+        &self,
+        ticket: Result<Ticket, ClientError>,
+    ) -> Result<(), ClientError> {
+        let result = match ticket {
+            Ok(ticket) => ticket.committed().await.map_err(ClientError::from),
+            Err(error) => Err(error),
+        };
+        if result.is_err() {
+            self.recover().await;
+        }
+        result
     }
 
-    fn forget_unsaved(&self, state: &mut State) {
+    /// After a failed batch memory is ahead of the disk. The committer is fenced first, so
+    /// nothing queued can change the store any more (what was queued before the fence is
+    /// written or refused, what comes after is refused); then the state goes back to what
+    /// the store holds (sessions reload from it when next used) and the committer takes
+    /// batches again. What the relay delivered meanwhile was not acknowledged and comes
+    /// again; the old session state opens it. If the store cannot even be read, the
+    /// committer stays fenced and the next failing caller tries again.
+    pub(super) async fn recover(&self) {
+        self.committer.fence().await;
+        let mut state = self.lock();
+        match self.reload(&mut state) {
+            Ok(()) => self.committer.resume(),
+            Err(error) => tracing::warn!(%error, "local store unreadable; commits stay refused"),
+        }
+    }
+
+    fn reload(&self, state: &mut State) -> Result<(), ClientError> {
         state.dirty = Dirty::default();
         state.sessions.clear();
-        if let Ok(Some(prekeys)) = self.store.load_prekeys() {
-            state.prekeys = prekeys;
+        state.prekeys = self.store.load_prekeys()?.unwrap_or_default();
+        state.seen_setups = match self.store.get(Table::State, SEEN_SETUPS_KEY)? {
+            Some(bytes) => decode(&bytes)?,
+            None => BTreeMap::new(),
+        };
+        state.retired = match self.store.get(Table::State, RETIRED_SESSIONS_KEY)? {
+            Some(bytes) => decode(&bytes)?,
+            None => BTreeMap::new(),
+        };
+        let mut contacts = HashMap::new();
+        for bytes in self.store.values(Table::Contacts)? {
+            let contact: Contact = decode(&bytes)?;
+            contacts.insert(AccountId(contact.account), contact);
         }
-        if let Ok(Some(bytes)) = self.store.get(Table::State, SEEN_SETUPS_KEY) {
-            if let Ok(seen) = decode(&bytes) {
-                state.seen_setups = seen;
-            }
-        }
-        if let Ok(Some(bytes)) = self.store.get(Table::State, RETIRED_SESSIONS_KEY) {
-            if let Ok(retired) = decode(&bytes) {
-                state.retired = retired;
-            }
-        }
-        if let Ok(values) = self.store.values(Table::Contacts) {
-            let contacts: Result<HashMap<_, _>, _> = values
-                .iter()
-                .map(|bytes| decode::<Contact>(bytes).map(|c| (AccountId(c.account), c)))
-                .collect();
-            if let Ok(contacts) = contacts {
-                state.contacts = contacts;
-            }
-        }
+        state.contacts = contacts;
+        Ok(())
     }
 }
 
@@ -457,6 +470,7 @@ mod tests {
             call_starting: false,
             dirty: Dirty::default(),
             seal_cache: crate::sealed::SealCache::default(),
+            sending: std::collections::HashSet::new(),
         }
     }
 
@@ -482,8 +496,7 @@ mod tests {
 
     #[test]
     fn a_changed_identity_is_reported_and_drops_its_sessions() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::open(dir.path(), &StorageKey::from_bytes([1; 32])).unwrap();
+        let store = LocalStore::in_memory(&StorageKey::from_bytes([1; 32]));
         let mut state = state();
         let bob = AccountId([2; 16]);
         let first = IdentityKeyPair::generate().public().to_bytes();
@@ -521,8 +534,7 @@ mod tests {
     /// then deleted from memory and store.
     #[test]
     fn retired_sessions_are_purged_only_once_nothing_of_theirs_can_arrive() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::open(dir.path(), &StorageKey::from_bytes([1; 32])).unwrap();
+        let store = LocalStore::in_memory(&StorageKey::from_bytes([1; 32]));
         let mut state = state();
         let address = DeviceAddress {
             account: AccountId([2; 16]),
@@ -559,8 +571,7 @@ mod tests {
     /// once, in its newest form.
     #[test]
     fn a_batch_writes_each_moved_session_once_in_its_newest_form() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::open(dir.path(), &StorageKey::from_bytes([1; 32])).unwrap();
+        let store = LocalStore::in_memory(&StorageKey::from_bytes([1; 32]));
         let mut state = state();
         let address = DeviceAddress {
             account: AccountId([2; 16]),

@@ -104,11 +104,11 @@ impl Inner {
             state.prekeys_changed();
             (
                 upload,
-                self.submit(&mut state, Vec::new(), Durability::Immediate)?,
+                self.submit(&mut state, Vec::new(), Durability::Immediate),
             )
         };
         // The store comes first: a key the relay hands out must never be one we lost.
-        ticket.committed().await?;
+        self.committed(ticket).await?;
         self.connection.upload_prekeys(upload).await?;
         Ok(())
     }
