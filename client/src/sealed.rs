@@ -57,6 +57,9 @@ pub struct SealCache {
     statics: HashMap<KeyPair, Zeroizing<[u8; 32]>>,
     /// By SHA-256 of the relay key, the certificate body and its signature.
     certificates: HashMap<[u8; 32], SenderCertificateBody>,
+    /// Identity keys already parsed and checked (a point decompression, a small-order
+    /// check on each half), by their encoding.
+    identities: HashMap<[u8; IDENTITY_KEY_LEN], IdentityKey>,
 }
 
 impl std::fmt::Debug for SealCache {
@@ -66,6 +69,34 @@ impl std::fmt::Debug for SealCache {
 }
 
 impl SealCache {
+    /// An encoded identity key, parsed and checked once. Remembered at once: only for
+    /// identities we seal to, whose encoding we hold already.
+    pub(crate) fn identity(&mut self, bytes: &[u8]) -> Result<IdentityKey, CryptoError> {
+        let (key, fresh) = self.parse_identity(bytes)?;
+        if fresh {
+            self.remember_identity(key);
+        }
+        Ok(key)
+    }
+
+    /// An identity from the cache, or parsed (then `true`: not remembered yet).
+    fn parse_identity(&self, bytes: &[u8]) -> Result<(IdentityKey, bool), CryptoError> {
+        if let Some(key) = <&[u8; IDENTITY_KEY_LEN]>::try_from(bytes)
+            .ok()
+            .and_then(|encoded| self.identities.get(encoded))
+        {
+            return Ok((*key, false));
+        }
+        Ok((IdentityKey::from_bytes(bytes)?, true))
+    }
+
+    fn remember_identity(&mut self, key: IdentityKey) {
+        if self.identities.len() >= CACHE_ENTRIES {
+            self.identities.clear();
+        }
+        self.identities.insert(key.to_bytes(), key);
+    }
+
     /// `DH(ours, peer)`, computed once per pair.
     fn static_agreement(
         &mut self,
@@ -288,7 +319,7 @@ pub fn open_cached(
         encrypted_static,
         ephemeral.as_bytes(),
     )?;
-    let sender_identity = IdentityKey::from_bytes(&sender_identity)?;
+    let (sender_identity, fresh_identity) = cache.parse_identity(&sender_identity)?;
     // Remembered only once the content opens: anyone may send us envelopes naming any
     // identity, and must not fill the cache with them.
     let (shared, fresh) = cache.agreement(ours, sender_identity.agreement())?;
@@ -296,6 +327,9 @@ pub fn open_cached(
     let content = kdf::open_once(&content_key, CONTENT_LABEL, encrypted_content, aad)?;
     if fresh {
         cache.remember(ours, sender_identity.agreement(), &shared);
+    }
+    if fresh_identity {
+        cache.remember_identity(sender_identity);
     }
 
     let inner = parse_content(&content)?;
@@ -549,5 +583,22 @@ mod tests {
             open_cached(&mut cache, &w.bob, 3, &relay_key, &sealed, 10).unwrap_err(),
             CryptoError::InvalidCertificate("certificate names another identity")
         );
+    }
+
+    /// The identity cache hands back exactly what parsing gives, and never lets an
+    /// encoding through that parsing refuses.
+    #[test]
+    fn a_cached_identity_is_the_parsed_one_and_a_bad_encoding_is_still_refused() {
+        let w = world();
+        let mut cache = SealCache::default();
+        let encoded = w.alice.public().to_bytes();
+        assert_eq!(&cache.identity(&encoded).unwrap(), w.alice.public());
+        assert_eq!(&cache.identity(&encoded).unwrap(), w.alice.public());
+        let mut low_order = encoded;
+        low_order[33..].copy_from_slice(&[0; 32]);
+        for _ in 0..2 {
+            assert_eq!(cache.identity(&low_order), Err(CryptoError::InvalidKey));
+        }
+        assert_eq!(cache.identity(&encoded[..64]), Err(CryptoError::InvalidKey));
     }
 }

@@ -248,7 +248,7 @@ impl Inner {
                     .get(&to)
                     .and_then(|c| c.identity.clone())
                     .ok_or(ClientError::UnknownContact)?;
-                let recipient_identity = IdentityKey::from_bytes(&identity)?;
+                let recipient_identity = state.seal_cache.identity(&identity)?;
                 let addresses: Vec<DeviceAddress> = devices
                     .iter()
                     .map(|&device| DeviceAddress {
