@@ -266,6 +266,7 @@ impl Client {
             dirty: Dirty::default(),
             seal_cache: crate::sealed::SealCache::default(),
             sending: std::collections::HashSet::new(),
+            sent_unrecorded: std::collections::HashSet::new(),
         };
         state.purge_retired(&store, now);
         let first_start = state.prekeys.one_time_counts().0 == 0;
@@ -465,6 +466,8 @@ impl Client {
     /// went out. Receivers drop a message id they already have, so a resend after a crash
     /// that hid a success shows up once.
     pub async fn retry_pending(&self) -> Result<usize, ClientError> {
+        // What was sent and not yet recorded must not be read as pending.
+        self.inner.flush().await?;
         let mut sent = 0;
         for bytes in self.inner.store.values(Table::Outbox)? {
             let pending: PendingMessage = decode(&bytes)?;
@@ -550,11 +553,11 @@ impl Client {
     }
 
     /// The messages kept for a conversation, oldest first.
-    #[allow(clippy::unused_async)] // async like the rest of the API, which apps await.
     pub async fn messages(
         &self,
         conversation: AccountId,
     ) -> Result<Vec<StoredMessage>, ClientError> {
+        self.inner.flush().await?;
         let mut out = Vec::new();
         for bytes in self.inner.store.values(Table::Messages)? {
             let message: StoredMessage = decode(&bytes)?;
@@ -568,6 +571,7 @@ impl Client {
 
     /// Deletes messages whose disappearing timer ran out by `now`; returns how many.
     pub async fn purge_expired(&self, now: u64) -> Result<usize, ClientError> {
+        self.inner.flush().await?;
         let mut changes = Vec::new();
         for bytes in self.inner.store.values(Table::Messages)? {
             let message: StoredMessage = decode(&bytes)?;

@@ -456,6 +456,7 @@ impl Inner {
                     .and_then(|bytes| super::state::decode::<StoredMessage>(&bytes).ok());
                 match stored {
                     Some(message) if message.outgoing => (None, None),
+                    None if state.sent_unrecorded.contains(&key) => (None, None),
                     stored => {
                         if stored.is_some() || stored_now.contains(&key) {
                             state.write(self.store.delete(Table::Messages, &key));

@@ -166,9 +166,12 @@ impl Inner {
             }
             return Err(error);
         }
-        let ticket = {
+        {
+            // Recorded as sent with the next commit, whatever it is (the next send's, the
+            // next received batch's; reads of the store flush first): a crash before that
+            // resends it once, and the recipient drops the duplicate id.
             let mut state = self.lock();
-            let mut changes = vec![self.store.delete(Table::Outbox, &content.id.0)];
+            state.write(self.store.delete(Table::Outbox, &content.id.0));
             if content.body.is_message() {
                 let message = StoredMessage {
                     id: content.id,
@@ -178,11 +181,9 @@ impl Inner {
                     expires_at: expiry(content.sent_at, content.expires_in),
                     body: content.body.clone(),
                 };
-                changes.push(self.store.put(
-                    Table::Messages,
-                    &message_key(to, content.id),
-                    encode(&message)?,
-                ));
+                let key = message_key(to, content.id);
+                state.write(self.store.put(Table::Messages, &key, encode(&message)?));
+                state.sent_unrecorded.insert(key);
             }
             if let Body::Timer { expires_in } = content.body {
                 if let Some(contact) = state.contacts.get_mut(&to) {
@@ -190,13 +191,6 @@ impl Inner {
                     state.contact_changed(to);
                 }
             }
-            self.submit(&mut state, changes, Durability::Deferred)
-        };
-        if let Err(error) = self.committed(ticket).await {
-            // The relay has it: the message is sent. Only its record here is missing, and
-            // the outbox entry still there resends it once (the recipient drops the
-            // duplicate id).
-            tracing::warn!(%error, "a sent message was not recorded as sent");
         }
         let copy = Content {
             sent_to: Some(to.0),

@@ -143,6 +143,20 @@ pub(crate) struct State {
     pub(super) seal_cache: crate::sealed::SealCache,
     /// Outbox messages being sent right now.
     pub(super) sending: std::collections::HashSet<MessageId>,
+    /// Messages we sent whose record is marked but not yet committed (by message key):
+    /// the store does not show them yet.
+    pub(super) sent_unrecorded: std::collections::HashSet<[u8; 32]>,
+}
+
+impl Dirty {
+    fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+            && self.contacts.is_empty()
+            && !self.prekeys
+            && !self.seen_setups
+            && !self.retired
+            && self.rows.is_empty()
+    }
 }
 
 impl State {
@@ -175,6 +189,7 @@ impl State {
     /// Everything marked, as store changes; the marks are cleared.
     pub(super) fn take_changes(&mut self, store: &LocalStore) -> Result<Vec<Change>, ClientError> {
         let dirty = std::mem::take(&mut self.dirty);
+        self.sent_unrecorded.clear();
         let mut changes = dirty.rows;
         for address in dirty.sessions {
             // A session deleted since it was marked is not written back.
@@ -315,6 +330,19 @@ impl State {
     }
 }
 
+impl Drop for Inner {
+    /// What is marked but not committed yet (the records of the last messages sent) goes
+    /// to the committer, whose own drop writes it durably before the store is released.
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let Ok(changes) = state.take_changes(&self.store) {
+            if !changes.is_empty() {
+                drop(self.committer.submit(changes, Durability::Deferred));
+            }
+        }
+    }
+}
+
 pub(crate) struct Inner {
     pub(super) store: Arc<LocalStore>,
     pub(super) committer: Committer,
@@ -355,6 +383,19 @@ impl Inner {
         let mut changes = state.take_changes(&self.store)?;
         changes.extend(extra);
         Ok(self.committer.submit(changes, durability))
+    }
+
+    /// Commits whatever the state has marked and waits for it: what the API returned is
+    /// then in the store for a read of it.
+    pub(super) async fn flush(&self) -> Result<(), ClientError> {
+        let ticket = {
+            let mut state = self.lock();
+            if state.dirty.is_empty() {
+                return Ok(());
+            }
+            self.submit(&mut state, Vec::new(), Durability::Deferred)
+        };
+        self.committed(ticket).await
     }
 
     /// Waits until a submitted batch is committed. If it is not (or could not even be
@@ -471,6 +512,7 @@ mod tests {
             dirty: Dirty::default(),
             seal_cache: crate::sealed::SealCache::default(),
             sending: std::collections::HashSet::new(),
+            sent_unrecorded: std::collections::HashSet::new(),
         }
     }
 
