@@ -31,7 +31,6 @@ use std::sync::Arc;
 use hush_protocol::{AccountId, DeviceAddress, DeviceId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Mutex};
-use zeroize::Zeroizing;
 
 use self::calls::MediaTable;
 pub use self::calls::{CallEndReason, CallMedia};
@@ -39,8 +38,8 @@ use self::commit::{Committer, Durability};
 pub use self::events::{ClientEvent, StoredMessage};
 pub use self::link::LinkRequest;
 use self::state::{
-    decode, delivery_token, encode, message_key, AccountRecord, Contact, Dirty, Inner,
-    PendingMessage, State, ACCOUNT_KEY, RETIRED_SESSIONS_KEY, SEEN_SETUPS_KEY, SETTINGS_KEY,
+    decode, delivery_token, encode, message_key, AccountRecord, Contact, Inner, PendingMessage,
+    State, ACCOUNT_KEY, RETIRED_SESSIONS_KEY, SEEN_SETUPS_KEY, SETTINGS_KEY,
 };
 use crate::connection::{ConnectOptions, Connection};
 use crate::content::{Body, Content, MessageId, ReceiptKind};
@@ -247,27 +246,11 @@ impl Client {
                 None => BTreeMap::new(),
             };
         let now = config.clock.now();
-        let mut state = State {
-            identity,
-            address,
-            profile_key: Zeroizing::new(record.profile_key),
-            prekeys,
-            sessions: HashMap::new(),
-            contacts,
-            settings,
-            certificate: None,
-            relay_key: [0; 32],
-            pending_events: Vec::new(),
-            seen_setups,
-            own_devices: None,
-            retired,
-            calls: HashMap::new(),
-            call_starting: false,
-            dirty: Dirty::default(),
-            seal_cache: crate::sealed::SealCache::default(),
-            sending: std::collections::HashSet::new(),
-            sent_unrecorded: std::collections::HashSet::new(),
-        };
+        let mut state = State::new(identity, address, record.profile_key, settings);
+        state.prekeys = prekeys;
+        state.contacts = contacts;
+        state.seen_setups = seen_setups;
+        state.retired = retired;
         state.purge_retired(&store, now);
         let first_start = state.prekeys.one_time_counts().0 == 0;
         tasks::initial_prekeys(&store, &connection, &mut state, now, first_start).await?;
@@ -451,12 +434,7 @@ impl Client {
                 // Refused for good (unknown contact, no access): nothing to retry. The
                 // outbox entry may be stored (the relay refused after the commit).
                 let delete = self.inner.store.delete(Table::Outbox, &id.0);
-                let ticket = {
-                    let mut state = self.inner.lock();
-                    self.inner
-                        .submit(&mut state, vec![delete], Durability::Immediate)
-                };
-                self.inner.committed(ticket).await?;
+                self.inner.commit_now(vec![delete]).await?;
                 Err(error)
             }
         }
@@ -482,12 +460,7 @@ impl Client {
                         .inner
                         .store
                         .delete(Table::Outbox, &pending.content.id.0);
-                    let ticket = {
-                        let mut state = self.inner.lock();
-                        self.inner
-                            .submit(&mut state, vec![delete], Durability::Immediate)
-                    };
-                    self.inner.committed(ticket).await?;
+                    self.inner.commit_now(vec![delete]).await?;
                 }
             }
         }
@@ -543,12 +516,7 @@ impl Client {
             .inner
             .store
             .delete(Table::Messages, &message_key(to, id));
-        let ticket = {
-            let mut state = self.inner.lock();
-            self.inner
-                .submit(&mut state, vec![delete], Durability::Immediate)
-        };
-        self.inner.committed(ticket).await?;
+        self.inner.commit_now(vec![delete]).await?;
         Ok(dropped)
     }
 
@@ -583,12 +551,7 @@ impl Client {
             }
         }
         let count = changes.len();
-        let ticket = {
-            let mut state = self.inner.lock();
-            self.inner
-                .submit(&mut state, changes, Durability::Immediate)
-        };
-        self.inner.committed(ticket).await?;
+        self.inner.commit_now(changes).await?;
         Ok(count)
     }
 

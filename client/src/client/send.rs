@@ -158,11 +158,7 @@ impl Inner {
                 let entry = self
                     .store
                     .put(Table::Outbox, &content.id.0, encode(pending)?);
-                let ticket = {
-                    let mut state = self.lock();
-                    self.submit(&mut state, vec![entry], Durability::Immediate)
-                };
-                self.committed(ticket).await?;
+                self.commit_now(vec![entry]).await?;
             }
             return Err(error);
         }

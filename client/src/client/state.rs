@@ -160,6 +160,36 @@ impl Dirty {
 }
 
 impl State {
+    /// The state of a device with nothing loaded yet.
+    pub(super) fn new(
+        identity: IdentityKeyPair,
+        address: DeviceAddress,
+        profile_key: [u8; 32],
+        settings: Settings,
+    ) -> Self {
+        State {
+            identity,
+            address,
+            profile_key: Zeroizing::new(profile_key),
+            prekeys: PrekeySet::default(),
+            sessions: HashMap::new(),
+            contacts: HashMap::new(),
+            settings,
+            certificate: None,
+            relay_key: [0; 32],
+            pending_events: Vec::new(),
+            calls: HashMap::new(),
+            call_starting: false,
+            seen_setups: BTreeMap::new(),
+            own_devices: None,
+            retired: BTreeMap::new(),
+            dirty: Dirty::default(),
+            seal_cache: crate::sealed::SealCache::default(),
+            sending: std::collections::HashSet::new(),
+            sent_unrecorded: std::collections::HashSet::new(),
+        }
+    }
+
     /// Marks a session as moved: its new form goes with the next batch.
     pub(super) fn session_changed(&mut self, address: DeviceAddress) {
         self.dirty.sessions.insert(address);
@@ -385,6 +415,15 @@ impl Inner {
         Ok(self.committer.submit(changes, durability))
     }
 
+    /// Commits `changes` with whatever the state has marked, durably, and waits for it.
+    pub(super) async fn commit_now(&self, changes: Vec<Change>) -> Result<(), ClientError> {
+        let ticket = {
+            let mut state = self.lock();
+            self.submit(&mut state, changes, Durability::Immediate)
+        };
+        self.committed(ticket).await
+    }
+
     /// Commits whatever the state has marked and waits for it: what the API returned is
     /// then in the store for a read of it.
     pub(super) async fn flush(&self) -> Result<(), ClientError> {
@@ -490,30 +529,15 @@ mod tests {
     use crate::store::StorageKey;
 
     fn state() -> State {
-        State {
-            identity: IdentityKeyPair::generate(),
-            address: DeviceAddress {
+        State::new(
+            IdentityKeyPair::generate(),
+            DeviceAddress {
                 account: AccountId([1; 16]),
                 device: DeviceId(1),
             },
-            profile_key: Zeroizing::new([0; 32]),
-            prekeys: PrekeySet::default(),
-            sessions: HashMap::new(),
-            contacts: HashMap::new(),
-            settings: Settings::default(),
-            certificate: None,
-            relay_key: [0; 32],
-            pending_events: Vec::new(),
-            seen_setups: BTreeMap::new(),
-            own_devices: None,
-            retired: BTreeMap::new(),
-            calls: HashMap::new(),
-            call_starting: false,
-            dirty: Dirty::default(),
-            seal_cache: crate::sealed::SealCache::default(),
-            sending: std::collections::HashSet::new(),
-            sent_unrecorded: std::collections::HashSet::new(),
-        }
+            [0; 32],
+            Settings::default(),
+        )
     }
 
     fn session_with(identity: &IdentityKeyPair, device: u32) -> SessionSet {
