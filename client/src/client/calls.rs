@@ -312,17 +312,13 @@ impl Inner {
             let _operation = inner.call_operations.lock().await;
             let call = {
                 let mut state = inner.lock();
-                let ringing = state
-                    .calls
-                    .get(&call_id)
-                    .is_some_and(|call| call.phase == Phase::Ringing);
-                if !ringing {
-                    return;
+                match state.calls.get(&call_id) {
+                    Some(call) if call.phase == Phase::Ringing => state.calls.remove(&call_id),
+                    _ => None,
                 }
-                let Some(call) = state.calls.remove(&call_id) else {
-                    return;
-                };
-                call
+            };
+            let Some(call) = call else {
+                return;
             };
             let reason = match call.role {
                 Role::Caller => {

@@ -7,7 +7,8 @@
 //!   lock, so that order is the order the state went through); a later write of a row
 //!   wins.
 //! - A [`Ticket`] resolves `Ok` only once its batch is durable (an `Immediate` batch) or
-//!   applied (a `Deferred` one, which the next `Immediate` commit makes durable).
+//!   applied (a `Deferred` one, which the next `Immediate` commit makes durable). A group
+//!   with nothing to write is answered without a transaction.
 //! - After a failed commit, every batch is refused ([`StoreError::Interrupted`]) until
 //!   [`Committer::resume`]: those batches were computed from a memory that ran ahead of
 //!   the disk, and writing them would persist state derived from what was lost.
@@ -171,6 +172,14 @@ fn run(store: &LocalStore, jobs: &mpsc::Receiver<Job>) {
         for (batch, _, done) in group {
             changes.extend(batch);
             answers.push(done);
+        }
+        if changes.is_empty() {
+            // Nothing to write (a batch of pushed events that changed nothing): no
+            // transaction, no fsync. What is deferred stays so until something is written.
+            for done in answers {
+                let _ = done.send(Ok(()));
+            }
+            continue;
         }
         match store.commit_with(changes, durability) {
             Ok(()) => {
