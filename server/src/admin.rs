@@ -25,7 +25,7 @@ use crate::cdr::{day_report, format_time};
 use crate::commit::CommitStats;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::store::{RetentionSummary, Store, StoreError};
+use crate::store::{read_blocking, RetentionSummary, Store, StoreError};
 
 /// The socket's file name in the data dir.
 pub const SOCKET_NAME: &str = "admin.sock";
@@ -147,11 +147,11 @@ async fn serve(stream: UnixStream, view: &AdminView) -> std::io::Result<()> {
 async fn answer(command: &str, view: &AdminView) -> String {
     let store = view.store.clone();
     match command {
-        "cdr-report" => match read(store, Store::day_stats).await {
+        "cdr-report" => match read_blocking(store, Store::day_stats).await {
             Ok(days) => day_report(&days),
             Err(error) => failure(&error),
         },
-        "retention" => match read(store, Store::retention_summary).await {
+        "retention" => match read_blocking(store, Store::retention_summary).await {
             Ok(summary) => retention_report(&view.config, &summary),
             Err(error) => failure(&error),
         },
@@ -171,15 +171,6 @@ async fn answer(command: &str, view: &AdminView) -> String {
 fn failure(error: &StoreError) -> String {
     tracing::error!(%error, "admin query failed");
     "error: the store could not be read\n".to_owned()
-}
-
-async fn read<T: Send + 'static>(
-    store: Arc<dyn Store>,
-    query: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(move || query(store.as_ref()))
-        .await
-        .unwrap_or_else(|e| Err(StoreError::ReadTask(e)))
 }
 
 /// The `retention` answer: the rules in force, then what is held and when it goes.

@@ -272,18 +272,12 @@ impl Relay {
         &self,
         read: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let store = self.shared.store.clone();
-        tokio::task::spawn_blocking(move || read(store.as_ref()))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::ReadTask(e)))
+        crate::store::read_blocking(self.shared.store.clone(), read).await
     }
 
     /// What the store holds.
     pub async fn store_stats(&self) -> Result<StoreStats, StoreError> {
-        let store = self.shared.store.clone();
-        tokio::task::spawn_blocking(move || store.stats())
-            .await
-            .unwrap_or_else(|e| Err(StoreError::ReadTask(e)))
+        self.read(Store::stats).await
     }
 
     /// The relay's counters.

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use hush_protocol::{DeviceAddress, ErrorCode, RequestBody};
-use sha2::{Digest, Sha256};
 
 use super::charge::{self, Budget};
 use super::context::Rules;
@@ -14,6 +13,7 @@ use super::decision::{
 };
 use super::delivery::DeliveryWindow;
 use crate::quota::Requester;
+use crate::store::rules::decide;
 use crate::store::Write;
 
 /// What an authenticated connection's decisions read.
@@ -87,7 +87,7 @@ pub(super) fn decide(
         RequestBody::SetDeliveryAccess(set) => Write::SetDeliveryAccess {
             account: address.account,
             // Only the hash is kept: a stolen database does not hand out tokens.
-            token_hash: set.token.map(|token| Sha256::digest(token).into()),
+            token_hash: set.token.map(|token| decide::token_hash(&token)),
             allow_unknown_senders: set.allow_unknown_senders,
         },
         RequestBody::GetSenderCertificate => {

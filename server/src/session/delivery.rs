@@ -14,6 +14,7 @@ use super::after_commit::low_prekeys_frame;
 use super::SessionContext;
 use crate::mailbox::DeviceLink;
 use crate::metrics::Metrics;
+use crate::store::rules::decide;
 use crate::store::StoredEnvelope;
 
 /// Envelopes read from the store per delivery round.
@@ -103,7 +104,7 @@ pub(super) async fn deliver_loop(
     };
     if let Ok(Ok(counts)) = counts {
         let threshold = context.config.low_prekey_threshold;
-        if counts.one_time < threshold || counts.kem_one_time < threshold {
+        if decide::low_on_prekeys(counts, threshold) {
             let _ = outbox.send(low_prekeys_frame(counts)).await;
         }
     }
@@ -124,7 +125,7 @@ pub(super) async fn deliver_loop(
             Ok(Ok(fresh
                 .into_iter()
                 // P3, as the store's read does it.
-                .filter(|envelope| envelope.expires_at > now)
+                .filter(|envelope| decide::deliverable(envelope.expires_at, now))
                 .map(|envelope| StoredEnvelope {
                     id: envelope.id,
                     received_at: envelope.received_at,
@@ -162,7 +163,7 @@ pub(super) async fn deliver_loop(
                     waited = true;
                     // P3: the device may have kept the window full for longer than the
                     // envelope had left.
-                    if envelope.expires_at <= context.clock.now() {
+                    if !decide::deliverable(envelope.expires_at, context.clock.now()) {
                         window.acked(&[envelope.id]);
                         after = Some(envelope.id);
                         continue;

@@ -46,6 +46,17 @@ pub fn open(kind: StoreKind, dir: &Path, cache_bytes: usize) -> Result<Arc<dyn S
     }
 }
 
+/// Runs a store read on the blocking pool (a read may touch the disk), off the runtime's
+/// workers.
+pub(crate) async fn read_blocking<T: Send + 'static>(
+    store: Arc<dyn Store>,
+    read: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(move || read(store.as_ref()))
+        .await
+        .unwrap_or_else(|e| Err(StoreError::ReadTask(e)))
+}
+
 /// One change to the store.
 #[derive(Debug)]
 pub enum Write {

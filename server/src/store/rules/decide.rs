@@ -9,8 +9,9 @@ use subtle::ConstantTimeEq;
 use crate::store::records::{AccountRecord, DeliveryAccess};
 use crate::store::{MailboxQuota, PrekeyCounts, Refusal};
 
-/// SHA-256 of an invite token: invites are stored by hash, never as the token.
-pub(crate) fn invite_hash(token: &[u8]) -> [u8; 32] {
+/// SHA-256 of an invite or delivery token: tokens are stored by hash, never as they
+/// are, so a stolen database does not hand them out.
+pub(crate) fn token_hash(token: &[u8]) -> [u8; 32] {
     Sha256::digest(token).into()
 }
 
@@ -21,7 +22,7 @@ pub(crate) fn invite_to_consume(
     require_invite: bool,
 ) -> Result<Option<[u8; 32]>, Refusal> {
     match invite {
-        Some(token) => Ok(Some(invite_hash(token))),
+        Some(token) => Ok(Some(token_hash(token))),
         None if require_invite => Err(Refusal::InviteRequired),
         None => Ok(None),
     }
@@ -63,10 +64,7 @@ pub(crate) fn admits(access: &DeliveryAccess, token: Option<&[u8; 16]>) -> bool 
         return true;
     }
     match (&access.token_hash, token) {
-        (Some(stored), Some(token)) => {
-            let presented: [u8; 32] = Sha256::digest(token).into();
-            bool::from(presented.ct_eq(stored))
-        }
+        (Some(stored), Some(token)) => bool::from(token_hash(token).ct_eq(stored)),
         _ => false,
     }
 }
@@ -130,15 +128,15 @@ mod tests {
     fn an_invite_given_is_consumed_and_none_is_refused_only_when_required() {
         assert_eq!(
             invite_to_consume(Some(b"token"), false),
-            Ok(Some(invite_hash(b"token")))
+            Ok(Some(token_hash(b"token")))
         );
         assert_eq!(
             invite_to_consume(Some(b"token"), true),
-            Ok(Some(invite_hash(b"token")))
+            Ok(Some(token_hash(b"token")))
         );
         assert_eq!(invite_to_consume(None, false), Ok(None));
         assert_eq!(invite_to_consume(None, true), Err(Refusal::InviteRequired));
-        assert_ne!(invite_hash(b"token"), invite_hash(b"tokeN"));
+        assert_ne!(token_hash(b"token"), token_hash(b"tokeN"));
     }
 
     #[test]

@@ -167,7 +167,7 @@ impl Rules {
             Write::Ack { address, ids } => self.ack(t, address, &ids),
             Write::Expire { now } => Self::expire(t, now),
             Write::AddInvite { token } => {
-                t.put_invite(&decide::invite_hash(&token))?;
+                t.put_invite(&decide::token_hash(&token))?;
                 Ok(Ok(Outcome::InviteAdded))
             }
             Write::RecordCall { record, delete_at } => {
