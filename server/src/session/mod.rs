@@ -4,10 +4,13 @@
 //! version negotiation, the challenge), anonymous ([`anonymous`]: register, authenticate,
 //! sealed sends, retraction, provisioning, anonymous `ListDevices`/`FetchPrekeys` with a
 //! token) and authenticated ([`authenticated`]: the rest). What a request means is decided
-//! by its phase's `decide`, a plain function of the connection's state, the relay's rules
-//! and clock, and the request, returning a [`Decision`] that the [`driver`] carries out
-//! (submit a write, answer, read the store, end the connection). Rate limits are charged
-//! in [`charge`], call requests carried out in [`calls`].
+//! by its phase's `decide`, a function of the connection's state, the relay's rules and
+//! clock, and the request, returning a [`Decision`] that the [`driver`] carries out
+//! (submit a write, answer, read the store, end the connection). It does no IO and never
+//! waits, so it is tested without sockets; it is not free of effects: it charges the rate
+//! limits ([`charge`]: the connection's, and the relay's shared per-account and
+//! per-address buckets), frees delivery-window room on an `Ack`, and draws a new
+//! account's id. Call requests are carried out in [`calls`].
 //!
 //! Around the request loop: the [`writer`] owns the stream's send half and answers writes
 //! as their commits become durable; the [`delivery`] loop pushes the device's mailbox;
